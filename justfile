@@ -1,0 +1,44 @@
+# Sinabro developer recipes. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+bin := "bin/sinabro"
+version := `git describe --tags --always --dirty 2>/dev/null || echo dev`
+
+# Build the static sinabro executable into bin/.
+build:
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/sinabro-io/sinabro/pkg/version.Version={{version}}" -o {{bin}} .
+
+# Build the pinned etcd/kube-apiserver/kube-controller-manager (cached).
+kube-bins:
+    scripts/build-kube.sh
+
+# Run the whole test suite (unit, netns, eBPF and lab end-to-end; needs root).
+test: build kube-bins
+    scripts/test.sh
+
+# Bring up the lab (2 nodes x 2 pods), run its connectivity check.
+lab: build kube-bins
+    {{bin}} lab up --kube-bin-dir "$(scripts/build-kube.sh | tail -n1)"
+    {{bin}} lab check
+
+# Tear the lab down (idempotent; also cleans up after a crashed lab).
+lab-down: build
+    {{bin}} lab down
+
+# CNI ADD+DEL latency: sinabro vs the reference ptp + host-local plugins.
+bench-cni: build
+    scripts/bench-cni.sh
+
+# go vet and gofmt.
+lint:
+    go vet ./...
+    test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); exit 1; }
+
+# Regenerate the eBPF objects with bpf2go (needs clang).
+generate:
+    go generate ./...
+
+# A kind cluster with its default CNI disabled, the image built and loaded, the manifests applied.
+deploy-kind:
+    scripts/deploy-kind.sh

@@ -1,0 +1,71 @@
+package cni
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/sinabro-io/sinabro/pkg/atomicfile"
+)
+
+// Defaults shared by the installer, the agent and the plugin.
+const (
+	NetworkName    = "sinabro"
+	PluginType     = "sinabro"
+	ConfListName   = "10-sinabro.conflist"
+	DefaultDataDir = "/var/lib/sinabro"
+	DefaultMTU     = 1450 // a 1500-byte underlay minus 50 bytes of VXLAN overhead
+	SpecVersion    = "1.1.0"
+	DefaultConfDir = "/etc/cni/net.d"
+	DefaultBinDir  = "/opt/cni/bin"
+	DefaultBinName = "sinabro"
+)
+
+// NetworkConfig is what the installer and the agent put into the conflist
+// for this node.
+type NetworkConfig struct {
+	MTU      int      // pod interface MTU; 0 means DefaultMTU
+	PodCIDRs []string // the node's pod CIDRs (one IPv4, optionally one IPv6)
+	DataDir  string   // where IPAM keeps its state; "" means DefaultDataDir
+}
+
+// ConfList renders the CNI network configuration list for cfg.
+func ConfList(cfg NetworkConfig) ([]byte, error) {
+	plugin := map[string]any{"type": PluginType}
+	mtu := cfg.MTU
+	if mtu == 0 {
+		mtu = DefaultMTU
+	}
+	plugin["mtu"] = mtu
+	if len(cfg.PodCIDRs) > 0 {
+		plugin["podCIDRs"] = cfg.PodCIDRs
+	}
+	if cfg.DataDir != "" {
+		plugin["dataDir"] = cfg.DataDir
+	}
+	list := map[string]any{
+		"cniVersion": SpecVersion,
+		"name":       NetworkName,
+		"plugins":    []any{plugin},
+	}
+	return json.MarshalIndent(list, "", "  ")
+}
+
+// WriteConfList atomically writes the conflist for cfg into dir (temp file,
+// fsync, rename) so a runtime never reads a half-written file. It leaves the
+// file untouched when its content is already right.
+func WriteConfList(dir string, cfg NetworkConfig) (path string, err error) {
+	data, err := ConfList(cfg)
+	if err != nil {
+		return "", fmt.Errorf("render conflist: %w", err)
+	}
+	path = filepath.Join(dir, ConfListName)
+	if old, err := os.ReadFile(path); err == nil && string(old) == string(data) {
+		return path, nil
+	}
+	if err := atomicfile.Write(path, data, 0o644); err != nil {
+		return "", fmt.Errorf("write conflist %s: %w", path, err)
+	}
+	return path, nil
+}

@@ -1,0 +1,289 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/jsimonetti/rtnetlink/v2"
+
+	"github.com/sinabro-io/sinabro/pkg/ipam"
+)
+
+// SupportedVersions are the CNI spec versions the plugin accepts; results
+// are converted to the version of the incoming configuration.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+func openStore(conf *PluginConf) (*ipam.Store, error) {
+	st, err := ipam.Open(conf.ipamDir(), conf.ranges)
+	if err != nil {
+		return nil, types.NewError(types.ErrIOFailure, "open ipam state", err.Error())
+	}
+	return st, nil
+}
+
+func notReady(conf *PluginConf) error {
+	if len(conf.ranges) == 0 {
+		return types.NewError(types.ErrPluginNotAvailable, "node not ready: no pod CIDR configured",
+			"the sinabro agent writes \"podCIDRs\" into the CNI config once the Node has spec.podCIDRs")
+	}
+	return nil
+}
+
+// openNetNS opens the pod's network namespace, mapping failures to code 4
+// (CNI_NETNS is an invalid environment variable).
+func openNetNS(path string) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
+			"invalid CNI_NETNS: cannot open network namespace", err.Error())
+	}
+	return f, nil
+}
+
+func cmdAdd(args *cmdArgs) (retErr error) {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if err := notReady(conf); err != nil {
+		return err
+	}
+	podNS, err := openNetNS(args.Netns)
+	if err != nil {
+		return err
+	}
+	defer podNS.Close()
+
+	hostConn, err := dial(-1)
+	if err != nil {
+		return fmt.Errorf("dial rtnetlink: %w", err)
+	}
+	defer hostConn.Close()
+	podConn, err := dial(int(podNS.Fd()))
+	if err != nil {
+		return fmt.Errorf("dial rtnetlink in %s: %w", args.Netns, err)
+	}
+	defer podConn.Close()
+
+	// The spec requires ADD to fail when the interface already exists.
+	if l, err := linkByName(podConn, args.IfName); err != nil {
+		return err
+	} else if l != nil {
+		return types.NewError(ErrInterfaceExists, fmt.Sprintf("interface %s already exists in %s", args.IfName, args.Netns),
+			"delete the attachment (CNI DEL) before adding it again")
+	}
+
+	store, err := openStore(conf)
+	if err != nil {
+		return err
+	}
+	att := ipam.Attachment{ContainerID: args.ContainerID, IfName: args.IfName}
+	allocs, err := store.Allocate(att, func(a ipam.Allocation) bool {
+		l, err := linkByName(hostConn, HostVethName(a.ContainerID, a.IfName))
+		return err != nil || l != nil // when unsure, keep the address
+	})
+	if errors.Is(err, ipam.ErrExhausted) {
+		return types.NewError(types.ErrTryAgainLater, "pod address range exhausted", err.Error())
+	}
+	if err != nil {
+		return fmt.Errorf("allocate address: %w", err)
+	}
+
+	hostName := HostVethName(args.ContainerID, args.IfName)
+	// A host veth left by an ADD that died half-way has lost its pod end
+	// (the interface check above passed), so it is safe to replace.
+	if _, err := deleteLink(hostConn, hostName); err != nil {
+		return err
+	}
+	if err := createVeth(hostConn, hostName, args.IfName, podNS, conf.MTU); err != nil {
+		return err
+	}
+	defer func() {
+		if retErr != nil {
+			// Leave the addresses pending: a retried ADD reuses them, and DEL,
+			// GC or the next ADD (once this process is gone) releases them.
+			_, _ = deleteLink(hostConn, hostName)
+		}
+	}()
+
+	result, err := configure(hostConn, podConn, conf, args, hostName, allocs)
+	if err != nil {
+		return err
+	}
+	if err := store.Commit(att); err != nil {
+		return fmt.Errorf("commit address: %w", err)
+	}
+	result.DNS = conf.DNS
+	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// configure sets up both ends of a freshly created veth and returns the result.
+func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArgs, hostName string, allocs []ipam.Allocation) (*current.Result, error) {
+	host, err := linkByName(hostConn, hostName)
+	if err != nil || host == nil {
+		return nil, fmt.Errorf("find host veth %s: %v", hostName, err)
+	}
+	pod, err := linkByName(podConn, args.IfName)
+	if err != nil || pod == nil {
+		return nil, fmt.Errorf("find pod interface %s: %v", args.IfName, err)
+	}
+	hostMAC := host.Attributes.Address
+	if err := setUp(hostConn, host.Index, hostVethAlias(args.ContainerID, args.IfName)); err != nil {
+		return nil, fmt.Errorf("set up host veth %s: %w", hostName, err)
+	}
+	if err := setUp(podConn, pod.Index, ""); err != nil {
+		return nil, fmt.Errorf("set up %s in pod: %w", args.IfName, err)
+	}
+	// Bring the pod's loopback up too, so pod-local services work even when
+	// the runtime runs no loopback plugin.
+	if lo, err := linkByName(podConn, "lo"); err == nil && lo != nil && lo.Flags&1 == 0 {
+		_ = setUp(podConn, lo.Index, "")
+	}
+
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: hostName, Mac: hostMAC.String()},
+			{Name: args.IfName, Mac: pod.Attributes.Address.String(), Mtu: conf.MTU, Sandbox: args.Netns},
+		},
+	}
+	var v4, v6 bool
+	for _, a := range allocs {
+		gw := GatewayV4
+		if a.IP.Is6() {
+			gw, v6 = GatewayV6, true
+		} else {
+			v4 = true
+		}
+		if err := addAddress(podConn, pod.Index, a.IP); err != nil {
+			return nil, err
+		}
+		if a.IP.Is4() {
+			// The link-local gateway needs an on-link route before it can
+			// be used as a next hop; fe80::/64 is on-link by default.
+			if err := replaceRoute(podConn, pod.Index, netip.PrefixFrom(gw, 32), netip.Addr{}, unix_RTPROT_BOOT); err != nil {
+				return nil, err
+			}
+		}
+		if err := replaceNeighbour(podConn, pod.Index, gw, hostMAC); err != nil {
+			return nil, err
+		}
+		def := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		if a.IP.Is6() {
+			def = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		if err := replaceRoute(podConn, pod.Index, def, gw, unix_RTPROT_BOOT); err != nil {
+			return nil, err
+		}
+		if err := replaceRoute(hostConn, host.Index, netip.PrefixFrom(a.IP, a.IP.BitLen()), netip.Addr{}, RouteProtocol); err != nil {
+			return nil, err
+		}
+		idx := 1
+		result.IPs = append(result.IPs, &current.IPConfig{
+			Interface: &idx,
+			Address:   net.IPNet{IP: a.IP.AsSlice(), Mask: net.CIDRMask(a.IP.BitLen(), a.IP.BitLen())},
+			Gateway:   gw.AsSlice(),
+		})
+		_, defNet, _ := net.ParseCIDR(def.String())
+		result.Routes = append(result.Routes, &types.Route{Dst: *defNet, GW: gw.AsSlice()})
+	}
+	if err := enableForwarding(v4, v6); err != nil {
+		return nil, err
+	}
+	return result, nil
+}
+
+const unix_RTPROT_BOOT = 3 // routes set up at boot/by an admin; what `ip route add` uses
+
+func cmdDel(args *cmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	hostConn, err := dial(-1)
+	if err != nil {
+		return fmt.Errorf("dial rtnetlink: %w", err)
+	}
+	defer hostConn.Close()
+	// Deleting the host end removes the pod end and the host routes with it;
+	// a veth already gone (netns deleted, earlier DEL) is fine.
+	if _, err := deleteLink(hostConn, HostVethName(args.ContainerID, args.IfName)); err != nil {
+		return err
+	}
+	store, err := openStore(conf)
+	if err != nil {
+		return err
+	}
+	if _, err := store.Release(ipam.Attachment{ContainerID: args.ContainerID, IfName: args.IfName}); err != nil {
+		return fmt.Errorf("release address: %w", err)
+	}
+	return nil
+}
+
+func cmdStatus(args *cmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if err := notReady(conf); err != nil {
+		return err
+	}
+	store, err := ipam.Open(conf.ipamDir(), conf.ranges)
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "ipam state not usable", err.Error())
+	}
+	if _, err := store.List(); err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "ipam state not readable", err.Error())
+	}
+	return nil
+}
+
+func cmdGC(args *cmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	valid := map[ipam.Attachment]bool{}
+	for _, a := range conf.ValidAttachments {
+		valid[ipam.Attachment{ContainerID: a.ContainerID, IfName: a.IfName}] = true
+	}
+	hostConn, err := dial(-1)
+	if err != nil {
+		return fmt.Errorf("dial rtnetlink: %w", err)
+	}
+	defer hostConn.Close()
+	links, err := hostConn.Link.List()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var errs []string
+	for _, l := range links {
+		if l.Attributes == nil || l.Attributes.Alias == nil {
+			continue
+		}
+		id, ifName, ok := parseAlias(*l.Attributes.Alias)
+		if !ok || valid[ipam.Attachment{ContainerID: id, IfName: ifName}] {
+			continue
+		}
+		if _, err := deleteLink(hostConn, l.Attributes.Name); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	store, err := openStore(conf)
+	if err != nil {
+		return err
+	}
+	if _, err := store.ReleaseExcept(valid); err != nil {
+		errs = append(errs, err.Error())
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("gc: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}

@@ -1,0 +1,165 @@
+// Package lab runs a local multi-node Kubernetes cluster on one Linux box: a
+// real control plane (etcd, kube-apiserver, kube-controller-manager) and
+// nodes, pods and an external host, each in a network namespace the lab
+// creates and joins over an underlay bridge. Nodes run the real sinabro agent
+// and CNI plugin; a kubelet stand-in per node wires pods through libcni as
+// containerd does. Nothing in the root network namespace is touched.
+package lab
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/sinabro-io/sinabro/pkg/atomicfile"
+)
+
+// Defaults of `sinabro lab up`.
+const (
+	DefaultDir         = "/var/lib/sinabro-lab"
+	DefaultClusterCIDR = "10.244.0.0/16"
+	DefaultServiceCIDR = "10.96.0.0/16"
+	DefaultUnderlay    = "172.31.250.0/24"
+	DefaultBPFRoot     = "/sys/fs/bpf/sinabro-lab"
+	DefaultProxyAddr   = "127.0.0.1:16443"
+	DefaultNodes       = 2
+	DefaultPodsPerNode = 2
+
+	// NetnsPrefix starts the name of every network namespace the lab makes,
+	// so `lab down` can find them all, even after a crash.
+	NetnsPrefix = "sblab-"
+
+	// Ports of the test server in pods, nodes and the external host.
+	ServeTCPPort = 8080
+	ServeUDPPort = 8081
+
+	podNamespace = "default"
+	labelApp     = "sinabro-lab"
+	apiPort      = 6443
+)
+
+// Config is the lab's desired shape, saved as lab.json in the lab dir.
+type Config struct {
+	Dir         string   `json:"dir"`
+	KubeBinDir  string   `json:"kubeBinDir"`
+	Executable  string   `json:"executable"` // the sinabro binary installed on nodes
+	Manifests   string   `json:"manifests,omitempty"`
+	ClusterCIDR string   `json:"clusterCIDR"`
+	ServiceCIDR string   `json:"serviceCIDR"`
+	Underlay    string   `json:"underlay"`
+	BPFRoot     string   `json:"bpfRoot"`
+	ProxyAddr   string   `json:"proxyAddr"`
+	Nodes       []string `json:"nodes"`
+	PodsPerNode int      `json:"podsPerNode"`
+	CgroupPath  string   `json:"cgroupPath,omitempty"`
+}
+
+// Layout names the files of a lab dir.
+type Layout struct{ Dir string }
+
+func (l Layout) path(elem ...string) string {
+	return filepath.Join(append([]string{l.Dir}, elem...)...)
+}
+
+func (l Layout) Config() string          { return l.path("lab.json") }
+func (l Layout) PKI() string             { return l.path("pki") }
+func (l Layout) Logs() string            { return l.path("logs") }
+func (l Layout) Log(name string) string  { return l.path("logs", name+".log") }
+func (l Layout) AdminKubeconfig() string { return l.path("admin.kubeconfig") }
+func (l Layout) Progress() string        { return l.path("progress.jsonl") }
+func (l Layout) SupervisorPID() string   { return l.path("supervisor.pid") }
+func (l Layout) Socket() string          { return l.path("supervisor.sock") }
+func (l Layout) Pids() string            { return l.path("pids") }
+func (l Layout) Node(name string) string { return l.path("nodes", name) }
+func (l Layout) NodeCNIBin(name string) string {
+	return l.path("nodes", name, "cni", "bin")
+}
+func (l Layout) NodeCNIConf(name string) string {
+	return l.path("nodes", name, "cni", "net.d")
+}
+
+// InternalKubeconfig is the admin kubeconfig pointing at the apiserver's
+// underlay address, for tools run inside the lab's namespaces.
+func (l Layout) InternalKubeconfig() string { return l.path("admin-underlay.kubeconfig") }
+
+// LoadConfig reads lab.json from dir.
+func LoadConfig(dir string) (*Config, error) {
+	b, err := os.ReadFile(Layout{dir}.Config())
+	if err != nil {
+		return nil, fmt.Errorf("read lab config: %w", err)
+	}
+	var c Config
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("decode lab config: %w", err)
+	}
+	return &c, nil
+}
+
+func (c *Config) save() error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(Layout{c.Dir}.Config(), b, 0o644); err != nil {
+		return fmt.Errorf("write lab config: %w", err)
+	}
+	return nil
+}
+
+func (c *Config) layout() Layout { return Layout{c.Dir} }
+
+// Addresses on the underlay: .1 is unused (no router), the control plane is
+// .2, the external host .254 and node i (1-based) is .10+i.
+func (c *Config) underlayPrefix() netip.Prefix { return netip.MustParsePrefix(c.Underlay) }
+
+func (c *Config) hostAddr(n int) netip.Addr {
+	a := c.underlayPrefix().Addr().As4()
+	a[3] = byte(n)
+	return netip.AddrFrom4(a)
+}
+
+func (c *Config) controlPlaneAddr() netip.Addr { return c.hostAddr(2) }
+func (c *Config) externalAddr() netip.Addr     { return c.hostAddr(254) }
+
+// nodeAddr derives a node's underlay address from its name ("node-3" → .13).
+func (c *Config) nodeAddr(name string) (netip.Addr, error) {
+	n, err := nodeIndex(name)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	return c.hostAddr(10 + n), nil
+}
+
+func (c *Config) apiserverURL() string {
+	return fmt.Sprintf("https://%s", netip.AddrPortFrom(c.controlPlaneAddr(), apiPort))
+}
+
+func nodeName(i int) string { return fmt.Sprintf("node-%d", i) }
+
+func nodeIndex(name string) (int, error) {
+	var n int
+	if _, err := fmt.Sscanf(name, "node-%d", &n); err != nil || n < 1 || n > 200 {
+		return 0, fmt.Errorf("node name %q: want node-<1..200>", name)
+	}
+	return n, nil
+}
+
+// Network namespace names.
+const (
+	nsUnderlay     = NetnsPrefix + "underlay"
+	nsControlPlane = NetnsPrefix + "cp"
+	nsExternal     = NetnsPrefix + "ext"
+)
+
+func nodeNetns(node string) string { return NetnsPrefix + node }
+
+// podNetns names a pod's namespace after its UID so a recreated pod of the
+// same name never reuses its predecessor's namespace.
+func podNetns(uid string) string {
+	return NetnsPrefix + "pod-" + strings.ReplaceAll(uid, "-", "")[:16]
+}
+
+func (c *Config) nodeBPFRoot(node string) string { return filepath.Join(c.BPFRoot, node) }

@@ -1,0 +1,10 @@
+// Command etcd is the pinned etcd server for `sinabro lab`.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
