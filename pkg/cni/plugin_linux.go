@@ -184,6 +184,12 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 		if err := replaceRoute(hostConn, host.Index, netip.PrefixFrom(a.IP, a.IP.BitLen()), netip.Addr{}, RouteProtocol); err != nil {
 			return nil, err
 		}
+		// The host knows the pod's MAC already: a permanent entry spares
+		// the first packet an ARP/NDP round trip, and IPv6 does not wait
+		// for the host veth's link-local address to finish DAD.
+		if err := replaceNeighbour(hostConn, host.Index, a.IP, pod.Attributes.Address); err != nil {
+			return nil, err
+		}
 		idx := 1
 		result.IPs = append(result.IPs, &current.IPConfig{
 			Interface: &idx,
@@ -250,8 +256,10 @@ func cmdGC(args *cmdArgs) error {
 		return err
 	}
 	valid := map[ipam.Attachment]bool{}
+	validVeths := map[string]bool{}
 	for _, a := range conf.ValidAttachments {
 		valid[ipam.Attachment{ContainerID: a.ContainerID, IfName: a.IfName}] = true
+		validVeths[HostVethName(a.ContainerID, a.IfName)] = true
 	}
 	hostConn, err := dial(-1)
 	if err != nil {
@@ -264,14 +272,19 @@ func cmdGC(args *cmdArgs) error {
 	}
 	var errs []string
 	for _, l := range links {
-		if l.Attributes == nil || l.Attributes.Alias == nil {
+		if l.Attributes == nil || l.Attributes.Info == nil || l.Attributes.Info.Kind != "veth" {
 			continue
 		}
-		id, ifName, ok := parseAlias(*l.Attributes.Alias)
-		if !ok || valid[ipam.Attachment{ContainerID: id, IfName: ifName}] {
+		name := l.Attributes.Name
+		ours := isHostVethName(name)
+		if l.Attributes.Alias != nil {
+			_, _, aliased := parseAlias(*l.Attributes.Alias)
+			ours = ours || aliased
+		}
+		if !ours || validVeths[name] {
 			continue
 		}
-		if _, err := deleteLink(hostConn, l.Attributes.Name); err != nil {
+		if _, err := deleteLink(hostConn, name); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}

@@ -28,8 +28,9 @@ var (
 // they can be told apart from anyone else's.
 const RouteProtocol = 200
 
-// aliasPrefix starts the IFLA_IFALIAS of every host veth the plugin creates:
-// GC deletes only links it finds with this prefix.
+// aliasPrefix starts the IFLA_IFALIAS of every host veth the plugin creates,
+// naming its attachment for operators. The kernel sets an alias only after
+// creation, so GC recognises host veths by name as well.
 const aliasPrefix = "sinabro:"
 
 // HostVethName derives the host-side interface name from the attachment, so
@@ -41,6 +42,14 @@ func HostVethName(containerID, ifName string) string {
 
 func hostVethAlias(containerID, ifName string) string {
 	return aliasPrefix + containerID + "/" + ifName
+}
+
+// isHostVethName tells whether name has the shape HostVethName produces.
+func isHostVethName(name string) bool {
+	if len(name) != 13 || !strings.HasPrefix(name, "sb") {
+		return false
+	}
+	return strings.Trim(name[2:], "0123456789abcdef") == ""
 }
 
 // parseAlias returns the attachment a host veth alias names.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, generated-code drift, then every Go test
+# (unit, network-namespace, eBPF and lab end-to-end). Needs root; `just test`
+# runs it after building the binary and the pinned Kubernetes binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== lint"
+go vet ./...
+unformatted=$(gofmt -l $(git ls-files '*.go'))
+if [ -n "$unformatted" ]; then echo "gofmt needed:"; echo "$unformatted"; exit 1; fi
+
+echo "== static binary without vishvananda"
+CGO_ENABLED=0 go build -o bin/sinabro .
+file bin/sinabro | grep -q 'statically linked' || { echo "bin/sinabro is not statically linked"; exit 1; }
+if go version -m bin/sinabro | grep -q vishvananda; then echo "vishvananda is linked into bin/sinabro"; exit 1; fi
+
+if [ -n "$(git ls-files 'bpf/*.c')" ]; then
+  echo "== eBPF objects match their sources (regenerated with $(clang --version | head -1))"
+  go generate ./...
+  if [ -n "$(git status --porcelain -- pkg bpf)" ]; then
+    git status --porcelain -- pkg bpf
+    echo "generated eBPF code differs from the committed one: run 'just generate' and commit"; exit 1
+  fi
+fi
+
+echo "== fuzz CNI config parsing (20s)"
+go test -run '^$' -fuzz FuzzParseConf -fuzztime 20s ./pkg/cni/
+
+echo "== go test"
+export SINABRO_KUBE_BIN_DIR=${SINABRO_KUBE_BIN_DIR:-$(scripts/build-kube.sh | tail -n1)}
+go test -count=1 -p 1 -timeout 60m ./... 2>&1 | tee /tmp/sinabro-go-test.log
+exit "${PIPESTATUS[0]}"
