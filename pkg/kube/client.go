@@ -174,7 +174,7 @@ func (c *Client) DaemonSets(ns string) Resource[appsv1.DaemonSet, appsv1.DaemonS
 }
 
 // CreateToken issues a bound token for a ServiceAccount (TokenRequest API).
-func (c *Client) CreateToken(ctx context.Context, ns, sa string, req *authnv1.TokenRequest) (*authnv1.TokenRequest, error) {
+func (c *Client) CreateToken(ctx context.Context, ns, sa string, req *authnv1.TokenRequest, _ metav1.CreateOptions) (*authnv1.TokenRequest, error) {
 	out := &authnv1.TokenRequest{}
 	err := c.core.Post().Namespace(ns).Resource("serviceaccounts").Name(sa).SubResource("token").
 		Body(mustJSON(req)).SetHeader("Content-Type", runtime.ContentTypeJSON).Do(ctx).Into(out)
@@ -185,9 +185,11 @@ func (r Resource[T, L, PT, PL]) req(verb string) *rest.Request {
 	return r.rc.Verb(verb).NamespaceIfScoped(r.namespace, r.namespace != "").Resource(r.resource)
 }
 
-func (r Resource[T, L, PT, PL]) Get(ctx context.Context, name string) (PT, error) {
+// The methods below mirror client-go's typed clients, so code reads the same.
+
+func (r Resource[T, L, PT, PL]) Get(ctx context.Context, name string, opts metav1.GetOptions) (PT, error) {
 	out := PT(new(T))
-	return out, r.req("GET").Name(name).Do(ctx).Into(out)
+	return out, r.req("GET").Name(name).VersionedParams(&opts, paramCodec).Do(ctx).Into(out)
 }
 
 func (r Resource[T, L, PT, PL]) List(ctx context.Context, opts metav1.ListOptions) (PL, error) {
@@ -205,25 +207,32 @@ func (r Resource[T, L, PT, PL]) Create(ctx context.Context, obj PT, opts metav1.
 	return out, r.req("POST").VersionedParams(&opts, paramCodec).Body(runtime.Object(obj)).Do(ctx).Into(out)
 }
 
-func (r Resource[T, L, PT, PL]) Update(ctx context.Context, name string, obj PT, opts metav1.UpdateOptions) (PT, error) {
+func (r Resource[T, L, PT, PL]) Update(ctx context.Context, obj PT, opts metav1.UpdateOptions) (PT, error) {
 	out := PT(new(T))
-	return out, r.req("PUT").Name(name).VersionedParams(&opts, paramCodec).Body(runtime.Object(obj)).Do(ctx).Into(out)
+	return out, r.req("PUT").Name(nameOf(obj)).VersionedParams(&opts, paramCodec).Body(runtime.Object(obj)).Do(ctx).Into(out)
 }
 
-func (r Resource[T, L, PT, PL]) UpdateStatus(ctx context.Context, name string, obj PT, opts metav1.UpdateOptions) (PT, error) {
+func (r Resource[T, L, PT, PL]) UpdateStatus(ctx context.Context, obj PT, opts metav1.UpdateOptions) (PT, error) {
 	out := PT(new(T))
-	return out, r.req("PUT").Name(name).SubResource("status").VersionedParams(&opts, paramCodec).Body(runtime.Object(obj)).Do(ctx).Into(out)
+	return out, r.req("PUT").Name(nameOf(obj)).SubResource("status").VersionedParams(&opts, paramCodec).Body(runtime.Object(obj)).Do(ctx).Into(out)
 }
 
-// Patch applies a patch to the object or, with subresource, to e.g. "status".
-func (r Resource[T, L, PT, PL]) Patch(ctx context.Context, name string, pt types.PatchType, data []byte, opts metav1.PatchOptions, subresource ...string) (PT, error) {
+// Patch applies a patch to the object or, with subresources, to e.g. "status".
+func (r Resource[T, L, PT, PL]) Patch(ctx context.Context, name string, pt types.PatchType, data []byte, opts metav1.PatchOptions, subresources ...string) (PT, error) {
 	out := PT(new(T))
-	return out, r.req("PATCH").Name(name).SubResource(subresource...).VersionedParams(&opts, paramCodec).
+	return out, r.req("PATCH").Name(name).SubResource(subresources...).VersionedParams(&opts, paramCodec).
 		SetHeader("Content-Type", string(pt)).Body(data).Do(ctx).Into(out)
 }
 
 func (r Resource[T, L, PT, PL]) Delete(ctx context.Context, name string, opts metav1.DeleteOptions) error {
 	return r.req("DELETE").Name(name).Body(mustJSON(&opts)).SetHeader("Content-Type", runtime.ContentTypeJSON).Do(ctx).Error()
+}
+
+func nameOf(obj runtime.Object) string {
+	if m, ok := obj.(metav1.Object); ok {
+		return m.GetName()
+	}
+	return ""
 }
 
 // ListWatch adapts the resource for client-go's reflectors and informers.
