@@ -21,6 +21,9 @@ typedef __u32 __be32;
 typedef __u64 __be64;
 typedef __u16 __sum16;
 typedef __u32 __wsum;
+typedef _Bool bool;
+#define true 1
+#define false 0
 
 /* enum bpf_map_type */
 #define BPF_MAP_TYPE_HASH 1

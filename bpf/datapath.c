@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * The sinabro datapath: one object holding every program and map, so they
+ * share maps without cross-object plumbing. See lib/masq.h (uplink
+ * masquerading) and lib/host.h (host routing on pod veths, also used by
+ * masq_ingress to hand replies straight to local pods).
+ */
+#include "lib/common.h"
+#include "lib/host.h"
+#include "lib/masq.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+#ifndef SINABRO_COMMON_H
+#define SINABRO_COMMON_H
+
+#include "uapi.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+/* Node configuration, set by the loader before the programs are loaded
+ * (read-only data: the verifier sees them as constants). */
+volatile const __be32 node_ip = 0;
+volatile const __u16 port_min = 61000;
+volatile const __u16 port_max = 65535;
+
+/* Programs, the first index of the counters map. Keep in step with
+ * pkg/datapath/counters.go. */
+enum prog_id {
+	PROG_MASQ_EGRESS = 0,
+	PROG_MASQ_INGRESS = 1,
+	PROG_HOST_ROUTE = 2,
+	PROG_MAX = 4,
+};
+
+/* Why a packet took the path it took: the second index of the counters
+ * map. DROP_* reasons are drops; everything else is a pass. Keep in step
+ * with pkg/datapath/counters.go. */
+enum reason {
+	REASON_PASS_NOT_IPV4 = 0,
+	REASON_PASS_NOT_POD = 1,     /* egress: source is not a pod address */
+	REASON_PASS_NO_MASQ = 2,     /* egress: destination exempt from masquerading */
+	REASON_PASS_NOT_OURS = 3,    /* ingress: no NAT entry, the host's own traffic */
+	REASON_PASS_FRAGMENT = 4,    /* ingress: fragment left to the host stack */
+	REASON_SNAT = 5,             /* egress: source translated */
+	REASON_SNAT_NEW = 6,         /* egress: a NAT entry was created (also counted as SNAT) */
+	REASON_RNAT = 7,             /* ingress: destination translated back */
+	REASON_ICMP_ERROR_NAT = 8,   /* an ICMP error carrying a NATed flow was translated */
+	REASON_REDIRECT_LOCAL = 9,   /* host routing: redirected to a local pod */
+	REASON_REDIRECT_NEIGH = 10,  /* host routing: redirected to the uplink via neighbour */
+	REASON_PASS_STACK = 11,      /* host routing: left to the kernel stack */
+	REASON_DROP_MALFORMED = 16,
+	REASON_DROP_FRAGMENT = 17,   /* egress: fragmented pod packet that needs masquerading */
+	REASON_DROP_UNSUPPORTED = 18,/* egress: a protocol we cannot masquerade */
+	REASON_DROP_NO_PORT = 19,    /* egress: no free source port for this destination */
+	REASON_DROP_CT_FULL = 20,    /* egress: the conntrack table refused a new entry */
+	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
+	REASON_MAX = 32,
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PROG_MAX * REASON_MAX);
+	__type(key, __u32);
+	__type(value, struct counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sb_counters SEC(".maps");
+
+static __always_inline void count(struct __sk_buff *skb, __u32 prog, __u32 reason)
+{
+	__u32 key = prog * REASON_MAX + reason;
+	struct counter *c = bpf_map_lookup_elem(&sb_counters, &key);
+
+	if (c) { /* per-CPU slot: no atomics needed */
+		c->packets++;
+		c->bytes += skb->len;
+	}
+}
+
+#endif

@@ -1,0 +1,144 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Programs and reasons index the per-CPU counters map as
+// program*reasonSlots+reason. Keep in step with bpf/lib/common.h.
+const (
+	programSlots = 4
+	reasonSlots  = 32
+)
+
+var programNames = [programSlots]string{
+	0: "masq_egress",
+	1: "masq_ingress",
+	2: "host_route",
+}
+
+// reasonNames name the counted outcomes; "drop_" ones are drops.
+var reasonNames = [reasonSlots]string{
+	0:  "pass_not_ipv4",
+	1:  "pass_not_pod",
+	2:  "pass_no_masq",
+	3:  "pass_not_ours",
+	4:  "pass_fragment",
+	5:  "snat",
+	6:  "snat_new",
+	7:  "rnat",
+	8:  "icmp_error_nat",
+	9:  "redirect_local",
+	10: "redirect_neigh",
+	11: "pass_stack",
+	16: "drop_malformed",
+	17: "drop_fragment",
+	18: "drop_unsupported",
+	19: "drop_no_port",
+	20: "drop_ct_full",
+	21: "drop_rewrite",
+}
+
+// Counter is one program/reason total summed over CPUs.
+type Counter struct {
+	Program string `json:"program"`
+	Reason  string `json:"reason"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// Counters reads the per-CPU counters map and returns the non-zero totals.
+func Counters(m *ebpf.Map) ([]Counter, error) {
+	var out []Counter
+	for prog, pname := range programNames {
+		if pname == "" {
+			continue
+		}
+		for reason, rname := range reasonNames {
+			if rname == "" {
+				continue
+			}
+			var perCPU []datapathCounter
+			key := uint32(prog*reasonSlots + reason)
+			if err := m.Lookup(key, &perCPU); err != nil {
+				return nil, fmt.Errorf("read counter %s/%s: %w", pname, rname, err)
+			}
+			c := Counter{Program: pname, Reason: rname}
+			for _, v := range perCPU {
+				c.Packets += v.Packets
+				c.Bytes += v.Bytes
+			}
+			if c.Packets != 0 {
+				out = append(out, c)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Collector exposes the datapath counters to Prometheus.
+type Collector struct {
+	m       *ebpf.Map
+	gc      *gcStats // nil: no conntrack metrics
+	packets *prometheus.Desc
+	bytes   *prometheus.Desc
+	errors  *prometheus.Desc
+	flows   *prometheus.Desc
+	deleted *prometheus.Desc
+	gcRuns  *prometheus.Desc
+}
+
+// NewCollector returns a collector reading the counters map m.
+func NewCollector(m *ebpf.Map) *Collector {
+	labels := []string{"program", "reason"}
+	return &Collector{
+		m:       m,
+		packets: prometheus.NewDesc("sinabro_datapath_packets_total", "Packets handled by a datapath program, by outcome (reasons starting with drop_ are drops).", labels, nil),
+		bytes:   prometheus.NewDesc("sinabro_datapath_bytes_total", "Bytes handled by a datapath program, by outcome.", labels, nil),
+		errors:  prometheus.NewDesc("sinabro_datapath_counter_read_errors_total", "Failed reads of the datapath counters map.", nil, nil),
+		flows:   prometheus.NewDesc("sinabro_datapath_conntrack_flows", "Masqueraded flows in conntrack after the last GC pass (two entries each).", nil, nil),
+		deleted: prometheus.NewDesc("sinabro_datapath_conntrack_gc_deleted_total", "Expired flows deleted by conntrack GC.", nil, nil),
+		gcRuns:  prometheus.NewDesc("sinabro_datapath_conntrack_gc_runs_total", "Conntrack GC passes.", nil, nil),
+	}
+}
+
+// Collector returns a Prometheus collector for this datapath's counters.
+// It includes conntrack GC metrics.
+func (d *Datapath) Collector() *Collector {
+	c := NewCollector(d.objs.SbCounters)
+	c.gc = &d.gc
+	return c
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.packets
+	ch <- c.bytes
+	ch <- c.errors
+	if c.gc != nil {
+		ch <- c.flows
+		ch <- c.deleted
+		ch <- c.gcRuns
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	if c.gc != nil {
+		ch <- prometheus.MustNewConstMetric(c.flows, prometheus.GaugeValue, float64(c.gc.flows.Load()))
+		ch <- prometheus.MustNewConstMetric(c.deleted, prometheus.CounterValue, float64(c.gc.deleted.Load()))
+		ch <- prometheus.MustNewConstMetric(c.gcRuns, prometheus.CounterValue, float64(c.gc.runs.Load()))
+	}
+	counters, err := Counters(c.m)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.errors, err)
+		return
+	}
+	for _, v := range counters {
+		ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(v.Packets), v.Program, v.Reason)
+		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(v.Bytes), v.Program, v.Reason)
+	}
+}

@@ -1,0 +1,374 @@
+// Package datapath loads, pins, adopts and attaches sinabro's eBPF
+// datapath: masquerading on the node's uplink with its conntrack table,
+// host routing between local pods, and per-program counters.
+//
+// Everything lives under one bpffs root per agent (Config.BPFRoot):
+//
+//	<root>/maps/<map name>   maps, pinned by name (LIBBPF_PIN_BY_NAME)
+//	<root>/links/<program>   tcx links
+//
+// A restarted agent adopts what it finds there: maps keep their contents
+// (conntrack is never flushed at start) and links are switched to the newly
+// loaded programs atomically with link.Update, so traffic never sees a
+// detached interface.
+//
+// The agent, running in the node's network namespace, uses it like this:
+//
+//	d, err := datapath.Load(ctx, datapath.Config{
+//		BPFRoot: root, UplinkIfindex: uplink, NodeIP: nodeIP,
+//		ClusterCIDRs: clusterCIDRs, NonMasqCIDRs: append(nonMasq, nodeIPs...),
+//	})
+//	defer d.Close()                                 // leaves the datapath running
+//	prometheus.MustRegister(d.Collector())
+//	g.Go(func() error { return d.RunGC(ctx, 10*time.Second, logf) })
+//	d.SetCIDRs(clusterCIDRs, append(nonMasq, nodeIPs...)) // node set changed
+//	d.UpsertEndpoint(ep); d.AttachHostVeth(ep.Ifindex)    // per local pod
+//
+// and a full teardown (uninstall) calls Cleanup(root).
+package datapath
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Defaults for Config fields left zero.
+const (
+	// DefaultCTSize is the number of conntrack entries; each flow uses two.
+	DefaultCTSize = 1 << 18
+	// DefaultPortMin and DefaultPortMax bound the masquerade source ports.
+	// They sit above Linux's default ephemeral range (32768-60999) so the
+	// node's own connections do not compete for the same ports.
+	DefaultPortMin = 61000
+	DefaultPortMax = 65535
+)
+
+// Config describes the datapath of one node.
+type Config struct {
+	// BPFRoot is this agent's directory on bpffs, e.g. /sys/fs/bpf/sinabro.
+	// Agents sharing a kernel (the lab) need distinct roots.
+	BPFRoot string
+	// UplinkIfindex is the interface, in the caller's network namespace,
+	// whose egress masquerades and whose ingress translates replies back.
+	UplinkIfindex int
+	// NodeIP is the address pod traffic is masqueraded to.
+	NodeIP netip.Addr
+	// ClusterCIDRs hold pod addresses: their traffic is masqueraded, and it
+	// never is when sent to them.
+	ClusterCIDRs []netip.Prefix
+	// NonMasqCIDRs are further destinations reached without masquerading
+	// (node addresses, service ranges, peered networks).
+	NonMasqCIDRs []netip.Prefix
+	// PortMin and PortMax bound the NAT source ports (and ICMP echo ids).
+	PortMin, PortMax uint16
+	// CTSize is the conntrack table's capacity in entries (two per flow).
+	// An existing pinned table keeps its size: resizing needs Cleanup.
+	CTSize uint32
+	// Timeouts for conntrack GC; zero fields take the defaults.
+	Timeouts Timeouts
+}
+
+func (c *Config) setDefaults() {
+	if c.PortMin == 0 && c.PortMax == 0 {
+		c.PortMin, c.PortMax = DefaultPortMin, DefaultPortMax
+	}
+	if c.CTSize == 0 {
+		c.CTSize = DefaultCTSize
+	}
+	c.Timeouts.setDefaults()
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.BPFRoot == "":
+		return errors.New("BPFRoot is required")
+	case c.UplinkIfindex <= 0:
+		return fmt.Errorf("invalid uplink ifindex %d", c.UplinkIfindex)
+	case !c.NodeIP.Is4():
+		return fmt.Errorf("node IP %v is not IPv4", c.NodeIP)
+	case c.PortMin == 0 || c.PortMin > c.PortMax:
+		return fmt.Errorf("invalid port range %d-%d", c.PortMin, c.PortMax)
+	case c.CTSize < 2:
+		return fmt.Errorf("conntrack size %d is too small", c.CTSize)
+	}
+	for _, p := range append(append([]netip.Prefix(nil), c.ClusterCIDRs...), c.NonMasqCIDRs...) {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("prefix %v is not IPv4", p)
+		}
+	}
+	return nil
+}
+
+// Datapath is a loaded and attached datapath. Close releases this process's
+// handles; the pinned datapath keeps forwarding.
+type Datapath struct {
+	cfg   Config
+	objs  datapathObjects
+	links map[string]link.Link
+	gc    gcStats
+}
+
+// Pin-path layout under the root.
+func mapsDir(root string) string  { return filepath.Join(root, "maps") }
+func linksDir(root string) string { return filepath.Join(root, "links") }
+
+// Load loads the datapath programs, creates or adopts the pinned maps under
+// cfg.BPFRoot and attaches (or atomically re-points) the uplink's tcx links.
+// It must run in the network namespace of the uplink.
+func Load(ctx context.Context, cfg Config) (*Datapath, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("datapath config: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(cfg.BPFRoot); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin dir %s: %w", dir, err)
+		}
+	}
+
+	// Adopt an existing table as it is: resizing would mean flushing it.
+	if info, err := pinnedMapInfo(filepath.Join(mapsDir(cfg.BPFRoot), "sb_ct")); err == nil {
+		cfg.CTSize = info.MaxEntries
+	}
+	d := &Datapath{cfg: cfg, links: map[string]link.Link{}}
+	if err := loadObjects(&d.objs, cfg, mapsDir(cfg.BPFRoot)); err != nil {
+		return nil, err
+	}
+	if err := d.SetCIDRs(cfg.ClusterCIDRs, cfg.NonMasqCIDRs); err != nil {
+		d.Close()
+		return nil, err
+	}
+	for _, a := range []struct {
+		name   string
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{"masq_egress", d.objs.MasqEgress, ebpf.AttachTCXEgress},
+		{"masq_ingress", d.objs.MasqIngress, ebpf.AttachTCXIngress},
+	} {
+		l, err := attachTCX(filepath.Join(linksDir(cfg.BPFRoot), a.name), cfg.UplinkIfindex, a.prog, a.attach)
+		if err != nil {
+			d.Close()
+			return nil, err
+		}
+		d.links[a.name] = l
+	}
+	if err := d.adoptHostLinks(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// loadObjects loads the programs and maps configured by cfg. Maps are
+// pinned in (and adopted from) pinDir; an empty pinDir loads unpinned maps,
+// for tests.
+func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
+	spec, err := loadDatapath()
+	if err != nil {
+		return fmt.Errorf("load datapath spec: %w", err)
+	}
+	vars := map[string]any{
+		"node_ip":  be32(cfg.NodeIP),
+		"port_min": cfg.PortMin,
+		"port_max": cfg.PortMax,
+	}
+	for name, v := range vars {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	spec.Maps["sb_ct"].MaxEntries = cfg.CTSize
+	if pinDir == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load datapath programs: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return fmt.Errorf("adopt pinned maps in %s (remove them with Cleanup to start afresh): %w", pinDir, err)
+		}
+		return fmt.Errorf("load datapath: %w", err)
+	}
+	return nil
+}
+
+// attachTCX makes the pinned tcx link at path run prog on ifindex: an
+// existing link on the same interface is updated in place (atomic program
+// replacement), a stale one is detached and a new link is attached and
+// pinned.
+func attachTCX(path string, ifindex int, prog *ebpf.Program, attach ebpf.AttachType) (link.Link, error) {
+	if l, err := link.LoadPinnedLink(path, nil); err == nil {
+		info, ierr := l.Info()
+		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex &&
+			ebpf.AttachType(info.TCX().AttachType) == attach {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return nil, fmt.Errorf("update tcx link %s: %w", path, err)
+			}
+			return l, nil
+		}
+		// The interface is gone or changed: drop the old attachment.
+		l.Unpin()
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: attach})
+	if err != nil {
+		return nil, fmt.Errorf("attach tcx %s to ifindex %d: %w", filepath.Base(path), ifindex, err)
+	}
+	if err := l.Pin(path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pin tcx link %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// Close releases the process's handles. The pinned maps and links, and so
+// the datapath in the kernel, stay in place for the next Load to adopt.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, d.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Config returns the effective configuration (defaults applied, adopted
+// conntrack size).
+func (d *Datapath) Config() Config { return d.cfg }
+
+// Cleanup detaches and removes everything the datapath pinned under root:
+// links first (so no program runs on half-removed maps), then maps, then
+// the directories. A missing root is not an error.
+func Cleanup(root string) error {
+	var errs []error
+	entries, err := os.ReadDir(linksDir(root))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("list links in %s: %w", root, err)
+	}
+	for _, e := range entries {
+		path := filepath.Join(linksDir(root), e.Name())
+		// Unpinning drops the last reference, which detaches the link.
+		if l, err := link.LoadPinnedLink(path, nil); err == nil {
+			errs = append(errs, l.Unpin(), l.Close())
+			continue
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove %s: %w", path, err))
+		}
+	}
+	for _, dir := range []string{linksDir(root), mapsDir(root)} {
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+		}
+	}
+	// The root may hold pins of other components: leave it then.
+	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
+		errs = append(errs, fmt.Errorf("remove %s: %w", root, err))
+	}
+	return errors.Join(errs...)
+}
+
+// ensureBPFFS makes sure root will be on a bpffs, mounting /sys/fs/bpf when
+// it is not mounted yet (it is not at boot on our hosts). Agents starting
+// together (the lab) serialise on a lock file so none stacks a second bpffs
+// over pins another has just made.
+func ensureBPFFS(root string) error {
+	if onBPFFS(root) {
+		return nil
+	}
+	const sysBPF = "/sys/fs/bpf"
+	rel, err := filepath.Rel(sysBPF, root)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("bpf root %s is not on a bpffs", root)
+	}
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "sinabro-bpffs.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("open bpffs mount lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock bpffs mount: %w", err)
+	}
+	if onBPFFS(root) {
+		return nil
+	}
+	if err := os.MkdirAll(sysBPF, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", sysBPF, err)
+	}
+	if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", sysBPF, err)
+	}
+	return nil
+}
+
+// onBPFFS reports whether path, or its closest existing ancestor, is on a
+// bpffs.
+func onBPFFS(path string) bool {
+	for {
+		var st unix.Statfs_t
+		if err := unix.Statfs(path, &st); err == nil {
+			return st.Type == unix.BPF_FS_MAGIC
+		}
+		parent := filepath.Dir(path)
+		if parent == path {
+			return false
+		}
+		path = parent
+	}
+}
+
+func pinnedMapInfo(path string) (*ebpf.MapInfo, error) {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	return m.Info()
+}
+
+// be32 returns the IPv4 address as the native-endian integer whose memory
+// layout is network order, as __be32 fields are stored.
+func be32(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func addrFromBE32(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+// be16 converts a port to the native integer holding it in network order.
+func be16(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func portFromBE16(v uint16) uint16 { return be16(v) }

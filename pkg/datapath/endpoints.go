@@ -1,0 +1,162 @@
+package datapath
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+const epLocal = 0x1 // see bpf/lib/host.h
+
+// Endpoint is a pod known to the datapath.
+type Endpoint struct {
+	IP netip.Addr `json:"ip"`
+	// Ifindex is the pod's host-side veth in the node's network namespace.
+	Ifindex int              `json:"ifindex"`
+	PodMAC  net.HardwareAddr `json:"podMAC"`
+	HostMAC net.HardwareAddr `json:"hostMAC"`
+	// Local pods get same-node traffic redirected straight to them.
+	Local bool `json:"local"`
+}
+
+// MarshalJSON writes MACs as text rather than base64 bytes.
+func (ep Endpoint) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		IP      netip.Addr `json:"ip"`
+		Ifindex int        `json:"ifindex"`
+		PodMAC  string     `json:"podMAC"`
+		HostMAC string     `json:"hostMAC"`
+		Local   bool       `json:"local"`
+	}{ep.IP, ep.Ifindex, ep.PodMAC.String(), ep.HostMAC.String(), ep.Local})
+}
+
+// UpsertEndpoint adds or replaces the endpoint of ep.IP.
+func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
+	if !ep.IP.Is4() || len(ep.PodMAC) != 6 || len(ep.HostMAC) != 6 {
+		return fmt.Errorf("invalid endpoint %+v: want an IPv4 address and two MACs", ep)
+	}
+	v := datapathEndpoint{Ifindex: uint32(ep.Ifindex)}
+	if ep.Local {
+		v.Flags = epLocal
+	}
+	copy(v.PodMac[:], ep.PodMAC)
+	copy(v.HostMac[:], ep.HostMAC)
+	if err := d.objs.SbEndpoints.Put(be32(ep.IP), v); err != nil {
+		return fmt.Errorf("put endpoint %v: %w", ep.IP, err)
+	}
+	return nil
+}
+
+// DeleteEndpoint removes the endpoint of ip; a missing one is not an error.
+func (d *Datapath) DeleteEndpoint(ip netip.Addr) error {
+	if err := d.objs.SbEndpoints.Delete(be32(ip)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete endpoint %v: %w", ip, err)
+	}
+	return nil
+}
+
+// Endpoints lists an endpoints map.
+func Endpoints(m *ebpf.Map) ([]Endpoint, error) {
+	var (
+		k   uint32
+		v   datapathEndpoint
+		out []Endpoint
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, Endpoint{
+			IP:      addrFromBE32(k),
+			Ifindex: int(v.Ifindex),
+			PodMAC:  net.HardwareAddr(append([]byte(nil), v.PodMac[:]...)),
+			HostMAC: net.HardwareAddr(append([]byte(nil), v.HostMac[:]...)),
+			Local:   v.Flags&epLocal != 0,
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+const hostLinkPrefix = "host_route_"
+
+func hostLinkPath(root string, ifindex int) string {
+	return filepath.Join(linksDir(root), hostLinkPrefix+strconv.Itoa(ifindex))
+}
+
+// AttachHostVeth attaches host routing to the ingress of a pod's host-side
+// veth (idempotent; the link is pinned and survives the agent).
+func (d *Datapath) AttachHostVeth(ifindex int) error {
+	name := hostLinkPrefix + strconv.Itoa(ifindex)
+	if _, ok := d.links[name]; ok {
+		return nil
+	}
+	l, err := attachTCX(hostLinkPath(d.cfg.BPFRoot, ifindex), ifindex, d.objs.HostRoute, ebpf.AttachTCXIngress)
+	if err != nil {
+		return err
+	}
+	d.links[name] = l
+	return nil
+}
+
+// DetachHostVeth removes host routing from a veth. Deleting the veth
+// detaches it too; this also removes the pin.
+func (d *Datapath) DetachHostVeth(ifindex int) error {
+	name := hostLinkPrefix + strconv.Itoa(ifindex)
+	path := hostLinkPath(d.cfg.BPFRoot, ifindex)
+	if l, ok := d.links[name]; ok {
+		delete(d.links, name)
+		l.Close()
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unpin host link %s: %w", path, err)
+	}
+	return nil
+}
+
+// adoptHostLinks points every pinned host-veth link at the newly loaded
+// program, and drops the pins of veths that are gone.
+func (d *Datapath) adoptHostLinks() error {
+	entries, err := os.ReadDir(linksDir(d.cfg.BPFRoot))
+	if err != nil {
+		return fmt.Errorf("list pinned links: %w", err)
+	}
+	for _, e := range entries {
+		idx, ok := strings.CutPrefix(e.Name(), hostLinkPrefix)
+		if !ok {
+			continue
+		}
+		ifindex, err := strconv.Atoi(idx)
+		if err != nil {
+			continue
+		}
+		path := filepath.Join(linksDir(d.cfg.BPFRoot), e.Name())
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			os.Remove(path)
+			continue
+		}
+		info, err := l.Info()
+		if err != nil || info.TCX() == nil || int(info.TCX().Ifindex) != ifindex {
+			// The veth went away with its pod.
+			l.Unpin()
+			l.Close()
+			continue
+		}
+		if err := l.Update(d.objs.HostRoute); err != nil {
+			l.Close()
+			return fmt.Errorf("update host link %s: %w", path, err)
+		}
+		d.links[e.Name()] = l
+	}
+	return nil
+}

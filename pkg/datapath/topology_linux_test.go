@@ -1,0 +1,575 @@
+package datapath
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+)
+
+// topology is pod -- node -- external, each in its own network namespace:
+//
+//	pod  eth0 10.244.1.5/32, default via 169.254.1.1 (permanent neighbour)
+//	node sb<pod> (host veth, /32 route to the pod), uplink0 192.168.50.10/24
+//	ext  eth0 192.168.50.1/24, no route back to the pod network
+//
+// so a pod connection to the external namespace only works masqueraded.
+type topology struct {
+	base           string // netns name prefix
+	pod, node, ext string // netns paths
+	uplinkIfindex  int
+	podEndpoint    Endpoint // the first pod
+}
+
+var (
+	topoPod    = netip.MustParseAddr("10.244.1.5")
+	topoNode   = netip.MustParseAddr("192.168.50.10")
+	topoExt    = netip.MustParseAddr("192.168.50.1")
+	topoPrefix = netip.MustParsePrefix("10.244.0.0/16")
+)
+
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+func (topo *topology) newNetns(t *testing.T, role string) string {
+	t.Helper()
+	name := topo.base + "-" + role
+	path, err := netns.Create(name)
+	if err != nil {
+		t.Fatalf("create %s netns: %v", role, err)
+	}
+	t.Cleanup(func() {
+		if err := netns.Delete(name); err != nil {
+			t.Errorf("delete netns %s: %v", name, err)
+		}
+	})
+	ipCmd(t, "-n", name, "link", "set", "lo", "up")
+	return path
+}
+
+func newTopology(t *testing.T) *topology {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces and eBPF")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip to build the test topology")
+	}
+	topo := &topology{base: fmt.Sprintf("sbdp%d-%d", os.Getpid(), time.Now().UnixNano()%1e6)}
+	topo.node = topo.newNetns(t, "node")
+	topo.ext = topo.newNetns(t, "ext")
+	node, ext := topo.base+"-node", topo.base+"-ext"
+	ipCmd(t, "-n", node, "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0", "netns", ext)
+	ipCmd(t, "-n", node, "addr", "add", topoNode.String()+"/24", "dev", "uplink0")
+	ipCmd(t, "-n", node, "link", "set", "uplink0", "up")
+	ipCmd(t, "-n", ext, "addr", "add", topoExt.String()+"/24", "dev", "eth0")
+	ipCmd(t, "-n", ext, "link", "set", "eth0", "up")
+	topo.setForwarding(t, true)
+	err := netns.Do(topo.node, func() error {
+		up, err := net.InterfaceByName("uplink0")
+		if err != nil {
+			return err
+		}
+		topo.uplinkIfindex = up.Index
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("configure node netns: %v", err)
+	}
+	topo.pod, topo.podEndpoint = topo.addPod(t, "pod", topoPod)
+	return topo
+}
+
+func (topo *topology) setForwarding(t *testing.T, on bool) {
+	t.Helper()
+	v := []byte("0")
+	if on {
+		v = []byte("1")
+	}
+	err := netns.Do(topo.node, func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", v, 0o644) })
+	if err != nil {
+		t.Fatalf("set ip_forward in node netns: %v", err)
+	}
+}
+
+// addPod wires a pod netns as the CNI plugin does: eth0 with addr/32, a
+// default route via 169.254.1.1 whose neighbour is the host veth's MAC, and
+// a /32 route to the pod on the node.
+func (topo *topology) addPod(t *testing.T, role string, addr netip.Addr) (string, Endpoint) {
+	t.Helper()
+	path := topo.newNetns(t, role)
+	pod, node := topo.base+"-"+role, topo.base+"-node"
+	hostVeth := "sb" + role
+	ipCmd(t, "-n", node, "link", "add", hostVeth, "type", "veth", "peer", "name", "eth0", "netns", pod)
+	ipCmd(t, "-n", node, "link", "set", hostVeth, "up")
+	ipCmd(t, "-n", node, "route", "add", addr.String()+"/32", "dev", hostVeth)
+	ipCmd(t, "-n", pod, "addr", "add", addr.String()+"/32", "dev", "eth0")
+	ipCmd(t, "-n", pod, "link", "set", "eth0", "up")
+	ipCmd(t, "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+	ipCmd(t, "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+	ep := Endpoint{IP: addr, Local: true}
+	err := netns.Do(topo.node, func() error {
+		veth, err := net.InterfaceByName(hostVeth)
+		if err != nil {
+			return err
+		}
+		ep.Ifindex, ep.HostMAC = veth.Index, veth.HardwareAddr
+		return nil
+	})
+	if err == nil {
+		err = netns.Do(path, func() error {
+			eth0, err := net.InterfaceByName("eth0")
+			if err != nil {
+				return err
+			}
+			ep.PodMAC = eth0.HardwareAddr
+			return nil
+		})
+	}
+	if err != nil {
+		t.Fatalf("read pod %s interfaces: %v", role, err)
+	}
+	ipCmd(t, "-n", pod, "neigh", "add", "169.254.1.1", "lladdr", ep.HostMAC.String(), "dev", "eth0", "nud", "permanent")
+	return path, ep
+}
+
+func (topo *topology) config(t *testing.T) Config {
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("sinabro-test-%d-%d", os.Getpid(), time.Now().UnixNano()%1e6))
+	t.Cleanup(func() {
+		if err := Cleanup(root); err != nil {
+			t.Errorf("cleanup %s: %v", root, err)
+		}
+	})
+	return Config{
+		BPFRoot:       root,
+		UplinkIfindex: topo.uplinkIfindex,
+		NodeIP:        topoNode,
+		ClusterCIDRs:  []netip.Prefix{topoPrefix},
+		NonMasqCIDRs:  []netip.Prefix{netip.PrefixFrom(topoNode, 32)},
+		CTSize:        4096,
+	}
+}
+
+func (topo *topology) load(t *testing.T, cfg Config) *Datapath {
+	t.Helper()
+	var d *Datapath
+	err := netns.Do(topo.node, func() (err error) {
+		d, err = Load(context.Background(), cfg)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("load datapath: %v", err)
+	}
+	return d
+}
+
+// in runs fn inside the namespace; sockets it creates stay there.
+func in[T any](t *testing.T, path string, fn func() (T, error)) T {
+	t.Helper()
+	var v T
+	if err := netns.Do(path, func() (err error) { v, err = fn(); return err }); err != nil {
+		t.Fatalf("in %s: %v", filepath.Base(path), err)
+	}
+	return v
+}
+
+// echoServer accepts TCP connections in the external namespace and answers
+// each line with "<remote address> <line>".
+func echoServer(t *testing.T, ln net.Listener) {
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					fmt.Fprintf(c, "%s %s", c.RemoteAddr(), line)
+				}
+			}()
+		}
+	}()
+}
+
+func roundTrip(c net.Conn, r *bufio.Reader, msg string) (string, error) {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := fmt.Fprintln(c, msg); err != nil {
+		return "", err
+	}
+	line, err := r.ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+func TestMasqueradeTopology(t *testing.T) {
+	topo := newTopology(t)
+	cfg := topo.config(t)
+	d := topo.load(t, cfg)
+	defer func() { d.Close() }()
+
+	ln := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", topoExt.String()+":8080") })
+	defer ln.Close()
+	echoServer(t, ln)
+
+	// TCP: the server sees the node address and a port from the range.
+	conn := in(t, topo.pod, func() (net.Conn, error) {
+		return net.DialTimeout("tcp4", topoExt.String()+":8080", 3*time.Second)
+	})
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	got, err := roundTrip(conn, r, "one")
+	if err != nil {
+		t.Fatalf("tcp round trip: %v", err)
+	}
+	remote, _, _ := strings.Cut(got, " ")
+	seen := netip.MustParseAddrPort(remote)
+	if seen.Addr() != topoNode || seen.Port() < DefaultPortMin {
+		t.Errorf("server saw the client as %v, want %v with a port >= %d", seen, topoNode, DefaultPortMin)
+	}
+
+	// UDP.
+	udpSrv := in(t, topo.ext, func() (net.PacketConn, error) { return net.ListenPacket("udp4", topoExt.String()+":5353") })
+	defer udpSrv.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := udpSrv.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			udpSrv.WriteTo([]byte(from.String()+" "+string(buf[:n])), from)
+		}
+	}()
+	udpConn := in(t, topo.pod, func() (net.Conn, error) { return net.Dial("udp4", topoExt.String()+":5353") })
+	defer udpConn.Close()
+	udpConn.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := udpConn.Write([]byte("dns?")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1500)
+	n, err := udpConn.Read(buf)
+	if err != nil {
+		t.Fatalf("udp reply: %v", err)
+	}
+	if from, _, _ := strings.Cut(string(buf[:n]), " "); netip.MustParseAddrPort(from).Addr() != topoNode {
+		t.Errorf("udp server saw %s, want %v", from, topoNode)
+	}
+
+	// ICMP echo, through ping(8) in the pod.
+	if _, err := exec.LookPath("ping"); err == nil {
+		err := netns.Do(topo.pod, func() error {
+			out, err := exec.Command("ping", "-c", "2", "-W", "2", "-i", "0.2", topoExt.String()).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("ping: %v: %s", err, out)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
+		}
+	} else {
+		t.Log("ping not installed: ICMP echo not exercised end to end")
+	}
+
+	counters, err := Counters(d.objs.SbCounters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("counters: %+v", counters)
+	flows, err := Flows(d.objs.SbCt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tcpFlow *Flow
+	for i, f := range flows {
+		t.Logf("flow: %d %v -> %v nat %v %s", f.Proto, f.Src, f.Dst, f.NAT, f.State)
+		if f.Proto == 6 && f.NAT == seen {
+			tcpFlow = &flows[i]
+		}
+	}
+	if tcpFlow == nil || tcpFlow.State != "established" || tcpFlow.Src.Addr() != topoPod {
+		t.Fatalf("no established conntrack entry for the TCP flow NATed to %v: %+v", seen, flows)
+	}
+	ids := linkIDs(t, d)
+
+	// What `sinabro debug maps` and the metrics endpoint see.
+	maps, err := ListMaps(cfg.BPFRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries := map[string]int{}
+	for _, m := range maps {
+		t.Logf("map: %+v", m)
+		entries[m.Name] = m.Entries
+	}
+	if entries["sb_ct"] != 2*len(flows) || entries["sb_masq_cidrs"] != 2 || entries["sb_counters"] != programSlots*reasonSlots {
+		t.Errorf("map entries = %v, want sb_ct %d, sb_masq_cidrs 2, sb_counters %d", entries, 2*len(flows), programSlots*reasonSlots)
+	}
+	if n, err := d.GC(context.Background()); err != nil || n != 0 {
+		t.Errorf("GC of fresh flows = %d, %v; want nothing deleted", n, err)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(d.Collector())
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var snat float64
+	for _, fam := range families {
+		for _, m := range fam.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if fam.GetName() == "sinabro_datapath_packets_total" && labels["program"] == "masq_egress" && labels["reason"] == "snat" {
+				snat = m.GetCounter().GetValue()
+			}
+			if fam.GetName() == "sinabro_datapath_conntrack_flows" && m.GetGauge().GetValue() != float64(len(flows)) {
+				t.Errorf("sinabro_datapath_conntrack_flows = %v, want %d", m.GetGauge().GetValue(), len(flows))
+			}
+		}
+	}
+	if snat < 3 {
+		t.Errorf("sinabro_datapath_packets_total{program=masq_egress,reason=snat} = %v, want >= 3", snat)
+	}
+
+	// The agent goes away: the pinned datapath keeps forwarding.
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := roundTrip(conn, r, "two"); err != nil {
+		t.Fatalf("tcp after the loader closed: %v", err)
+	}
+
+	// A new agent adopts the maps and links: same links, same conntrack.
+	cfg.PortMin, cfg.PortMax = 62000, 63000 // an upgrade with new constants
+	d = topo.load(t, cfg)
+	if got := linkIDs(t, d); got != ids {
+		t.Errorf("links after reload = %v, want the adopted %v", got, ids)
+	}
+	if got, err := roundTrip(conn, r, "three"); err != nil || !strings.HasPrefix(got, seen.String()+" ") {
+		t.Fatalf("tcp after reload: %q, %v (want it still NATed to %v)", got, err, seen)
+	}
+	conn2 := in(t, topo.pod, func() (net.Conn, error) {
+		return net.DialTimeout("tcp4", topoExt.String()+":8080", 3*time.Second)
+	})
+	defer conn2.Close()
+	got2, err := roundTrip(conn2, bufio.NewReader(conn2), "new")
+	if err != nil {
+		t.Fatalf("new tcp connection after reload: %v", err)
+	}
+	remote2, _, _ := strings.Cut(got2, " ")
+	if p := netip.MustParseAddrPort(remote2).Port(); p < 62000 || p > 63000 {
+		t.Errorf("new connection NAT port %d, want one from the upgraded range 62000-63000", p)
+	}
+
+	// Cleanup detaches everything: the old connection's replies are no
+	// longer translated.
+	d.Close()
+	if err := Cleanup(cfg.BPFRoot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cfg.BPFRoot); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("bpf root still present after Cleanup: %v", err)
+	}
+	if _, err := roundTrip(conn, r, "four"); err == nil {
+		t.Errorf("tcp still works after Cleanup: the datapath was not detached")
+	}
+}
+
+type linkPair [2]link.ID
+
+func linkIDs(t *testing.T, d *Datapath) linkPair {
+	t.Helper()
+	var ids linkPair
+	for i, name := range []string{"masq_egress", "masq_ingress"} {
+		info, err := d.links[name].Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = info.ID
+	}
+	return ids
+}
+
+func TestHostRoutingTopology(t *testing.T) {
+	topo := newTopology(t)
+	pod2Addr := netip.MustParseAddr("10.244.1.6")
+	pod2, ep2 := topo.addPod(t, "pod2", pod2Addr)
+	cfg := topo.config(t)
+	d := topo.load(t, cfg)
+	defer func() { d.Close() }()
+
+	// Without forwarding in the node, only the datapath can join the pods.
+	topo.setForwarding(t, false)
+	ln := in(t, pod2, func() (net.Listener, error) { return net.Listen("tcp4", pod2Addr.String()+":8080") })
+	defer ln.Close()
+	echoServer(t, ln)
+	dial := func() (net.Conn, error) {
+		return net.DialTimeout("tcp4", pod2Addr.String()+":8080", time.Second)
+	}
+	if c, err := dialIn(topo.pod, dial); err == nil {
+		c.Close()
+		t.Fatal("pods reached each other without forwarding or host routing")
+	}
+
+	for _, ep := range []Endpoint{topo.podEndpoint, ep2} {
+		if err := d.UpsertEndpoint(ep); err != nil {
+			t.Fatal(err)
+		}
+		if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(ep.Ifindex) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn := in(t, topo.pod, dial)
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	got, err := roundTrip(conn, r, "hi")
+	if err != nil {
+		t.Fatalf("pod to pod through host routing: %v", err)
+	}
+	if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoPod {
+		t.Errorf("pod2 saw %s, want the unmasqueraded %v", from, topoPod)
+	}
+
+	// A restarted agent re-points the pinned host links at its programs.
+	before := d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)]
+	beforeInfo, _ := before.Info()
+	d.Close()
+	d = topo.load(t, cfg)
+	after, ok := d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)]
+	if !ok {
+		t.Fatalf("host link of ifindex %d not adopted: %v", ep2.Ifindex, d.links)
+	}
+	if afterInfo, _ := after.Info(); afterInfo.ID != beforeInfo.ID {
+		t.Errorf("host link ID %d after reload, want the adopted %d", afterInfo.ID, beforeInfo.ID)
+	}
+	if _, err := roundTrip(conn, r, "again"); err != nil {
+		t.Fatalf("pod to pod after reload: %v", err)
+	}
+
+	// Replies from outside are handed straight to the pod too.
+	topo.setForwarding(t, true)
+	extLn := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", topoExt.String()+":8080") })
+	defer extLn.Close()
+	echoServer(t, extLn)
+	extConn := in(t, topo.pod, func() (net.Conn, error) { return net.DialTimeout("tcp4", topoExt.String()+":8080", 3*time.Second) })
+	defer extConn.Close()
+	if _, err := roundTrip(extConn, bufio.NewReader(extConn), "out"); err != nil {
+		t.Fatalf("pod to outside: %v", err)
+	}
+	counters, err := Counters(d.objs.SbCounters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got2 := map[string]uint64{}
+	for _, c := range counters {
+		got2[c.Program+"/"+c.Reason] = c.Packets
+	}
+	t.Logf("counters: %v", got2)
+	if got2["host_route/redirect_local"] < 4 || got2["masq_ingress/redirect_local"] < 1 {
+		t.Errorf("redirect counters = host_route %d, masq_ingress %d; want >= 4 and >= 1",
+			got2["host_route/redirect_local"], got2["masq_ingress/redirect_local"])
+	}
+
+	if err := d.DetachHostVeth(ep2.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(hostLinkPath(cfg.BPFRoot, ep2.Ifindex)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("host link pin still present after DetachHostVeth: %v", err)
+	}
+}
+
+func dialIn(path string, dial func() (net.Conn, error)) (net.Conn, error) {
+	var c net.Conn
+	err := netns.Do(path, func() (err error) { c, err = dial(); return err })
+	return c, err
+}
+
+func TestLoadMovesToNewUplink(t *testing.T) {
+	topo := newTopology(t)
+	cfg := topo.config(t)
+	d := topo.load(t, cfg)
+	old := linkIDs(t, d)
+	d.Close()
+
+	// The uplink changed (say, a bond was rebuilt): the pinned links are
+	// replaced by links on the new interface.
+	cfg.UplinkIfindex = topo.podEndpoint.Ifindex
+	d = topo.load(t, cfg)
+	defer d.Close()
+	for i, name := range []string{"masq_egress", "masq_ingress"} {
+		info, err := d.links[name].Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.ID == old[i] || int(info.TCX().Ifindex) != cfg.UplinkIfindex {
+			t.Errorf("%s: link %d on ifindex %d, want a new link on %d", name, info.ID, info.TCX().Ifindex, cfg.UplinkIfindex)
+		}
+	}
+	// Nothing is left on the old uplink.
+	for _, attach := range []ebpf.AttachType{ebpf.AttachTCXEgress, ebpf.AttachTCXIngress} {
+		for _, ifindex := range []int{topo.uplinkIfindex, cfg.UplinkIfindex} {
+			var res *link.QueryResult
+			err := netns.Do(topo.node, func() (err error) {
+				res, err = link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: attach})
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := 0
+			if ifindex == cfg.UplinkIfindex {
+				want = 1
+			}
+			if len(res.Programs) != want {
+				t.Errorf("%v on ifindex %d: %d programs, want %d", attach, ifindex, len(res.Programs), want)
+			}
+		}
+	}
+}
+
+func TestLoadRejectsBadConfig(t *testing.T) {
+	good := Config{BPFRoot: "/sys/fs/bpf/x", UplinkIfindex: 2, NodeIP: topoNode}
+	tests := []struct {
+		name string
+		edit func(*Config)
+	}{
+		{"no root", func(c *Config) { c.BPFRoot = "" }},
+		{"no uplink", func(c *Config) { c.UplinkIfindex = 0 }},
+		{"IPv6 node", func(c *Config) { c.NodeIP = netip.MustParseAddr("fd00::1") }},
+		{"inverted ports", func(c *Config) { c.PortMin, c.PortMax = 2000, 1000 }},
+		{"IPv6 prefix", func(c *Config) { c.NonMasqCIDRs = []netip.Prefix{netip.MustParsePrefix("fd00::/8")} }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := good
+			tt.edit(&cfg)
+			if _, err := Load(context.Background(), cfg); err == nil {
+				t.Errorf("Load accepted %+v", cfg)
+			}
+		})
+	}
+}
