@@ -1,8 +1,145 @@
 package cmd
 
-import "github.com/spf13/cobra"
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
 
-// TODO(owner of agent): replace this placeholder.
+	"github.com/spf13/cobra"
+	"k8s.io/klog/v2"
+
+	"github.com/sinabro-io/sinabro/pkg/agent"
+	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/version"
+)
+
 func newAgentCmd() *cobra.Command {
-	return &cobra.Command{Use: "agent", Short: "agent (not yet implemented)", Hidden: true}
+	var (
+		cfg = agent.Config{
+			CNIConfDir:     cni.DefaultConfDir,
+			StateDir:       cni.DefaultDataDir,
+			BPFRoot:        agent.DefaultBPFRoot,
+			HealthAddr:     agent.DefaultHealthAddr,
+			VXLANVNI:       agent.DefaultVXLANVNI,
+			VXLANPort:      agent.DefaultVXLANPort,
+			VXLANDevice:    agent.DefaultVXLANDevice,
+			Masquerade:     true,
+			ResyncInterval: agent.DefaultResyncInterval,
+		}
+		kubeconfig   string
+		clusterCIDRs []string
+		cleanup      bool
+		logLevel     string
+		logFormat    string
+	)
+	for _, p := range agent.DefaultClusterCIDRs {
+		clusterCIDRs = append(clusterCIDRs, p.String())
+	}
+	c := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the node agent: VXLAN overlay, host setup, masquerade, CNI config",
+		Long: `The node agent watches the cluster's Nodes and keeps this node's networking
+in line with them: IP forwarding, a VXLAN device and, for every other node, a
+route, neighbour and FDB entry; masquerading of pod traffic leaving the
+cluster; and the CNI configuration once the Node has spec.podCIDRs.
+
+Stopping the agent leaves the datapath in place; --cleanup removes it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(logLevel, logFormat)
+			if err != nil {
+				return err
+			}
+			// client-go logs through klog; send it to the same handler.
+			klog.SetSlogLogger(log)
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+
+			if cleanup {
+				if err := agent.Cleanup(ctx, cfg.VXLANDevice); err != nil {
+					return fmt.Errorf("cleanup: %w", err)
+				}
+				log.Info("removed the vxlan device, sinabro routes and the masquerade table", "device", cfg.VXLANDevice)
+				return nil
+			}
+			if cfg.NodeName == "" {
+				return fmt.Errorf("--node-name (or $NODE_NAME) is required")
+			}
+			if cfg.ClusterCIDRs, err = parsePrefixes(clusterCIDRs); err != nil {
+				return fmt.Errorf("--cluster-cidr: %w", err)
+			}
+			if cfg.MTU < 0 || cfg.MTU > 0 && cfg.MTU < 576 {
+				return fmt.Errorf("--mtu %d: want 0 (auto) or at least 576", cfg.MTU)
+			}
+			client, err := agent.KubeClient(kubeconfig)
+			if err != nil {
+				return err
+			}
+			a, err := agent.New(cfg, client, log)
+			if err != nil {
+				return err
+			}
+			defer a.Close()
+			log.Info("starting sinabro agent", "version", version.String(), "node", cfg.NodeName,
+				"vxlan_device", cfg.VXLANDevice, "vni", cfg.VXLANVNI, "port", cfg.VXLANPort,
+				"cluster_cidrs", clusterCIDRs, "masquerade", cfg.Masquerade, "resync", cfg.ResyncInterval.String())
+			if err := a.Run(ctx); err != nil {
+				return err
+			}
+			log.Info("sinabro agent stopped")
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "name of this node's Node object (default $NODE_NAME)")
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster service account)")
+	f.StringVar(&cfg.CNIConfDir, "cni-conf-dir", cfg.CNIConfDir, "directory to write the CNI conflist into")
+	f.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "agent and IPAM state directory (the conflist's dataDir)")
+	f.StringVar(&cfg.BPFRoot, "bpf-root", cfg.BPFRoot, "bpffs directory for pinned eBPF objects")
+	f.StringVar(&cfg.HealthAddr, "health-addr", cfg.HealthAddr, `address serving /healthz, /readyz and /metrics ("" disables)`)
+	f.Uint32Var(&cfg.VXLANVNI, "vxlan-vni", cfg.VXLANVNI, "VXLAN network identifier")
+	f.Uint16Var(&cfg.VXLANPort, "vxlan-port", cfg.VXLANPort, "VXLAN UDP port")
+	f.StringVar(&cfg.VXLANDevice, "vxlan-device", cfg.VXLANDevice, "name of the VXLAN device")
+	f.IntVar(&cfg.MTU, "mtu", 0, "pod MTU; 0 = underlay MTU - 50")
+	f.StringSliceVar(&clusterCIDRs, "cluster-cidr", clusterCIDRs, "cluster pod CIDR(s), repeatable or comma-separated; traffic to them is not masqueraded")
+	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
+	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
+	f.BoolVar(&cleanup, "cleanup", false, "remove the vxlan device, sinabro routes and the masquerade table, then exit")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	return c
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+func parsePrefixes(ss []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range ss {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }

@@ -13,8 +13,8 @@ package overlay
 import (
 	"bytes"
 	"cmp"
+	"crypto/sha256"
 	"fmt"
-	"hash/fnv"
 	"net"
 	"net/netip"
 	"slices"
@@ -100,12 +100,21 @@ func Desired(local []netip.Prefix, peers []Peer) State {
 		s.FDB = append(s.FDB, FDBEntry{MAC: mac, Dst: peer.Underlay})
 		for _, p := range peer.PodCIDRs {
 			gw := VTEPAddr(p)
-			s.Routes = append(s.Routes, Route{Dst: p.Masked(), Gateway: gw})
+			s.Routes = append(s.Routes, Route{Dst: p.Masked(), Gateway: gw, Metric: defaultMetric(gw)})
 			s.Neighbours = append(s.Neighbours, Neighbour{IP: gw, MAC: mac})
 		}
 	}
 	s.sort()
 	return s
+}
+
+// defaultMetric is the metric the kernel gives a route added without one:
+// IPv6 turns 0 into 1024, and the desired state must say what will be read back.
+func defaultMetric(a netip.Addr) uint32 {
+	if a.Is6() {
+		return 1024
+	}
+	return 0
 }
 
 func (s *State) sort() {
@@ -184,9 +193,8 @@ func diffSets[T comparable, K comparable](desired, actual []T, key func(T) K) (u
 // the vxlan device keeps its MAC when it is recreated or the agent restarts
 // and peers' FDB and neighbour entries stay valid.
 func StableMAC(nodeName string) net.HardwareAddr {
-	h := fnv.New64a()
-	h.Write([]byte(nodeName))
-	mac := net.HardwareAddr(h.Sum(nil)[:6])
+	sum := sha256.Sum256([]byte("sinabro-vtep/" + nodeName))
+	mac := net.HardwareAddr(sum[:6])
 	mac[0] = mac[0]&^0x01 | 0x02 // unicast, locally administered
 	return mac
 }

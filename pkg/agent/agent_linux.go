@@ -1,0 +1,538 @@
+// Package agent is the Sinabro node agent: it watches the cluster's Nodes and
+// keeps this node's networking in line with them — host sysctls, the VXLAN
+// overlay to every other node, masquerading of traffic leaving the cluster —
+// and writes the CNI configuration once the node has its pod CIDRs.
+//
+// The controller is level-triggered: every Node event, the periodic resync
+// and retries after errors all run the same full reconciliation, which
+// compares the whole desired state with what the kernel has. Triggers are
+// coalesced, so a burst of events costs one pass.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/events"
+
+	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/hostnet"
+	"github.com/sinabro-io/sinabro/pkg/masquerade"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+	"github.com/sinabro-io/sinabro/pkg/overlay"
+)
+
+// Defaults of the agent's flags.
+const (
+	DefaultHealthAddr     = "127.0.0.1:9962"
+	DefaultBPFRoot        = "/sys/fs/bpf/sinabro"
+	DefaultVXLANDevice    = "sinabro.vxlan"
+	DefaultVXLANVNI       = 1
+	DefaultVXLANPort      = 8472 // the Linux kernel's historical VXLAN port, as Flannel uses
+	DefaultResyncInterval = 30 * time.Second
+)
+
+// DefaultClusterCIDRs is the cluster CIDR assumed when none is given.
+var DefaultClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
+
+// Config is the agent's configuration.
+type Config struct {
+	NodeName       string
+	CNIConfDir     string
+	StateDir       string
+	BPFRoot        string // reserved for the eBPF datapath
+	HealthAddr     string // "" disables the health/metrics server
+	VXLANVNI       uint32
+	VXLANPort      uint16
+	VXLANDevice    string
+	MTU            int // pod MTU; 0 = underlay MTU - overlay.Overhead
+	ClusterCIDRs   []netip.Prefix
+	Masquerade     bool
+	ResyncInterval time.Duration
+	// NetNS, when set, is the path of the network namespace to program
+	// instead of the agent's own (tests run several agents in one process).
+	NetNS string
+}
+
+// masquerader is a masquerade backend (see package masquerade).
+type masquerader interface {
+	Name() string
+	Ensure(ctx context.Context, cfg masquerade.Config) error
+	Remove(ctx context.Context) error
+}
+
+// Agent is the node agent.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	client  kubernetes.Interface
+	overlay *overlay.Manager
+	masq    masquerader
+	nsFile  *os.File
+	metrics *metrics
+
+	kick     chan struct{}
+	ready    atomic.Bool
+	lastPass atomic.Int64 // unix nanoseconds of the last finished reconciliation
+	nodes    corelisters.NodeLister
+	recorder events.EventRecorder
+
+	// Owned by the reconcile loop.
+	skipped     map[string]Skip
+	selfProblem string
+	masqRemoved bool
+	waitingFor  string
+	mtuChecked  bool
+	lastConfMTU int
+	lastDevice  overlay.Link
+}
+
+// New prepares an agent; Run starts it.
+func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Agent, error) {
+	if cfg.NodeName == "" {
+		return nil, errors.New("node name is required")
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = DefaultResyncInterval
+	}
+	a := &Agent{
+		cfg:     cfg,
+		log:     log,
+		client:  client,
+		metrics: newMetrics(),
+		kick:    make(chan struct{}, 1),
+		skipped: map[string]Skip{},
+	}
+	fd := 0
+	if cfg.NetNS != "" {
+		f, err := os.Open(cfg.NetNS)
+		if err != nil {
+			return nil, fmt.Errorf("open netns %s: %w", cfg.NetNS, err)
+		}
+		a.nsFile, fd = f, int(f.Fd())
+	}
+	ovl, err := overlay.Open(fd)
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	a.overlay = ovl
+	a.masq = masquerade.NewNFTables(fd)
+	return a, nil
+}
+
+// Close releases the agent's netlink sockets. It leaves the datapath in place:
+// pods keep their connectivity while the agent restarts.
+func (a *Agent) Close() error {
+	var errs []error
+	if a.overlay != nil {
+		errs = append(errs, a.overlay.Close())
+	}
+	if a.nsFile != nil {
+		errs = append(errs, a.nsFile.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Ready reports whether the node is set up: CNI config written and the last
+// reconciliation succeeded.
+func (a *Agent) Ready() bool { return a.ready.Load() }
+
+// Run watches Nodes and reconciles until ctx is cancelled.
+func (a *Agent) Run(ctx context.Context) error {
+	factory := informers.NewSharedInformerFactory(a.client, 0)
+	nodeInformer := factory.Core().V1().Nodes()
+	a.nodes = nodeInformer.Lister()
+	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { a.trigger() },
+		UpdateFunc: func(old, cur any) {
+			o, ok1 := old.(*corev1.Node)
+			n, ok2 := cur.(*corev1.Node)
+			if !ok1 || !ok2 || relevantChange(o, n) {
+				a.trigger()
+			}
+		},
+		DeleteFunc: func(any) { a.trigger() },
+	}); err != nil {
+		return fmt.Errorf("add node event handler: %w", err)
+	}
+
+	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: a.client.EventsV1()})
+	a.recorder = broadcaster.NewRecorder(scheme.Scheme, "sinabro-agent")
+
+	g, ctx := errgroup.WithContext(ctx)
+	if a.cfg.HealthAddr != "" {
+		srv, err := a.healthServer()
+		if err != nil {
+			return err
+		}
+		srv.run(ctx, g)
+	}
+	if err := broadcaster.StartRecordingToSinkWithContext(ctx); err != nil {
+		return fmt.Errorf("start event recording: %w", err)
+	}
+	defer broadcaster.Shutdown()
+	factory.Start(ctx.Done())
+	defer factory.Shutdown() // waits for the informer goroutines once ctx is done
+
+	g.Go(func() error {
+		a.log.Info("waiting for the node informer to sync")
+		for typ, ok := range factory.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return fmt.Errorf("sync informer for %v", typ)
+			}
+		}
+		a.trigger()
+		return a.loop(ctx)
+	})
+	return g.Wait()
+}
+
+func (a *Agent) trigger() {
+	select {
+	case a.kick <- struct{}{}:
+	default: // a pass is already pending; it will see the latest state
+	}
+}
+
+// loop runs reconciliations on triggers, on every resync interval, and with
+// exponential backoff after a failure.
+func (a *Agent) loop(ctx context.Context) error {
+	const minBackoff = time.Second
+	backoff := minBackoff
+	timer := time.NewTimer(a.cfg.ResyncInterval)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			a.log.Info("agent stopping; the datapath stays in place")
+			return nil
+		case <-a.kick:
+		case <-timer.C:
+		}
+		wait := a.cfg.ResyncInterval
+		if err := a.reconcile(ctx); err != nil {
+			a.log.Error("reconcile node", "node", a.cfg.NodeName, "err", err, "retry_in", backoff)
+			wait = backoff
+			backoff = min(2*backoff, a.cfg.ResyncInterval)
+		} else {
+			backoff = minBackoff
+		}
+		a.lastPass.Store(time.Now().UnixNano())
+		timer.Reset(wait)
+	}
+}
+
+// waiting logs, once per distinct reason, why the node cannot be set up yet.
+func (a *Agent) waiting(reason string) {
+	a.ready.Store(false)
+	if a.waitingFor != reason {
+		a.waitingFor = reason
+		a.log.Info("waiting before setting up the node", "node", a.cfg.NodeName, "reason", reason)
+	}
+}
+
+// reconcile brings the node in line with the cluster's Nodes.
+func (a *Agent) reconcile(ctx context.Context) (err error) {
+	start := time.Now()
+	defer func() {
+		a.metrics.reconcileTime.Observe(time.Since(start).Seconds())
+		if err != nil {
+			a.ready.Store(false)
+			a.metrics.reconciles.WithLabelValues("error").Inc()
+		} else {
+			a.metrics.reconciles.WithLabelValues("success").Inc()
+		}
+	}()
+
+	selfNode, err := a.nodes.Get(a.cfg.NodeName)
+	if apierrors.IsNotFound(err) {
+		a.waiting("Node object " + a.cfg.NodeName + " does not exist yet")
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get node %s: %w", a.cfg.NodeName, err)
+	}
+	self, skip := parseNode(selfNode)
+	if skip != nil && skip.Reason == ReasonMissingInternalIP {
+		a.waiting("Node has no IPv4 InternalIP address yet")
+		return nil
+	}
+	if skip != nil && skip.Reason == ReasonMalformedPodCIDR {
+		if a.selfProblem != skip.Message { // one Event per problem, not per retry
+			a.selfProblem = skip.Message
+			a.event(selfNode, *skip)
+		}
+		return fmt.Errorf("own node: %s", skip.Message)
+	}
+	a.selfProblem = ""
+	// A malformed annotation on our own Node is ours to overwrite below.
+
+	under, err := a.overlay.LinkByAddr(self.InternalIP)
+	if err != nil {
+		return fmt.Errorf("find underlay device of InternalIP %s: %w", self.InternalIP, err)
+	}
+	vxlanMTU := under.MTU - overlay.Overhead
+	podMTU := vxlanMTU
+	if a.cfg.MTU > 0 {
+		podMTU = a.cfg.MTU
+	}
+	if !a.mtuChecked {
+		a.mtuChecked = true
+		if a.cfg.MTU > 0 && a.cfg.MTU != vxlanMTU {
+			effect := "pods use less than the underlay allows"
+			if a.cfg.MTU > vxlanMTU {
+				effect = "pod packets larger than the overlay carries are dropped or need fragmentation"
+			}
+			a.log.Warn("--mtu does not match the underlay", "mtu", a.cfg.MTU, "underlay", under.Name,
+				"underlay_mtu", under.MTU, "fitting_mtu", vxlanMTU, "effect", effect)
+		}
+	}
+
+	dev, err := a.overlay.EnsureDevice(overlay.DeviceConfig{
+		Name:     a.cfg.VXLANDevice,
+		VNI:      a.cfg.VXLANVNI,
+		Port:     a.cfg.VXLANPort,
+		MTU:      vxlanMTU,
+		Underlay: under.Index,
+		Local:    self.InternalIP,
+		MAC:      overlay.StableMAC(a.cfg.NodeName),
+	})
+	if err != nil {
+		return err
+	}
+	if dev.Index != a.lastDevice.Index || dev.MTU != a.lastDevice.MTU {
+		a.log.Info("vxlan device ready", "device", dev.Name, "index", dev.Index, "mac", dev.MAC.String(),
+			"mtu", dev.MTU, "vni", a.cfg.VXLANVNI, "port", a.cfg.VXLANPort, "local", self.InternalIP, "underlay", under.Name)
+		a.lastDevice = dev
+	}
+	self.VTEPMAC = dev.MAC
+
+	var errs []error
+	if err := a.ensureHost(hostnet.Config{IPv6: hasIPv6(self.PodCIDRs), LooseRPFilter: []string{dev.Name, under.Name}}); err != nil {
+		errs = append(errs, err)
+	}
+	if err := a.publishVTEP(ctx, selfNode, dev, self.InternalIP); err != nil {
+		errs = append(errs, err)
+	}
+
+	allNodes, err := a.nodes.List(labels.Everything())
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("list nodes: %w", err))...)
+	}
+	sel := selectPeers(self, allNodes)
+	a.reportSelection(sel, allNodes)
+
+	plan, err := a.overlay.Sync(dev, overlay.Desired(self.PodCIDRs, sel.Peers))
+	if err != nil {
+		errs = append(errs, fmt.Errorf("sync overlay: %w", err))
+	}
+	a.countPlan(plan)
+	if !plan.Empty() {
+		a.log.Info("overlay updated", "peers", len(sel.Peers),
+			"routes", len(plan.UpsertRoutes), "routes_deleted", len(plan.DelRoutes),
+			"neighbours", len(plan.UpsertNeighbours), "neighbours_deleted", len(plan.DelNeighbours),
+			"fdb", len(plan.UpsertFDB), "fdb_deleted", len(plan.DelFDB),
+			"addresses", len(plan.AddAddresses), "addresses_deleted", len(plan.DelAddresses))
+	}
+
+	if err := a.ensureMasquerade(ctx, self, sel); err != nil {
+		errs = append(errs, err)
+	}
+
+	if len(self.PodCIDRs) == 0 {
+		a.waiting("Node has no spec.podCIDRs yet (is kube-controller-manager running with --allocate-node-cidrs?)")
+		return errors.Join(errs...)
+	}
+	if err := a.writeConfList(selfNode, podMTU); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if !a.ready.Swap(true) {
+		a.waitingFor = ""
+		a.log.Info("node ready", "node", a.cfg.NodeName, "pod_cidrs", selfNode.Spec.PodCIDRs, "peers", len(sel.Peers))
+	}
+	return nil
+}
+
+func hasIPv6(ps []netip.Prefix) bool {
+	return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Addr().Is6() })
+}
+
+func (a *Agent) ensureHost(cfg hostnet.Config) error {
+	var changes []hostnet.Change
+	ensure := func() (err error) {
+		changes, err = hostnet.Ensure("/proc/sys", cfg)
+		return err
+	}
+	var err error
+	if a.cfg.NetNS != "" {
+		err = netns.Do(a.cfg.NetNS, ensure)
+	} else {
+		err = ensure()
+	}
+	for _, c := range changes {
+		a.metrics.hostChanges.Inc()
+		a.log.Info("sysctl set", "key", c.Key, "old", c.Old, "new", c.New)
+	}
+	if err != nil {
+		return fmt.Errorf("host sysctls: %w", err)
+	}
+	return nil
+}
+
+// publishVTEP records the vxlan device's MAC and underlay address on our own
+// Node, where the other agents read them.
+func (a *Agent) publishVTEP(ctx context.Context, n *corev1.Node, dev overlay.Link, local netip.Addr) error {
+	want := map[string]string{AnnotationVTEPMAC: dev.MAC.String(), AnnotationVTEPIP: local.String()}
+	if n.Annotations[AnnotationVTEPMAC] == want[AnnotationVTEPMAC] && n.Annotations[AnnotationVTEPIP] == want[AnnotationVTEPIP] {
+		return nil
+	}
+	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q,%q:%q}}}`,
+		AnnotationVTEPMAC, want[AnnotationVTEPMAC], AnnotationVTEPIP, want[AnnotationVTEPIP])
+	if _, err := a.client.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "sinabro-agent"}); err != nil {
+		return fmt.Errorf("annotate node %s with its VTEP: %w", n.Name, err)
+	}
+	a.log.Info("published VTEP", "node", n.Name, "mac", want[AnnotationVTEPMAC], "ip", want[AnnotationVTEPIP])
+	return nil
+}
+
+// reportSelection logs, records Events for and counts the nodes left out.
+// Events and warnings are emitted when a node's reason changes, not on every
+// resync.
+func (a *Agent) reportSelection(sel Selection, nodes []*corev1.Node) {
+	byName := make(map[string]*corev1.Node, len(nodes))
+	for _, n := range nodes {
+		byName[n.Name] = n
+	}
+	counts := map[string]float64{}
+	for name, s := range sel.Skipped {
+		counts[s.Reason]++
+		if a.skipped[name] != s {
+			a.log.Warn("node skipped", "peer", name, "reason", s.Reason, "detail", s.Message)
+			a.event(byName[name], s)
+		}
+	}
+	for name := range a.skipped {
+		if _, still := sel.Skipped[name]; !still {
+			a.log.Info("node no longer skipped", "peer", name)
+		}
+	}
+	a.skipped = maps.Clone(sel.Skipped)
+	for _, r := range []string{ReasonMalformedPodCIDR, ReasonMissingInternalIP, ReasonMalformedVTEP, ReasonDuplicateVTEPMAC, ReasonOverlappingPodCIDR} {
+		a.metrics.skipped.WithLabelValues(r).Set(counts[r])
+	}
+	a.metrics.peers.Set(float64(len(sel.Peers)))
+	a.metrics.pending.Set(float64(len(sel.Pending)))
+	if len(sel.Pending) > 0 {
+		a.log.Debug("nodes pending", "nodes", strings.Join(sel.Pending, ","))
+	}
+}
+
+func (a *Agent) event(n *corev1.Node, s Skip) {
+	if n == nil || a.recorder == nil {
+		return
+	}
+	a.recorder.Eventf(n, nil, corev1.EventTypeWarning, "SinabroNodeSkipped", "ProgramOverlay",
+		"%s: %s (reported by the agent on %s)", s.Reason, s.Message, a.cfg.NodeName)
+}
+
+func (a *Agent) countPlan(p overlay.Plan) {
+	add := func(kind, op string, n int) {
+		if n > 0 {
+			a.metrics.overlayChanges.WithLabelValues(kind, op).Add(float64(n))
+		}
+	}
+	add("address", "upsert", len(p.AddAddresses))
+	add("address", "delete", len(p.DelAddresses))
+	add("route", "upsert", len(p.UpsertRoutes))
+	add("route", "delete", len(p.DelRoutes))
+	add("neighbour", "upsert", len(p.UpsertNeighbours))
+	add("neighbour", "delete", len(p.DelNeighbours))
+	add("fdb", "upsert", len(p.UpsertFDB))
+	add("fdb", "delete", len(p.DelFDB))
+}
+
+// ensureMasquerade (re)writes the masquerade rules, or removes them when
+// masquerading is off. The nftables table is replaced atomically each time,
+// which also repairs hand edits.
+func (a *Agent) ensureMasquerade(ctx context.Context, self nodeInfo, sel Selection) error {
+	if !a.cfg.Masquerade {
+		// Once, for a table left by an earlier run with masquerading on; a
+		// node without nftables must not turn unready for a feature it
+		// does not use.
+		if !a.masqRemoved {
+			a.masqRemoved = true
+			if err := a.masq.Remove(ctx); err != nil {
+				a.log.Warn("remove masquerade rules of an earlier run", "backend", a.masq.Name(), "err", err)
+			}
+		}
+		return nil
+	}
+	if len(self.PodCIDRs) == 0 {
+		return nil
+	}
+	cfg := masquerade.Config{
+		PodCIDRs:     self.PodCIDRs,
+		ExcludeCIDRs: append(slices.Clone(a.cfg.ClusterCIDRs), sel.ExcludeCIDRs...),
+		NodeIPs:      sel.NodeIPs,
+	}
+	if err := a.masq.Ensure(ctx, cfg); err != nil {
+		return fmt.Errorf("masquerade (%s): %w", a.masq.Name(), err)
+	}
+	return nil
+}
+
+func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	path, err := cni.WriteConfList(a.cfg.CNIConfDir, cni.NetworkConfig{MTU: mtu, PodCIDRs: cidrs, DataDir: a.cfg.StateDir})
+	if err != nil {
+		return err
+	}
+	if a.lastConfMTU != mtu {
+		a.lastConfMTU = mtu
+		a.log.Info("CNI configuration in place", "path", path, "pod_cidrs", cidrs, "mtu", mtu)
+	}
+	return nil
+}
+
+// Cleanup removes what the agent creates on a node: the vxlan device (with
+// its addresses, routes, neighbours and FDB entries), the remaining
+// sinabro-marked routes and the masquerade table. The CNI configuration is
+// left for the installer to manage.
+func Cleanup(ctx context.Context, device string) error {
+	ovl, err := overlay.Open(0)
+	if err != nil {
+		return err
+	}
+	defer ovl.Close()
+	return errors.Join(ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))
+}

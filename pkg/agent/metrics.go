@@ -1,0 +1,62 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// metrics are the agent's Prometheus metrics, on a registry of its own.
+type metrics struct {
+	registry       *prometheus.Registry
+	reconciles     *prometheus.CounterVec
+	reconcileTime  prometheus.Histogram
+	peers          prometheus.Gauge
+	pending        prometheus.Gauge
+	skipped        *prometheus.GaugeVec
+	overlayChanges *prometheus.CounterVec
+	hostChanges    prometheus.Counter
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sinabro_agent_reconciles_total",
+			Help: "Node reconciliations by result (success, error).",
+		}, []string{"result"}),
+		reconcileTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sinabro_agent_reconcile_duration_seconds",
+			Help:    "Time taken by one node reconciliation.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}),
+		peers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sinabro_agent_peers",
+			Help: "Other nodes currently programmed into the overlay.",
+		}),
+		pending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sinabro_agent_pending_nodes",
+			Help: "Other nodes not programmed yet: no VTEP published or no pod CIDR.",
+		}),
+		skipped: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sinabro_agent_skipped_nodes",
+			Help: "Other nodes left out of the overlay because of bad input, by reason.",
+		}, []string{"reason"}),
+		overlayChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sinabro_agent_overlay_changes_total",
+			Help: "Overlay kernel entries written, by kind (address, route, neighbour, fdb) and op (upsert, delete). Growth at steady state means something else is changing them.",
+		}, []string{"kind", "op"}),
+		hostChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sinabro_agent_sysctl_changes_total",
+			Help: "Host sysctls the agent had to (re)set.",
+		}),
+	}
+	m.registry.MustRegister(m.reconciles, m.reconcileTime, m.peers, m.pending, m.skipped, m.overlayChanges, m.hostChanges,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, r := range []string{"success", "error"} {
+		m.reconciles.WithLabelValues(r)
+	}
+	for _, r := range []string{ReasonMalformedPodCIDR, ReasonMissingInternalIP, ReasonMalformedVTEP, ReasonDuplicateVTEPMAC, ReasonOverlappingPodCIDR} {
+		m.skipped.WithLabelValues(r)
+	}
+	return m
+}
