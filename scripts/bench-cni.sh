@@ -8,15 +8,25 @@
 # private "node" netns, and every ADD gets a fresh pod netns. The root netns is
 # never touched. Needs root.
 #
-# usage: scripts/bench-cni.sh [--rounds N] [--warmup N] [--baseline-only]
-#   env: SINABRO_BENCH_ROUNDS (default 40), SINABRO_BENCH_WARMUP (default 2),
-#        SINABRO_BIN (default bin/sinabro; built if missing)
+# usage: scripts/bench-cni.sh [--rounds N] [--warmup N] [--parallel N] [--compare BIN] [--baseline-only] [-- benchcni flags]
+#   --rounds N       measured rounds, >= 30 (default 40; env SINABRO_BENCH_ROUNDS)
+#   --warmup N       unmeasured rounds first (default 2; env SINABRO_BENCH_WARMUP)
+#   --parallel N     pods per plugin per round, ADDed then DELed concurrently (default 1)
+#   --compare BIN    also run BIN, another sinabro build (say, of the previous
+#                    commit), as a third contestant "sinabro-b": a regression check
+#   --baseline-only  ptp + host-local alone (no sinabro binary needed)
+#   after --         passed to benchcni, e.g. -- -sinabro-cidr 10.244.1.0/28 -ptp-cidr 10.245.1.0/28
+#                    (a small subnet turns the run into an IPAM leak check)
+#   env SINABRO_BIN  the sinabro executable (default bin/sinabro; built if missing)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 rounds=${SINABRO_BENCH_ROUNDS:-40}
 warmup=${SINABRO_BENCH_WARMUP:-2}
+parallel=1
 plugins=sinabro,ptp
+compare=
+extra=()
 sinabro=${SINABRO_BIN:-$root/bin/sinabro}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -26,7 +36,12 @@ while [ $# -gt 0 ]; do
     --rounds=*) rounds=${1#*=}; shift ;;
     --warmup) warmup=${2:?--warmup needs a value}; shift 2 ;;
     --warmup=*) warmup=${1#*=}; shift ;;
+    --parallel) parallel=${2:?--parallel needs a value}; shift 2 ;;
+    --parallel=*) parallel=${1#*=}; shift ;;
+    --compare) compare=${2:?--compare needs a sinabro executable}; shift 2 ;;
+    --compare=*) compare=${1#*=}; shift ;;
     --baseline-only) plugins=ptp; shift ;;
+    --) shift; extra=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench-cni: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -38,12 +53,19 @@ command -v ip >/dev/null || { echo "bench-cni: needs iproute2 (ip)" >&2; exit 1;
 
 plugin_dir=$("$here/build-cni-plugins.sh" | tail -n1)
 
+answers_version() { CNI_COMMAND=VERSION "$1" </dev/null 2>/dev/null | grep -q cniVersion; }
+if [ -n "$compare" ]; then
+  [ "$plugins" != ptp ] || { echo "bench-cni: --compare and --baseline-only exclude each other" >&2; exit 2; }
+  answers_version "$compare" || { echo "bench-cni: --compare $compare does not answer CNI VERSION" >&2; exit 1; }
+  plugins=sinabro,sinabro-b,ptp
+fi
+
 if [ "$plugins" != ptp ]; then
   if [ ! -x "$sinabro" ]; then
     echo "bench-cni: building $sinabro" >&2
     (cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$sinabro" .)
   fi
-  if ! CNI_COMMAND=VERSION "$sinabro" </dev/null | grep -q cniVersion; then
+  if ! answers_version "$sinabro"; then
     echo "bench-cni: $sinabro does not answer CNI VERSION; is the CNI plugin built in? (--baseline-only runs ptp alone)" >&2
     exit 1
   fi
@@ -64,11 +86,20 @@ trap 'exit 130' INT TERM
 mkdir -p "$work/bin"
 cp "$plugin_dir/ptp" "$plugin_dir/host-local" "$work/bin/"
 if [ "$plugins" != ptp ]; then cp "$sinabro" "$work/bin/sinabro"; fi
+if [ -n "$compare" ]; then
+  # Same plugin type "sinabro", so a CNI_PATH of its own.
+  mkdir -p "$work/bin-b"
+  cp "$compare" "$work/bin-b/sinabro"
+  extra=(-bin-dir-b "$work/bin-b" "${extra[@]}")
+fi
 
 ip netns add "$node_ns"
 ip -n "$node_ns" link set lo up
 
-echo "bench-cni: $(uname -r), $(nproc) cpus, sinabro $(cd "$root" && git describe --tags --always --dirty 2>/dev/null || echo dev), reference plugins $plugin_dir"
-echo "command: ip netns exec $node_ns benchcni -bin-dir $work/bin -rounds $rounds -warmup $warmup -plugins $plugins"
-ip netns exec "$node_ns" "$plugin_dir/benchcni" \
-  -bin-dir "$work/bin" -work "$work" -rounds "$rounds" -warmup "$warmup" -plugins "$plugins"
+sb_version=baseline-only
+[ "$plugins" = ptp ] || sb_version=$("$sinabro" version 2>/dev/null || echo "$sinabro (version unknown)")
+[ -z "$compare" ] || sb_version="$sb_version; sinabro-b: $("$compare" version 2>/dev/null || echo "$compare (version unknown)")"
+echo "bench-cni: kernel $(uname -r), $(nproc) cpus; $sb_version; reference plugins $plugin_dir"
+args=(-bin-dir "$work/bin" -work "$work" -rounds "$rounds" -warmup "$warmup" -parallel "$parallel" -plugins "$plugins" "${extra[@]}")
+echo "command: ip netns exec $node_ns $plugin_dir/benchcni ${args[*]}"
+ip netns exec "$node_ns" "$plugin_dir/benchcni" "${args[@]}"

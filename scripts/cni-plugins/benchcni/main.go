@@ -16,6 +16,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -25,7 +26,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"text/tabwriter"
+	"sync"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
@@ -40,7 +41,8 @@ import (
 type plugin struct {
 	name   string // short name: container IDs, config list name
 	label  string
-	binary string // plugin executable name in -bin-dir, for the init trace
+	binary string // path of the plugin executable, for the startup figures
+	cfg    *libcni.CNIConfig
 	subnet *net.IPNet
 	list   *libcni.NetworkConfigList
 	add    []time.Duration
@@ -48,95 +50,122 @@ type plugin struct {
 	sum    []time.Duration
 }
 
+type options struct {
+	binDir, workDir string
+	binDirB         string
+	rounds, warmup  int
+	parallel        int
+	plugins         []string
+	sbCIDR, ptpCIDR string
+	sbBCIDR         string
+	mtu             int
+	ifName          string
+	verify          bool
+	initRuns        int
+}
+
 func main() {
-	var (
-		binDir   = flag.String("bin-dir", "", "directory holding the plugin executables (CNI_PATH)")
-		workDir  = flag.String("work", "", "scratch directory for pod netns mounts, data dirs and the libcni cache")
-		rounds   = flag.Int("rounds", 40, "measured rounds (one ADD+DEL per plugin per round)")
-		warmup   = flag.Int("warmup", 2, "unmeasured rounds first (page cache, first-exec costs)")
-		plugins  = flag.String("plugins", "sinabro,ptp", "plugins to compare, in the ratio's order: sinabro,ptp")
-		sbCIDR   = flag.String("sinabro-cidr", "10.244.1.0/24", "podCIDR for sinabro")
-		ptpCIDR  = flag.String("ptp-cidr", "10.245.1.0/24", "host-local subnet for ptp")
-		mtu      = flag.Int("mtu", 1450, "pod interface MTU for both plugins")
-		ifName   = flag.String("ifname", "eth0", "pod interface name")
-		verify   = flag.Bool("verify", true, "check (untimed) the pod interface after ADD and leftover node links after DEL")
-		initRuns = flag.Int("init-runs", 20, "VERSION execs per plugin for the startup figures (0 to skip)")
-	)
+	var o options
+	var plugins string
+	flag.StringVar(&o.binDir, "bin-dir", "", "directory holding the plugin executables (CNI_PATH)")
+	flag.StringVar(&o.binDirB, "bin-dir-b", "", "CNI_PATH of sinabro-b: a directory holding another build of sinabro, named sinabro")
+	flag.StringVar(&o.workDir, "work", "", "scratch directory for pod netns mounts, data dirs and the libcni cache")
+	flag.IntVar(&o.rounds, "rounds", 40, "measured rounds (per plugin per round: -parallel pods ADDed, then DELed)")
+	flag.IntVar(&o.warmup, "warmup", 2, "unmeasured rounds first (page cache, first-exec costs)")
+	flag.IntVar(&o.parallel, "parallel", 1, "pods per round, ADDed concurrently then DELed concurrently (a runtime runs ADDs of different pods concurrently)")
+	flag.StringVar(&plugins, "plugins", "sinabro,ptp", "plugins to compare (sinabro, sinabro-b, ptp); ratios are the first against each other")
+	flag.StringVar(&o.sbCIDR, "sinabro-cidr", "10.244.1.0/24", "podCIDR for sinabro (a small one, e.g. /28, turns the run into an IPAM leak check)")
+	flag.StringVar(&o.sbBCIDR, "sinabro-b-cidr", "10.246.1.0/24", "podCIDR for sinabro-b (a second sinabro build, executable sinabro-b in -bin-dir)")
+	flag.StringVar(&o.ptpCIDR, "ptp-cidr", "10.245.1.0/24", "host-local subnet for ptp")
+	flag.IntVar(&o.mtu, "mtu", 1450, "pod interface MTU for both plugins")
+	flag.StringVar(&o.ifName, "ifname", "eth0", "pod interface name")
+	flag.BoolVar(&o.verify, "verify", true, "check (untimed) the pod interface and address uniqueness after ADD, leftover node links after DEL")
+	flag.IntVar(&o.initRuns, "init-runs", 20, "VERSION execs per plugin for the startup figures (0 to skip)")
 	flag.Parse()
-	if *binDir == "" || *workDir == "" {
-		fmt.Fprintln(os.Stderr, "benchcni: -bin-dir and -work are required")
+	o.plugins = strings.Split(plugins, ",")
+	if o.binDir == "" || o.workDir == "" || o.rounds < 1 || o.parallel < 1 {
+		fmt.Fprintln(os.Stderr, "benchcni: -bin-dir and -work are required; -rounds and -parallel must be >= 1")
 		os.Exit(2)
 	}
-	if err := run(*binDir, *workDir, *rounds, *warmup, strings.Split(*plugins, ","), *sbCIDR, *ptpCIDR, *mtu, *ifName, *verify, *initRuns); err != nil {
+	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "benchcni: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(binDir, workDir string, rounds, warmup int, names []string, sbCIDR, ptpCIDR string, mtu int, ifName string, verify bool, initRuns int) error {
+func run(o options) error {
 	var ps []*plugin
-	for _, name := range names {
-		p, err := newPlugin(name, workDir, sbCIDR, ptpCIDR, mtu)
+	for _, name := range o.plugins {
+		p, err := newPlugin(name, o)
 		if err != nil {
 			return err
 		}
 		ps = append(ps, p)
 	}
-	nsDir := filepath.Join(workDir, "netns")
+	nsDir := filepath.Join(o.workDir, "netns")
 	if err := os.MkdirAll(nsDir, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", nsDir, err)
 	}
-	cfg := libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(workDir, "cni-cache"), nil)
 	ctx := context.Background()
 
 	baseline, err := nodeLinks()
 	if err != nil {
 		return err
 	}
-	for r := -warmup; r < rounds; r++ {
-		// Interleave: alternate which plugin goes first each round so neither
-		// systematically inherits the other's cache or allocator state.
-		order := slices.Clone(ps)
-		if r%2 != 0 {
-			slices.Reverse(order)
-		}
+	for r := -o.warmup; r < o.rounds; r++ {
+		// Interleave: rotate which plugin goes first each round so none
+		// systematically inherits another's cache or allocator state.
+		k := ((r % len(ps)) + len(ps)) % len(ps)
+		order := append(slices.Clone(ps[k:]), ps[:k]...)
 		for _, p := range order {
-			add, del, err := once(ctx, cfg, p, nsDir, fmt.Sprintf("sbbench-%s-%d", p.name, r+warmup), ifName, verify, baseline)
+			add, del, err := round(ctx, p.cfg, p, nsDir, fmt.Sprintf("sbbench-%s-%d", p.name, r+o.warmup), o, baseline)
 			if err != nil {
 				return fmt.Errorf("round %d, %s: %w", r, p.label, err)
 			}
 			if r >= 0 {
-				p.add = append(p.add, add)
-				p.del = append(p.del, del)
-				p.sum = append(p.sum, add+del)
+				p.add = append(p.add, add...)
+				p.del = append(p.del, del...)
+				for i := range add {
+					p.sum = append(p.sum, add[i]+del[i])
+				}
 			}
 		}
 	}
 
-	report(os.Stdout, ps, rounds)
-	if initRuns > 0 {
-		startup(os.Stdout, binDir, ps, initRuns)
+	report(os.Stdout, ps, o)
+	if o.initRuns > 0 {
+		startup(os.Stdout, ps, o.initRuns)
 	}
 	return nil
 }
 
-func newPlugin(name, workDir, sbCIDR, ptpCIDR string, mtu int) (*plugin, error) {
+func newPlugin(name string, o options) (*plugin, error) {
 	var conf map[string]any
 	var cidr string
 	p := &plugin{name: name}
+	workDir, mtu := o.workDir, o.mtu
+	binDir := o.binDir
 	switch name {
-	case "sinabro":
-		cidr = sbCIDR
-		p.label, p.binary = "sinabro", "sinabro"
+	case "sinabro", "sinabro-b":
+		// Both builds are type "sinabro" (the plugin checks its type); they
+		// differ by CNI_PATH, network name, podCIDR and data dir.
+		cidr = o.sbCIDR
+		if name == "sinabro-b" {
+			if o.binDirB == "" {
+				return nil, errors.New("sinabro-b needs -bin-dir-b")
+			}
+			cidr, binDir = o.sbBCIDR, o.binDirB
+		}
+		p.label, p.binary = name, filepath.Join(binDir, "sinabro")
 		conf = map[string]any{
 			"type":     "sinabro",
 			"mtu":      mtu,
 			"podCIDRs": []string{cidr},
-			"dataDir":  filepath.Join(workDir, "data-sinabro"),
+			"dataDir":  filepath.Join(workDir, "data-"+name),
 		}
 	case "ptp":
-		cidr = ptpCIDR
-		p.label, p.binary = "ptp+host-local", "ptp"
+		cidr = o.ptpCIDR
+		p.label, p.binary = "ptp+host-local", filepath.Join(binDir, "ptp")
 		conf = map[string]any{
 			"type": "ptp",
 			"mtu":  mtu,
@@ -148,13 +177,14 @@ func newPlugin(name, workDir, sbCIDR, ptpCIDR string, mtu int) (*plugin, error) 
 			},
 		}
 	default:
-		return nil, fmt.Errorf("unknown plugin %q (want sinabro or ptp)", name)
+		return nil, fmt.Errorf("unknown plugin %q (want sinabro, sinabro-b or ptp)", name)
 	}
 	_, subnet, err := net.ParseCIDR(cidr)
 	if err != nil {
 		return nil, fmt.Errorf("parse %s subnet %q: %w", name, cidr, err)
 	}
 	p.subnet = subnet
+	p.cfg = libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(workDir, "cni-cache"), nil)
 	list := map[string]any{
 		"cniVersion": "1.1.0",
 		"name":       "sbbench-" + name,
@@ -170,44 +200,76 @@ func newPlugin(name, workDir, sbCIDR, ptpCIDR string, mtu int) (*plugin, error) 
 	return p, nil
 }
 
-// once runs one ADD and one DEL of p against a fresh pod netns and returns
-// their wall times. Netns creation, checks and teardown are not timed.
-func once(ctx context.Context, cfg *libcni.CNIConfig, p *plugin, nsDir, id, ifName string, verify bool, baseline map[string]bool) (time.Duration, time.Duration, error) {
-	nsPath := filepath.Join(nsDir, id)
-	if err := newNetNS(nsPath); err != nil {
-		return 0, 0, err
+// round ADDs o.parallel pods of p concurrently, each into a fresh netns,
+// then DELs them all concurrently, and returns each pod's ADD and DEL wall
+// time. Netns creation, checks and teardown are not timed.
+func round(ctx context.Context, cfg *libcni.CNIConfig, p *plugin, nsDir, id string, o options, baseline map[string]bool) ([]time.Duration, []time.Duration, error) {
+	n := o.parallel
+	rts := make([]*libcni.RuntimeConf, n)
+	for i := range rts {
+		cid := id
+		if n > 1 {
+			cid = fmt.Sprintf("%s-%d", id, i)
+		}
+		nsPath := filepath.Join(nsDir, cid)
+		if err := newNetNS(nsPath); err != nil {
+			return nil, nil, err
+		}
+		defer removeNetNS(nsPath)
+		rts[i] = &libcni.RuntimeConf{ContainerID: cid, NetNS: nsPath, IfName: o.ifName}
 	}
-	defer removeNetNS(nsPath)
-	rt := &libcni.RuntimeConf{ContainerID: id, NetNS: nsPath, IfName: ifName}
 
-	t0 := time.Now()
-	res, err := cfg.AddNetworkList(ctx, p.list, rt)
-	add := time.Since(t0)
-	if err != nil {
-		return 0, 0, fmt.Errorf("ADD: %w", err)
+	add := make([]time.Duration, n)
+	res := make([]types.Result, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, rt := range rts {
+		wg.Go(func() {
+			t0 := time.Now()
+			res[i], errs[i] = cfg.AddNetworkList(ctx, p.list, rt)
+			add[i] = time.Since(t0)
+		})
 	}
-	if verify {
-		if err := checkAdd(res, p.subnet, nsPath, ifName); err != nil {
-			return 0, 0, fmt.Errorf("after ADD: %w", err)
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, nil, fmt.Errorf("ADD: %w", err)
+	}
+	if o.verify {
+		seen := map[string]string{}
+		for i, r := range res {
+			ip, err := checkAdd(r, p.subnet, rts[i].NetNS, o.ifName)
+			if err != nil {
+				return nil, nil, fmt.Errorf("after ADD of %s: %w", rts[i].ContainerID, err)
+			}
+			if other, dup := seen[ip]; dup {
+				return nil, nil, fmt.Errorf("after ADD: %s and %s both got %s", other, rts[i].ContainerID, ip)
+			}
+			seen[ip] = rts[i].ContainerID
 		}
 	}
 
-	t0 = time.Now()
-	err = cfg.DelNetworkList(ctx, p.list, rt)
-	del := time.Since(t0)
-	if err != nil {
-		return 0, 0, fmt.Errorf("DEL: %w", err)
+	del := make([]time.Duration, n)
+	for i, rt := range rts {
+		wg.Go(func() {
+			t0 := time.Now()
+			errs[i] = cfg.DelNetworkList(ctx, p.list, rt)
+			del[i] = time.Since(t0)
+		})
 	}
-	if verify {
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, nil, fmt.Errorf("DEL: %w", err)
+	}
+	if o.verify {
 		// Checked before the pod netns goes: destroying it would take the
 		// host-side veth with it and hide a DEL that forgot to.
 		now, err := nodeLinks()
 		if err != nil {
-			return 0, 0, err
+			return nil, nil, err
 		}
 		for l := range now {
 			if !baseline[l] {
-				return 0, 0, fmt.Errorf("after DEL: link %s left in the node netns", l)
+				return nil, nil, fmt.Errorf("after DEL: link %s left in the node netns", l)
 			}
 		}
 	}
@@ -215,17 +277,17 @@ func once(ctx context.Context, cfg *libcni.CNIConfig, p *plugin, nsDir, id, ifNa
 }
 
 // checkAdd checks that the result holds one address from subnet and that the
-// pod interface carries it.
-func checkAdd(r types.Result, subnet *net.IPNet, nsPath, ifName string) error {
+// pod interface carries it; it returns that address.
+func checkAdd(r types.Result, subnet *net.IPNet, nsPath, ifName string) (string, error) {
 	res, ok := r.(*types100.Result)
 	if !ok {
-		return fmt.Errorf("result is %T, want a 1.x result", r)
+		return "", fmt.Errorf("result is %T, want a 1.x result", r)
 	}
 	if len(res.IPs) != 1 || !subnet.Contains(res.IPs[0].Address.IP) {
-		return fmt.Errorf("result IPs %v, want one address in %s", res.IPs, subnet)
+		return "", fmt.Errorf("result IPs %v, want one address in %s", res.IPs, subnet)
 	}
 	want := res.IPs[0].Address.IP
-	return ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+	return want.String(), ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
 		ifc, err := net.InterfaceByName(ifName)
 		if err != nil {
 			return fmt.Errorf("pod interface %s: %w", ifName, err)
@@ -305,31 +367,40 @@ func pct(d []time.Duration, q float64) time.Duration {
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d)/1e6) }
 
-func report(w *os.File, ps []*plugin, rounds int) {
-	fmt.Fprintf(w, "CNI ADD/DEL wall time via libcni, %d rounds interleaved (nearest-rank percentiles; with n<100, p99 is the max)\n", rounds)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "plugin\tn\tADD p50\tADD p99\tDEL p50\tDEL p99\tADD+DEL p50\tADD+DEL p99\t")
+func report(w io.Writer, ps []*plugin, o options) {
+	conc := ""
+	if o.parallel > 1 {
+		conc = fmt.Sprintf(", %d pods ADDed/DELed concurrently per round", o.parallel)
+	}
+	fmt.Fprintf(w, "CNI ADD/DEL wall time via libcni, %d rounds interleaved%s (nearest-rank percentiles; with n<100, p99 is the max)\n", o.rounds, conc)
+	row := func(label, n string, cells ...string) {
+		fmt.Fprintf(w, "%-30s %3s", label, n)
+		for _, c := range cells {
+			fmt.Fprintf(w, " %11s", c)
+		}
+		fmt.Fprintln(w)
+	}
+	row("plugin", "n", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD+DEL p50", "ADD+DEL p99")
 	for _, p := range ps {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", p.label, len(p.add),
+		row(p.label, strconv.Itoa(len(p.add)),
 			ms(pct(p.add, 50)), ms(pct(p.add, 99)), ms(pct(p.del, 50)), ms(pct(p.del, 99)), ms(pct(p.sum, 50)), ms(pct(p.sum, 99)))
 	}
-	if len(ps) == 2 {
-		a, b := ps[0], ps[1]
-		r := func(x, y []time.Duration, q float64) string {
-			return fmt.Sprintf("%.2fx", float64(pct(x, q))/float64(pct(y, q)))
-		}
-		fmt.Fprintf(tw, "ratio %s/%s\t\t%s\t%s\t%s\t%s\t%s\t%s\t\n", a.label, b.label,
+	r := func(x, y []time.Duration, q float64) string {
+		return fmt.Sprintf("%.2fx", float64(pct(x, q))/float64(pct(y, q)))
+	}
+	for _, b := range ps[1:] {
+		a := ps[0]
+		row("ratio "+a.name+"/"+b.label, "",
 			r(a.add, b.add, 50), r(a.add, b.add, 99), r(a.del, b.del, 50), r(a.del, b.del, 99), r(a.sum, b.sum, 50), r(a.sum, b.sum, 99))
 	}
-	tw.Flush()
 }
 
 // startup prints, per plugin binary, the p50 wall time of a CNI VERSION exec
 // and the Go package init cost reported by GODEBUG=inittrace=1.
-func startup(w *os.File, binDir string, ps []*plugin, runs int) {
+func startup(w io.Writer, ps []*plugin, runs int) {
 	fmt.Fprintf(w, "\nstartup (CNI_COMMAND=VERSION, %d execs each; init = sum over GODEBUG=inittrace=1 lines)\n", runs)
 	for _, p := range ps {
-		bin := filepath.Join(binDir, p.binary)
+		bin := p.binary
 		var wall []time.Duration
 		for range runs {
 			cmd := exec.Command(bin)
@@ -339,17 +410,17 @@ func startup(w *os.File, binDir string, ps []*plugin, runs int) {
 			err := cmd.Run()
 			wall = append(wall, time.Since(t0))
 			if err != nil {
-				fmt.Fprintf(w, "%s: VERSION failed: %v\n", p.binary, err)
+				fmt.Fprintf(w, "%s: VERSION failed: %v\n", p.name, err)
 				break
 			}
 		}
 		it, err := initTrace(bin)
 		if err != nil {
-			fmt.Fprintf(w, "%-8s VERSION exec p50 %s; inittrace: %v\n", p.binary, ms(pct(wall, 50)), err)
+			fmt.Fprintf(w, "%-9s VERSION exec p50 %s; inittrace: %v\n", p.name, ms(pct(wall, 50)), err)
 			continue
 		}
-		fmt.Fprintf(w, "%-8s VERSION exec p50 %s; init: %d packages, %.3f ms clock, %d bytes, %d allocs (heaviest: %s %.3f ms)\n",
-			p.binary, ms(pct(wall, 50)), it.pkgs, it.clockMS, it.bytes, it.allocs, it.topPkg, it.topMS)
+		fmt.Fprintf(w, "%-9s VERSION exec p50 %s; init: %d packages, %.3f ms clock, %d bytes, %d allocs (heaviest: %s %.3f ms)\n",
+			p.name, ms(pct(wall, 50)), it.pkgs, it.clockMS, it.bytes, it.allocs, it.topPkg, it.topMS)
 	}
 }
 
