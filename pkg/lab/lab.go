@@ -36,6 +36,10 @@ const (
 	ServeTCPPort = 8080
 	ServeUDPPort = 8081
 
+	// agentHealthAddr is where each agent serves /healthz, /readyz and
+	// /metrics, on the loopback of its own node namespace.
+	agentHealthAddr = "127.0.0.1:9962"
+
 	podNamespace = "default"
 	labelApp     = "sinabro-lab"
 	apiPort      = 6443

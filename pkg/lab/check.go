@@ -1,0 +1,380 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sinabro-io/sinabro/pkg/netns"
+)
+
+// CheckOptions are the flags of `sinabro lab check`.
+type CheckOptions struct {
+	Dir     string
+	Verbose bool
+	Timeout time.Duration // per probe
+}
+
+// Endpoint is something the check sends from or to.
+type Endpoint struct {
+	Name  string
+	Kind  string // "pod", "node" or "external"
+	Netns string
+	IP    string
+	Node  string // the node a pod runs on; a node's own name
+}
+
+// Probe is one connectivity test.
+type Probe struct {
+	Category string
+	Src, Dst Endpoint
+	Proto    string // "tcp", "udp" or "icmp"
+	OK       bool
+	Latency  time.Duration
+	Seen     string // source address the server saw (tcp, udp)
+	Want     string // required Seen, if any
+	Err      string
+}
+
+// StateCheck is one cluster-state assertion.
+type StateCheck struct {
+	What   string
+	OK     bool
+	Detail string
+}
+
+// CheckResult holds every probe and state check.
+type CheckResult struct {
+	State  []StateCheck
+	Probes []Probe
+}
+
+// Categories of probes, in print order.
+var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external"}
+
+// Check probes the lab's connectivity from inside its namespaces.
+func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
+	if o.Timeout == 0 {
+		o.Timeout = 2 * time.Second
+	}
+	cfg, err := LoadConfig(o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	cs, err := AdminClient(o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	res := &CheckResult{}
+	nodeList, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	var nodes, pods []Endpoint
+	nodeIP := map[string]string{}
+	for _, n := range nodeList.Items {
+		ready := nodeReady(&n)
+		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
+			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
+		nodeIP[n.Name] = internalIP(&n)
+		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: nodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
+	}
+	podList, err := cs.CoreV1().Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
+	if err != nil {
+		return nil, fmt.Errorf("list pods: %w", err)
+	}
+	for _, p := range podList.Items {
+		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
+		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
+			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, podNetns(string(p.UID)))})
+		if running {
+			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: podNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
+		}
+	}
+	ext := Endpoint{Name: "external", Kind: "external", Netns: nsExternal, IP: cfg.externalAddr().String()}
+
+	var probes []Probe
+	add := func(cat string, src, dst Endpoint, want string) {
+		for _, proto := range []string{"tcp", "udp", "icmp"} {
+			w := want
+			if proto == "icmp" {
+				w = ""
+			}
+			probes = append(probes, Probe{Category: cat, Src: src, Dst: dst, Proto: proto, Want: w})
+		}
+	}
+	for _, a := range pods {
+		for _, b := range pods {
+			switch {
+			case a.Name == b.Name:
+			case a.Node == b.Node:
+				add(categories[0], a, b, a.IP) // no NAT between pods
+			default:
+				add(categories[1], a, b, a.IP)
+			}
+		}
+	}
+	for _, n := range nodes {
+		for _, p := range pods {
+			add(categories[2], n, p, "")
+		}
+	}
+	for _, p := range pods {
+		for _, n := range nodes {
+			add(categories[3], p, n, "")
+		}
+	}
+	for _, p := range pods {
+		// Masquerade: the external host must see the pod's node address.
+		add(categories[4], p, ext, nodeIP[p.Node])
+	}
+
+	sem := make(chan struct{}, 32)
+	var wg sync.WaitGroup
+	for i := range probes {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			runProbe(ctx, &probes[i], o.Timeout)
+		})
+	}
+	wg.Wait()
+	res.Probes = probes
+	return res, nil
+}
+
+func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
+	var err error
+	switch p.Proto {
+	case "tcp":
+		p.Seen, p.Latency, err = probeTCP(p.Src.Netns, p.Dst.IP, timeout)
+	case "udp":
+		p.Seen, p.Latency, err = probeUDP(p.Src.Netns, p.Dst.IP, timeout)
+	case "icmp":
+		p.Latency, err = probeICMP(p.Src.Netns, p.Dst.IP, timeout)
+	}
+	switch {
+	case err != nil:
+		p.Err = err.Error()
+	case p.Want != "" && p.Seen != p.Want:
+		p.Err = fmt.Sprintf("server saw source %s, want %s", p.Seen, p.Want)
+	default:
+		p.OK = true
+	}
+}
+
+// inNetns creates a socket inside the namespace; it stays there afterwards.
+func inNetns[T any](ns string, fn func() (T, error)) (T, error) {
+	var out T
+	err := netns.Do(netns.Path(ns), func() error {
+		var err error
+		out, err = fn()
+		return err
+	})
+	return out, err
+}
+
+// The probes time one request/reply exchange (after the TCP handshake).
+
+func probeTCP(ns, ip string, timeout time.Duration) (string, time.Duration, error) {
+	addr := net.JoinHostPort(ip, fmt.Sprint(ServeTCPPort))
+	c, err := inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, timeout) })
+	if err != nil {
+		return "", 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	start := time.Now()
+	if _, err := c.Write([]byte("probe\n")); err != nil {
+		return "", 0, err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", 0, fmt.Errorf("read reply: %w", err)
+	}
+	return parsePeer(line), time.Since(start), nil
+}
+
+func probeUDP(ns, ip string, timeout time.Duration) (string, time.Duration, error) {
+	addr := net.JoinHostPort(ip, fmt.Sprint(ServeUDPPort))
+	c, err := inNetns(ns, func() (net.Conn, error) { return net.Dial("udp", addr) })
+	if err != nil {
+		return "", 0, err
+	}
+	defer c.Close()
+	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 512)
+	// Datagrams may be lost (first packet while ARP resolves): retry.
+	for time.Now().Before(deadline) {
+		start := time.Now()
+		c.Write([]byte("probe\n"))
+		c.SetReadDeadline(minTime(deadline, time.Now().Add(timeout/4)))
+		n, err := c.Read(buf)
+		if err == nil {
+			return parsePeer(string(buf[:n])), time.Since(start), nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return "", 0, err
+		}
+	}
+	return "", 0, errors.New("no UDP reply")
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+func probeICMP(ns, ip string, timeout time.Duration) (time.Duration, error) {
+	dst := net.ParseIP(ip)
+	c, err := inNetns(ns, func() (*icmp.PacketConn, error) { return icmp.ListenPacket("ip4:icmp", "0.0.0.0") })
+	if err != nil {
+		return 0, fmt.Errorf("icmp socket: %w", err)
+	}
+	defer c.Close()
+	id, seq := rand.IntN(0xffff), rand.IntN(0xffff)
+	msg := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("sinabro-lab")}}
+	b, err := msg.Marshal(nil)
+	if err != nil {
+		return 0, err
+	}
+	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 1500)
+	for time.Now().Before(deadline) {
+		start := time.Now()
+		if _, err := c.WriteTo(b, &net.IPAddr{IP: dst}); err != nil {
+			return 0, fmt.Errorf("send echo: %w", err)
+		}
+		c.SetReadDeadline(minTime(deadline, time.Now().Add(timeout/4)))
+		for {
+			n, peer, err := c.ReadFrom(buf)
+			if err != nil {
+				break // resend on timeout
+			}
+			rm, err := icmp.ParseMessage(1, buf[:n])
+			if err != nil || rm.Type != ipv4.ICMPTypeEchoReply {
+				continue
+			}
+			if e, ok := rm.Body.(*icmp.Echo); ok && e.ID == id && e.Seq == seq && peer.(*net.IPAddr).IP.Equal(dst) {
+				return time.Since(start), nil
+			}
+		}
+	}
+	return 0, errors.New("no echo reply")
+}
+
+// Failures counts failed probes and state checks.
+func (r *CheckResult) Failures() int {
+	n := 0
+	for _, s := range r.State {
+		if !s.OK {
+			n++
+		}
+	}
+	for _, p := range r.Probes {
+		if !p.OK {
+			n++
+		}
+	}
+	return n
+}
+
+// Summary is a one-line count.
+func (r *CheckResult) Summary() string {
+	ok := 0
+	for _, p := range r.Probes {
+		if p.OK {
+			ok++
+		}
+	}
+	sok := 0
+	for _, s := range r.State {
+		if s.OK {
+			sok++
+		}
+	}
+	return fmt.Sprintf("%d/%d probes ok, %d/%d state checks ok", ok, len(r.Probes), sok, len(r.State))
+}
+
+func mark(ok bool) string {
+	if ok {
+		return "✓"
+	}
+	return "✗"
+}
+
+// Print writes the state checks and a table with one row per (src, dst)
+// pair and a column per protocol. Failures always get their error line.
+func (r *CheckResult) Print(out io.Writer, verbose bool) {
+	fmt.Fprintln(out, "cluster state")
+	for _, s := range r.State {
+		fmt.Fprintf(out, "  %s %s (%s)\n", mark(s.OK), s.What, s.Detail)
+	}
+	type key struct{ cat, src, dst string }
+	rows := map[key][]Probe{}
+	var keys []key
+	for _, p := range r.Probes {
+		k := key{p.Category, p.Src.Name, p.Dst.Name}
+		if _, ok := rows[k]; !ok {
+			keys = append(keys, k)
+		}
+		rows[k] = append(rows[k], p)
+	}
+	catIdx := map[string]int{}
+	for i, c := range categories {
+		catIdx[c] = i
+	}
+	sort.SliceStable(keys, func(i, j int) bool { return catIdx[keys[i].cat] < catIdx[keys[j].cat] })
+
+	fmt.Fprintln(out, "\nconnectivity")
+	tw := tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
+	fmt.Fprintln(tw, "  CHECK\tFROM\tTO\tTCP\tUDP\tICMP\tSOURCE SEEN")
+	var errs []string
+	for _, k := range keys {
+		ps := rows[k]
+		cols := map[string]string{}
+		seen := ""
+		for _, p := range ps {
+			cols[p.Proto] = "✗"
+			if p.OK {
+				cols[p.Proto] = "✓ " + fmtLatency(p.Latency)
+			}
+			if p.Proto == "tcp" && p.Seen != "" {
+				seen = p.Seen
+			}
+			if !p.OK || verbose && p.Err != "" {
+				errs = append(errs, fmt.Sprintf("  ✗ %s %s→%s %s: %s", p.Category, p.Src.Name, p.Dst.Name, p.Proto, p.Err))
+			}
+		}
+		src, dst := ps[0].Src, ps[0].Dst
+		fmt.Fprintf(tw, "  %s\t%s (%s)\t%s (%s)\t%s\t%s\t%s\t%s\n", k.cat, src.Name, src.IP, dst.Name, dst.IP,
+			cols["tcp"], cols["udp"], cols["icmp"], seen)
+	}
+	tw.Flush()
+	if len(errs) > 0 {
+		fmt.Fprintln(out, "\nfailures")
+		fmt.Fprintln(out, strings.Join(errs, "\n"))
+	}
+	fmt.Fprintf(out, "\n%s\n", r.Summary())
+}
+
+func fmtLatency(d time.Duration) string {
+	return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000)
+}

@@ -1,0 +1,180 @@
+package lab
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+func TestNodeAddr(t *testing.T) {
+	cfg := &Config{Underlay: DefaultUnderlay}
+	tests := []struct {
+		name    string
+		want    string
+		wantErr bool
+	}{
+		{"node-1", "172.31.250.11", false},
+		{"node-42", "172.31.250.52", false},
+		{"node-0", "", true},
+		{"worker", "", true},
+		{"node-201", "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := cfg.nodeAddr(tt.name)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("nodeAddr(%q) error = %v, wantErr %v", tt.name, err, tt.wantErr)
+			}
+			if err == nil && got.String() != tt.want {
+				t.Errorf("nodeAddr(%q) = %s, want %s", tt.name, got, tt.want)
+			}
+		})
+	}
+	if got := cfg.controlPlaneAddr().String(); got != "172.31.250.2" {
+		t.Errorf("controlPlaneAddr = %s", got)
+	}
+}
+
+func TestParsePeer(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"sinabro-lab default/a peer=10.244.1.2:40000\n", "10.244.1.2"},
+		{"sinabro-lab x peer=[fd00::1]:5\n", "fd00::1"},
+		{"garbage", ""},
+	}
+	for _, tt := range tests {
+		if got := parsePeer(tt.in); got != tt.want {
+			t.Errorf("parsePeer(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestPodNetnsName(t *testing.T) {
+	got := podNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8")
+	if want := "sblab-pod-0e6a1b2c3d4e5f60"; got != want {
+		t.Errorf("podNetns = %q, want %q", got, want)
+	}
+}
+
+func TestFirstServiceIP(t *testing.T) {
+	tests := []struct{ cidr, want string }{
+		{"10.96.0.0/16", "10.96.0.1"},
+		{"10.0.0.0/24", "10.0.0.1"},
+	}
+	for _, tt := range tests {
+		got, err := firstServiceIP(tt.cidr)
+		if err != nil || got.String() != tt.want {
+			t.Errorf("firstServiceIP(%s) = %v, %v; want %s", tt.cidr, got, err, tt.want)
+		}
+	}
+	if _, err := firstServiceIP("fd00::/112"); err == nil {
+		t.Error("firstServiceIP accepted IPv6")
+	}
+}
+
+// TestPKI checks the certificates chain to the CA, carry the identities
+// Kubernetes authorizes on, and the kubeconfigs load.
+func TestPKI(t *testing.T) {
+	dir := t.TempDir()
+	cfg := &Config{Dir: dir, Underlay: DefaultUnderlay, ServiceCIDR: DefaultServiceCIDR, ProxyAddr: DefaultProxyAddr}
+	if err := cfg.writeControlPlanePKI(); err != nil {
+		t.Fatal(err)
+	}
+	pki := cfg.layout().PKI()
+	pool := x509.NewCertPool()
+	pool.AddCert(readCert(t, filepath.Join(pki, "ca.crt")))
+	tests := []struct {
+		file  string
+		usage x509.ExtKeyUsage
+		cn    string
+		org   string
+		ip    string
+	}{
+		{"apiserver.crt", x509.ExtKeyUsageServerAuth, "kube-apiserver", "", "172.31.250.2"},
+		{"admin.crt", x509.ExtKeyUsageClientAuth, "sinabro-lab-admin", "system:masters", ""},
+		{"kube-controller-manager.crt", x509.ExtKeyUsageClientAuth, "system:kube-controller-manager", "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			c := readCert(t, filepath.Join(pki, tt.file))
+			if _, err := c.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{tt.usage}}); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			if c.Subject.CommonName != tt.cn {
+				t.Errorf("CN = %q, want %q", c.Subject.CommonName, tt.cn)
+			}
+			if tt.org != "" && (len(c.Subject.Organization) != 1 || c.Subject.Organization[0] != tt.org) {
+				t.Errorf("O = %v, want %s", c.Subject.Organization, tt.org)
+			}
+			if tt.ip != "" {
+				if err := c.VerifyHostname(tt.ip); err != nil {
+					t.Errorf("hostname: %v", err)
+				}
+				if err := c.VerifyHostname("10.96.0.1"); err != nil {
+					t.Errorf("service IP: %v", err)
+				}
+			}
+		})
+	}
+	for _, kc := range []string{cfg.layout().AdminKubeconfig(), cfg.layout().InternalKubeconfig()} {
+		rc, err := clientcmd.BuildConfigFromFlags("", kc)
+		if err != nil {
+			t.Fatalf("load %s: %v", kc, err)
+		}
+		if !strings.HasPrefix(rc.Host, "https://") {
+			t.Errorf("%s: host %q", kc, rc.Host)
+		}
+	}
+	// Issuing again keeps the existing key pair.
+	before, _ := os.ReadFile(filepath.Join(pki, "admin.crt"))
+	if err := cfg.writeControlPlanePKI(); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.ReadFile(filepath.Join(pki, "admin.crt"))
+	if string(before) != string(after) {
+		t.Error("second writeControlPlanePKI replaced admin.crt")
+	}
+}
+
+func readCert(t *testing.T, path string) *x509.Certificate {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatalf("%s: no PEM", path)
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestReadManifests(t *testing.T) {
+	objs, err := readManifests("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, o := range objs {
+		kinds = append(kinds, o.GetKind())
+	}
+	if got, want := strings.Join(kinds, ","), "ServiceAccount,ClusterRole,ClusterRoleBinding"; got != want {
+		t.Errorf("fallback kinds = %s, want %s", got, want)
+	}
+	// The repository's manifests, when present, must decode too.
+	if dir := FindManifests(filepath.Join("..", "..", "manifests")); dir != "" {
+		if _, err := os.Stat(dir); err == nil {
+			if _, err := readManifests(dir); err != nil {
+				t.Errorf("repository manifests: %v", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,210 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
+)
+
+// fallbackManifest is applied when no manifests directory is found: the
+// agent's identity and the permissions it plausibly needs.
+const fallbackManifest = `apiVersion: v1
+kind: ServiceAccount
+metadata: {name: sinabro, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: sinabro}
+rules:
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [""]
+  resources: [nodes/status]
+  verbs: [patch, update]
+- apiGroups: [""]
+  resources: [pods, services, endpoints, namespaces]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: sinabro}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: sinabro}
+subjects:
+- {kind: ServiceAccount, name: sinabro, namespace: kube-system}
+`
+
+// FindManifests returns the manifests directory of a source checkout: dir
+// if given, else ./manifests or one next to an ancestor of the executable.
+func FindManifests(dir string) string {
+	if dir != "" {
+		return dir
+	}
+	cands := []string{"manifests"}
+	if exe, err := os.Executable(); err == nil {
+		for d := filepath.Dir(exe); d != "/" && d != "."; d = filepath.Dir(d) {
+			cands = append(cands, filepath.Join(d, "manifests"))
+		}
+	}
+	for _, c := range cands {
+		if m, _ := filepath.Glob(filepath.Join(c, "*.yaml")); len(m) > 0 {
+			abs, err := filepath.Abs(c)
+			if err == nil {
+				return abs
+			}
+		}
+	}
+	return ""
+}
+
+// readManifests decodes every YAML document of dir (or the fallback).
+func readManifests(dir string) ([]*unstructured.Unstructured, error) {
+	var sources [][]byte
+	if dir == "" {
+		sources = [][]byte{[]byte(fallbackManifest)}
+	} else {
+		files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+		if err != nil {
+			return nil, err
+		}
+		sort.Strings(files)
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				return nil, fmt.Errorf("read manifest: %w", err)
+			}
+			sources = append(sources, b)
+		}
+	}
+	var objs []*unstructured.Unstructured
+	for _, src := range sources {
+		dec := yaml.NewYAMLOrJSONDecoder(bytes.NewReader(src), 4096)
+		for {
+			var m map[string]any
+			if err := dec.Decode(&m); err != nil {
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				return nil, fmt.Errorf("decode manifest: %w", err)
+			}
+			if len(m) == 0 {
+				continue
+			}
+			objs = append(objs, &unstructured.Unstructured{Object: m})
+		}
+	}
+	return objs, nil
+}
+
+// applied is what applyManifests learned about the agent's identity.
+type applied struct {
+	saNamespace, saName string
+	dryRun              []string // workloads validated with a server-side dry-run
+}
+
+// applyManifests applies the RBAC and other static objects with server-side
+// apply and validates workloads (DaemonSet, Deployment) with a server-side
+// dry-run, since the lab runs the agent itself.
+func applyManifests(ctx context.Context, cfg *rest.Config, dir string) (*applied, error) {
+	objs, err := readManifests(dir)
+	if err != nil {
+		return nil, err
+	}
+	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("discovery client: %w", err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic client: %w", err)
+	}
+	out := &applied{saNamespace: "kube-system", saName: "sinabro"}
+	foundSA := false
+	// Namespaces and service accounts first, so later objects can refer to them.
+	sort.SliceStable(objs, func(i, j int) bool { return kindRank(objs[i].GetKind()) < kindRank(objs[j].GetKind()) })
+	for _, o := range objs {
+		gvk := o.GroupVersionKind()
+		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			return nil, fmt.Errorf("map %s %s: %w", gvk.Kind, o.GetName(), err)
+		}
+		ri := dynamic.ResourceInterface(dyn.Resource(m.Resource))
+		if m.Scope.Name() == "namespace" {
+			if o.GetNamespace() == "" {
+				o.SetNamespace("default")
+			}
+			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+		}
+		switch gvk.Kind {
+		case "DaemonSet", "Deployment", "StatefulSet", "Job", "Pod":
+			if _, err := ri.Create(ctx, o, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); err != nil {
+				return nil, fmt.Errorf("dry-run %s %s/%s: %w", gvk.Kind, o.GetNamespace(), o.GetName(), err)
+			}
+			out.dryRun = append(out.dryRun, gvk.Kind+"/"+o.GetName())
+			continue
+		case "ServiceAccount":
+			if !foundSA {
+				out.saNamespace, out.saName, foundSA = o.GetNamespace(), o.GetName(), true
+			}
+		}
+		if _, err := ri.Apply(ctx, o.GetName(), o, metav1.ApplyOptions{FieldManager: "sinabro-lab", Force: true}); err != nil {
+			return nil, fmt.Errorf("apply %s %s: %w", gvk.Kind, o.GetName(), err)
+		}
+	}
+	return out, nil
+}
+
+func kindRank(kind string) int {
+	switch kind {
+	case "Namespace":
+		return 0
+	case "ServiceAccount":
+		return 1
+	case "ClusterRole", "Role":
+		return 2
+	case "ClusterRoleBinding", "RoleBinding":
+		return 3
+	}
+	if strings.HasSuffix(kind, "Set") || kind == "Deployment" {
+		return 5
+	}
+	return 4
+}
+
+// tokenTTL outlives any lab.
+var tokenTTL = int64(7 * 24 * 3600)
+
+// agentToken requests a bound service-account token for the agent.
+func agentToken(ctx context.Context, cs kubernetes.Interface, ns, name string) (string, error) {
+	tr, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &tokenTTL},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("request token for service account %s/%s: %w", ns, name, err)
+	}
+	return tr.Status.Token, nil
+}

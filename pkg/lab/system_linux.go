@@ -1,0 +1,128 @@
+package lab
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	cgroupName = "sinabro-lab"
+	bpffsMount = "/sys/fs/bpf"
+)
+
+// cgroup2Mount finds where the cgroup v2 hierarchy is mounted (on hybrid
+// systems that is /sys/fs/cgroup/unified).
+func cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent maj:min root mountpoint opts ... - fstype source superopts
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(pre)
+		if len(fields) >= 5 && strings.HasPrefix(post, "cgroup2 ") {
+			return fields[4], nil
+		}
+	}
+	return "", errors.New("no cgroup2 mount")
+}
+
+// joinCgroup moves the calling process into the lab's cgroup; children
+// inherit it, so `lab down` can kill every lab process through cgroup.kill
+// even after the supervisor itself was killed.
+func joinCgroup() (string, error) {
+	mnt, err := cgroup2Mount()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(mnt, cgroupName)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return "", fmt.Errorf("join cgroup %s: %w", dir, err)
+	}
+	return dir, nil
+}
+
+// killCgroup kills every process of the lab cgroup and removes it. It
+// returns how many processes it found there.
+func killCgroup(dir string) (int, error) {
+	if dir == "" {
+		mnt, err := cgroup2Mount()
+		if err != nil {
+			return 0, nil
+		}
+		dir = filepath.Join(mnt, cgroupName)
+	}
+	if !fileExists(dir) {
+		return 0, nil
+	}
+	n := len(cgroupPids(dir))
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644); err != nil {
+		// Kernels before 5.14 have no cgroup.kill: signal each member.
+		for _, pid := range cgroupPids(dir) {
+			unix.Kill(pid, unix.SIGKILL)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(cgroupPids(dir)) > 0 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Sub-cgroups (an agent may make some) go first.
+	subs, _ := filepath.Glob(filepath.Join(dir, "*", "cgroup.procs"))
+	for _, s := range subs {
+		unix.Rmdir(filepath.Dir(s))
+	}
+	for time.Now().Before(deadline) {
+		if err := unix.Rmdir(dir); err == nil || errors.Is(err, unix.ENOENT) {
+			return n, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return n, fmt.Errorf("remove cgroup %s: still busy", dir)
+}
+
+func cgroupPids(dir string) []int {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// ensureBPFFS mounts bpffs at /sys/fs/bpf unless it is mounted already; the
+// agents pin their maps and links below it.
+func ensureBPFFS() error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(bpffsMount, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(bpffsMount, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("bpf", bpffsMount, "bpf", 0, ""); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", bpffsMount, err)
+	}
+	return nil
+}

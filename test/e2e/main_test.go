@@ -1,0 +1,227 @@
+//go:build linux
+
+// Package e2e drives the built sinabro executable through `sinabro lab`: a
+// real control plane, nodes running the agent and CNI plugin, and pods, all
+// in network namespaces. It needs root and the control-plane binaries of
+// scripts/build-kube.sh (or $SINABRO_KUBE_BIN_DIR); it skips without them.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sinabro-io/sinabro/pkg/lab"
+)
+
+var (
+	binary     string // the sinabro executable under test
+	kubeBinDir string
+	skipReason string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	root := repoRoot()
+	switch {
+	case os.Geteuid() != 0:
+		skipReason = "the lab needs root (network namespaces, bpffs, cgroups)"
+	default:
+		kubeBinDir = findKubeBins(root)
+		if kubeBinDir == "" {
+			skipReason = "no control-plane binaries: set SINABRO_KUBE_BIN_DIR or run scripts/build-kube.sh"
+		} else if names, _ := filepath.Glob("/run/netns/" + lab.NetnsPrefix + "*"); len(names) > 0 {
+			skipReason = fmt.Sprintf("another lab is running (%d %s* namespaces); run `sinabro lab down`", len(names), lab.NetnsPrefix)
+		}
+	}
+	if skipReason == "" {
+		dir, err := os.MkdirTemp("", "sinabro-e2e-bin-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		binary = filepath.Join(dir, "sinabro")
+		cmd := exec.Command("go", "build", "-trimpath", "-o", binary, ".")
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build sinabro: %v\n%s", err, out)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// findKubeBins prefers $SINABRO_KUBE_BIN_DIR, then the cache of
+// scripts/build-kube.sh (only if already built: a cold build takes minutes).
+func findKubeBins(root string) string {
+	if d := os.Getenv("SINABRO_KUBE_BIN_DIR"); d != "" {
+		if lab.CheckKubeBins(d) == nil {
+			return d
+		}
+		return ""
+	}
+	script := filepath.Join(root, "scripts", "build-kube.sh")
+	if os.Getenv("SINABRO_E2E_BUILD_KUBE") == "" {
+		// Ask the script for its cache dir without building: it exits early
+		// when cached, so run it only when the cache looks populated.
+		matches, _ := filepath.Glob("/var/cache/sinabro/kube/*/kube-apiserver")
+		if len(matches) == 0 {
+			return ""
+		}
+	}
+	out, err := exec.Command(script).Output()
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	d := lines[len(lines)-1]
+	if lab.CheckKubeBins(d) != nil {
+		return ""
+	}
+	return d
+}
+
+// testLab is one lab under test, in its own dir.
+type testLab struct {
+	t   *testing.T
+	dir string
+}
+
+// newLab brings a lab up and registers `lab down` as cleanup, which runs
+// even when the test fails, after dumping log tails.
+func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
+	t.Helper()
+	if skipReason != "" {
+		t.Skip(skipReason)
+	}
+	dir := filepath.Join(t.TempDir(), "lab")
+	l := &testLab{t: t, dir: dir}
+	t.Cleanup(func() {
+		if t.Failed() {
+			l.dumpLogs()
+		}
+		if out, err := l.sinabro("down"); err != nil {
+			t.Errorf("lab down: %v\n%s", err, out)
+		}
+		assertClean(t, dir)
+	})
+	start := time.Now()
+	out, err := l.sinabro("up", "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
+		"--nodes", fmt.Sprint(nodes), "--pods-per-node", fmt.Sprint(podsPerNode))
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("lab up: %v\n%s", err, out)
+	}
+	t.Logf("lab up (%d×%d) in %s\n%s", nodes, podsPerNode, took.Round(100*time.Millisecond), out)
+	return l, took
+}
+
+func (l *testLab) sinabro(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	full := append([]string{"lab", "--dir", l.dir}, args...)
+	// `lab --dir` is a persistent flag: it may come before the subcommand.
+	cmd := exec.CommandContext(ctx, binary, full...)
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	err := cmd.Run()
+	return buf.String(), err
+}
+
+// mustSinabro runs a lab subcommand and fails t (the running subtest) on error.
+func (l *testLab) mustSinabro(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := l.sinabro(args...)
+	if err != nil {
+		t.Fatalf("sinabro lab %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func (l *testLab) dumpLogs() {
+	logs, _ := filepath.Glob(filepath.Join(l.dir, "logs", "*.log"))
+	for _, f := range logs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) > 25 {
+			lines = lines[len(lines)-25:]
+		}
+		l.t.Logf("--- tail of %s\n%s", filepath.Base(f), strings.Join(lines, "\n"))
+	}
+}
+
+// assertClean checks `lab down` left nothing behind.
+func assertClean(t *testing.T, dir string) {
+	t.Helper()
+	if names, _ := filepath.Glob("/run/netns/" + lab.NetnsPrefix + "*"); len(names) > 0 {
+		t.Errorf("network namespaces left: %v", names)
+	}
+	if _, err := os.Stat(lab.DefaultBPFRoot); err == nil {
+		t.Errorf("bpffs root %s left", lab.DefaultBPFRoot)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Errorf("lab dir %s left", dir)
+	}
+	for _, cg := range []string{"/sys/fs/cgroup/unified/sinabro-lab", "/sys/fs/cgroup/sinabro-lab"} {
+		if _, err := os.Stat(cg); err == nil {
+			t.Errorf("cgroup %s left", cg)
+		}
+	}
+	// Nothing of the lab may ever appear in the root namespace.
+	if out, err := exec.Command("ip", "-o", "link", "show").Output(); err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 2 {
+				continue
+			}
+			name := strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":")
+			if strings.HasPrefix(name, "sinabro") || strings.HasPrefix(name, "u-node-") || name == "u-cp" || name == "u-ext" {
+				t.Errorf("lab link %s in the root network namespace", name)
+			}
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, []byte(dir)) {
+			t.Errorf("process left: %s", strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) time.Duration {
+	t.Helper()
+	start := time.Now()
+	last := ""
+	for time.Since(start) < timeout {
+		ok, detail := cond()
+		if ok {
+			return time.Since(start)
+		}
+		last = detail
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s (last: %s)", what, timeout, last)
+	return 0
+}
