@@ -81,7 +81,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		return nil, err
 	}
 	res := &CheckResult{}
-	nodeList, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	nodeList, err := cs.Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}
@@ -94,7 +94,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		nodeIP[n.Name] = internalIP(&n)
 		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: nodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
 	}
-	podList, err := cs.CoreV1().Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
+	podList, err := cs.Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
 	if err != nil {
 		return nil, fmt.Errorf("list pods: %w", err)
 	}

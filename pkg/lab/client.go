@@ -8,11 +8,11 @@ import (
 	"path/filepath"
 	"time"
 
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sinabro-io/sinabro/pkg/atomicfile"
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -50,8 +50,8 @@ func (c *Config) certConfig(ns, user string) *rest.Config {
 	}
 }
 
-func (c *Config) clientset(ns, user string) (*kubernetes.Clientset, error) {
-	cs, err := kubernetes.NewForConfig(c.certConfig(ns, user))
+func (c *Config) clientset(ns, user string) (*kube.Client, error) {
+	cs, err := kube.New(c.certConfig(ns, user), "sinabro-lab")
 	if err != nil {
 		return nil, fmt.Errorf("client for %s: %w", user, err)
 	}
@@ -60,13 +60,13 @@ func (c *Config) clientset(ns, user string) (*kubernetes.Clientset, error) {
 
 // AdminClient returns a clientset using the lab's admin kubeconfig (which
 // goes through the supervisor's loopback proxy).
-func AdminClient(dir string) (*kubernetes.Clientset, error) {
+func AdminClient(dir string) (*kube.Client, error) {
 	cfg, err := clientcmd.BuildConfigFromFlags("", Layout{dir}.AdminKubeconfig())
 	if err != nil {
 		return nil, fmt.Errorf("load admin kubeconfig: %w", err)
 	}
 	cfg.QPS, cfg.Burst = 50, 100
-	cs, err := kubernetes.NewForConfig(cfg)
+	cs, err := kube.New(cfg, "sinabro-lab")
 	if err != nil {
 		return nil, fmt.Errorf("admin client: %w", err)
 	}

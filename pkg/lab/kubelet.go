@@ -23,12 +23,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	ktypes "k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/sinabro-io/sinabro/pkg/atomicfile"
 	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -40,7 +39,7 @@ type kubelet struct {
 	cfg   *Config
 	node  string
 	addr  netip.Addr
-	cs    kubernetes.Interface
+	cs    *kube.Client
 	procs *procs
 	log   *slog.Logger
 
@@ -63,7 +62,7 @@ type sandbox struct {
 	Wired       bool     `json:"wired"`
 }
 
-func newKubelet(cfg *Config, node string, cs kubernetes.Interface, p *procs, log *slog.Logger) (*kubelet, error) {
+func newKubelet(cfg *Config, node string, cs *kube.Client, p *procs, log *slog.Logger) (*kubelet, error) {
 	addr, err := cfg.nodeAddr(node)
 	if err != nil {
 		return nil, err
@@ -93,18 +92,18 @@ func (k *kubelet) run(ctx context.Context) error {
 	if err := k.register(ctx); err != nil {
 		return err
 	}
-	factory := informers.NewSharedInformerFactoryWithOptions(k.cs, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", k.node).String()
-		}))
-	podInf := factory.Core().V1().Pods().Informer()
+	podInf := k.cs.Pods("").Informer(ctx, 0, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", k.node).String()
+	})
 	podInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { k.trigger() },
 		UpdateFunc: func(any, any) { k.trigger() },
 		DeleteFunc: func(any) { k.trigger() },
 	})
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
+	var informerDone sync.WaitGroup
+	informerDone.Add(1)
+	go func() { defer informerDone.Done(); podInf.Run(ctx.Done()) }()
+	defer informerDone.Wait() // the informer stops with ctx
 	if !cache.WaitForCacheSync(ctx.Done(), podInf.HasSynced) {
 		return ctx.Err()
 	}
@@ -153,7 +152,7 @@ func (k *kubelet) register(ctx context.Context) error {
 		},
 	}
 	for {
-		_, err := k.cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+		_, err := k.cs.Nodes().Create(ctx, node, metav1.CreateOptions{})
 		if err == nil || apierrors.IsAlreadyExists(err) {
 			return nil
 		}
@@ -204,7 +203,7 @@ func (k *kubelet) networkReady(ctx context.Context) error {
 
 func (k *kubelet) updateNodeStatus(ctx context.Context, netErr error) error {
 	ready := netErr == nil
-	node, err := k.cs.CoreV1().Nodes().Get(ctx, k.node, metav1.GetOptions{})
+	node, err := k.cs.Nodes().Get(ctx, k.node, metav1.GetOptions{})
 	if err != nil {
 		return err
 	}
@@ -242,17 +241,17 @@ func (k *kubelet) updateNodeStatus(ctx context.Context, netErr error) error {
 		KubeletVersion: "v1.34.4-sinabro-lab", OperatingSystem: "linux", Architecture: runtime.GOARCH,
 		ContainerRuntimeVersion: "sinabro-lab://1",
 	}
-	_, err = k.cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
+	_, err = k.cs.Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
 	return err
 }
 
 func (k *kubelet) renewLease(ctx context.Context) error {
-	leases := k.cs.CoordinationV1().Leases(corev1.NamespaceNodeLease)
+	leases := k.cs.Leases(corev1.NamespaceNodeLease)
 	now := metav1.NewMicroTime(time.Now())
 	dur := int32(40)
 	l, err := leases.Get(ctx, k.node, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		node, err := k.cs.CoreV1().Nodes().Get(ctx, k.node, metav1.GetOptions{})
+		node, err := k.cs.Nodes().Get(ctx, k.node, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
@@ -476,7 +475,7 @@ func (k *kubelet) finalize(ctx context.Context, p *corev1.Pod) {
 func (k *kubelet) finalizeByName(ctx context.Context, ns, name, uid string) {
 	zero := int64(0)
 	u := ktypes.UID(uid)
-	err := k.cs.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{
+	err := k.cs.Pods(ns).Delete(ctx, name, metav1.DeleteOptions{
 		GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &u},
 	})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
@@ -511,7 +510,7 @@ func (k *kubelet) reportRunning(ctx context.Context, p *corev1.Pod, sb *sandbox)
 			State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
 		})
 	}
-	_, err := k.cs.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{})
+	_, err := k.cs.Pods(p.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{})
 	return err
 }
 

@@ -15,12 +15,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/client-go/discovery"
-	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/restmapper"
+
+	"github.com/sinabro-io/sinabro/pkg/kube"
 )
 
 // fallbackManifest is applied when no manifests directory is found: the
@@ -133,11 +131,10 @@ func applyManifests(ctx context.Context, cfg *rest.Config, dir string) (*applied
 	if err != nil {
 		return nil, err
 	}
-	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	kc, err := kube.New(cfg, "sinabro-lab")
 	if err != nil {
-		return nil, fmt.Errorf("discovery client: %w", err)
+		return nil, err
 	}
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dynamic client: %w", err)
@@ -148,16 +145,16 @@ func applyManifests(ctx context.Context, cfg *rest.Config, dir string) (*applied
 	sort.SliceStable(objs, func(i, j int) bool { return kindRank(objs[i].GetKind()) < kindRank(objs[j].GetKind()) })
 	for _, o := range objs {
 		gvk := o.GroupVersionKind()
-		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		gvr, namespaced, err := kc.ResourceFor(ctx, gvk)
 		if err != nil {
 			return nil, fmt.Errorf("map %s %s: %w", gvk.Kind, o.GetName(), err)
 		}
-		ri := dynamic.ResourceInterface(dyn.Resource(m.Resource))
-		if m.Scope.Name() == "namespace" {
+		ri := dynamic.ResourceInterface(dyn.Resource(gvr))
+		if namespaced {
 			if o.GetNamespace() == "" {
 				o.SetNamespace("default")
 			}
-			ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+			ri = dyn.Resource(gvr).Namespace(o.GetNamespace())
 		}
 		switch gvk.Kind {
 		case "DaemonSet", "Deployment", "StatefulSet", "Job", "Pod":
@@ -199,8 +196,8 @@ func kindRank(kind string) int {
 var tokenTTL = int64(7 * 24 * 3600)
 
 // agentToken requests a bound service-account token for the agent.
-func agentToken(ctx context.Context, cs kubernetes.Interface, ns, name string) (string, error) {
-	tr, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authenticationv1.TokenRequest{
+func agentToken(ctx context.Context, cs *kube.Client, ns, name string) (string, error) {
+	tr, err := cs.CreateToken(ctx, ns, name, &authenticationv1.TokenRequest{
 		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &tokenTTL},
 	}, metav1.CreateOptions{})
 	if err != nil {

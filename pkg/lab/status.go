@@ -133,7 +133,7 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	nodes, err := cs.Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return fmt.Errorf("list nodes: %w", err)
 	}
@@ -150,7 +150,7 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 		fmt.Fprintf(tw, "%s\t%v\t%s\t%s\t%s\n", n.Name, nodeReady(&n), internalIP(&n), n.Spec.PodCIDR, strings.Join(ann, ","))
 	}
 	tw.Flush()
-	pods, err := cs.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+	pods, err := cs.Pods("").List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return fmt.Errorf("list pods: %w", err)
 	}

@@ -21,8 +21,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -43,7 +43,7 @@ type supervisor struct {
 	procs    *procs
 	progress *progress
 	log      *slog.Logger
-	admin    kubernetes.Interface
+	admin    *kube.Client
 	sa       *applied
 
 	mu    sync.Mutex
@@ -219,7 +219,7 @@ func (s *supervisor) waitDefaultSA(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	for {
-		_, err := s.admin.CoreV1().ServiceAccounts(podNamespace).Get(ctx, "default", metav1.GetOptions{})
+		_, err := s.admin.ServiceAccounts(podNamespace).Get(ctx, "default", metav1.GetOptions{})
 		if err == nil {
 			return nil
 		}
@@ -367,7 +367,7 @@ func (s *supervisor) waitNodesReady(ctx context.Context, names []string, timeout
 	for {
 		var pending []string
 		for _, n := range names {
-			node, err := s.admin.CoreV1().Nodes().Get(ctx, n, metav1.GetOptions{})
+			node, err := s.admin.Nodes().Get(ctx, n, metav1.GetOptions{})
 			if err == nil && nodeReady(node) {
 				if !reported[n] {
 					reported[n] = true
@@ -420,7 +420,7 @@ func (s *supervisor) ensurePods(ctx context.Context) error {
 }
 
 // CreatePod creates a lab test pod bound to node (no scheduler in the lab).
-func CreatePod(ctx context.Context, cs kubernetes.Interface, name, node string) error {
+func CreatePod(ctx context.Context, cs *kube.Client, name, node string) error {
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: podNamespace, Labels: map[string]string{labelApp: "pod"}},
 		Spec: corev1.PodSpec{
@@ -437,7 +437,7 @@ func CreatePod(ctx context.Context, cs kubernetes.Interface, name, node string) 
 			TerminationGracePeriodSeconds: ptrTo[int64](1),
 		},
 	}
-	_, err := cs.CoreV1().Pods(podNamespace).Create(ctx, pod, metav1.CreateOptions{})
+	_, err := cs.Pods(podNamespace).Create(ctx, pod, metav1.CreateOptions{})
 	if err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("create pod %s: %w", name, err)
 	}
@@ -449,7 +449,7 @@ func (s *supervisor) waitPodsRunning(ctx context.Context, names []string, timeou
 	for {
 		var pending []string
 		for _, n := range names {
-			p, err := s.admin.CoreV1().Pods(podNamespace).Get(ctx, n, metav1.GetOptions{})
+			p, err := s.admin.Pods(podNamespace).Get(ctx, n, metav1.GetOptions{})
 			if err != nil || p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
 				pending = append(pending, n)
 			}
@@ -485,13 +485,13 @@ func (s *supervisor) removeNode(ctx context.Context, name string) error {
 	s.procs.stop("serve-" + name)
 	s.procs.stop("agent-" + name)
 	zero := int64(0)
-	pods, err := s.admin.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + name})
+	pods, err := s.admin.Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + name})
 	if err == nil {
 		for _, p := range pods.Items {
-			s.admin.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+			s.admin.Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
 		}
 	}
-	if err := s.admin.CoreV1().Nodes().Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+	if err := s.admin.Nodes().Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("delete node %s: %w", name, err)
 	}
 	if err := netns.Delete(nodeNetns(name)); err != nil {

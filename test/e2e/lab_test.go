@@ -19,8 +19,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
@@ -61,7 +61,7 @@ func TestLab(t *testing.T) {
 	})
 	t.Run("pod delete and recreate", func(t *testing.T) {
 		const name = "node-1-pod-1"
-		old, err := cs.CoreV1().Pods("default").Get(ctx, name, metav1.GetOptions{})
+		old, err := cs.Pods("default").Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,13 +69,13 @@ func TestLab(t *testing.T) {
 		if _, err := os.Stat(oldNetns); err != nil {
 			t.Fatalf("pod netns: %v", err)
 		}
-		if err := cs.CoreV1().Pods("default").Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+		if err := cs.Pods("default").Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		// The kubelet stand-in runs CNI DEL, removes the netns and then
 		// finalizes the pod.
 		waitFor(t, 30*time.Second, "pod gone", func() (bool, string) {
-			_, err := cs.CoreV1().Pods("default").Get(ctx, name, metav1.GetOptions{})
+			_, err := cs.Pods("default").Get(ctx, name, metav1.GetOptions{})
 			return apierrors.IsNotFound(err), fmt.Sprint(err)
 		})
 		if _, err := os.Stat(oldNetns); err == nil {
@@ -120,7 +120,7 @@ func TestLab(t *testing.T) {
 		l.mustSinabro(t, "check")
 	})
 	t.Run("node deleted", func(t *testing.T) {
-		n, err := cs.CoreV1().Nodes().Get(ctx, "node-3", metav1.GetOptions{})
+		n, err := cs.Nodes().Get(ctx, "node-3", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -131,7 +131,7 @@ func TestLab(t *testing.T) {
 		start := time.Now()
 		// Delete the Node object only: the other agents must react to the
 		// API, whatever happens to the node's own processes.
-		if err := cs.CoreV1().Nodes().Delete(ctx, "node-3", metav1.DeleteOptions{}); err != nil {
+		if err := cs.Nodes().Delete(ctx, "node-3", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		for _, other := range []string{"node-1", "node-2"} {
@@ -151,7 +151,7 @@ func TestLab(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitPodRunning(t, cs, "node-4-pod-1")
-		n, err := cs.CoreV1().Nodes().Get(ctx, "node-4", metav1.GetOptions{})
+		n, err := cs.Nodes().Get(ctx, "node-4", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -199,10 +199,10 @@ func podNetnsName(p *corev1.Pod) string {
 	return lab.NetnsPrefix + "pod-" + strings.ReplaceAll(string(p.UID), "-", "")[:16]
 }
 
-func waitPodRunning(t *testing.T, cs kubernetes.Interface, name string) {
+func waitPodRunning(t *testing.T, cs *kube.Client, name string) {
 	t.Helper()
 	waitFor(t, 60*time.Second, "pod "+name+" running", func() (bool, string) {
-		p, err := cs.CoreV1().Pods("default").Get(context.Background(), name, metav1.GetOptions{})
+		p, err := cs.Pods("default").Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			return false, err.Error()
 		}
