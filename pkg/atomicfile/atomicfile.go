@@ -8,8 +8,24 @@ import (
 )
 
 // Write writes data to path through a temp file in the same
-// directory, fsyncs it, renames it into place and fsyncs the directory.
+// directory, fsyncs it, renames it into place and fsyncs the directory, so
+// the new content also survives a power loss.
 func Write(path string, data []byte, perm os.FileMode) error {
+	if err := Replace(path, data, perm); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Replace is Write without the directory fsync: still never partial (the
+// file is fsynced before the rename), but after a power loss the previous
+// content may be back. For state that tolerates that, it saves a disk flush.
+func Replace(path string, data []byte, perm os.FileMode) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -35,13 +51,5 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return os.Rename(tmp, path)
 }

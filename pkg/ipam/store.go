@@ -113,7 +113,11 @@ func (s *Store) withLock(fn func(st *state) (changed bool, err error)) error {
 	if err != nil {
 		return fmt.Errorf("encode ipam state: %w", err)
 	}
-	if err := atomicfile.Write(s.statePath(), out, 0o600); err != nil {
+	// Replace, not Write: the file is never partial, and skipping the
+	// directory flush keeps ADD fast. A power loss may bring back the
+	// previous state, which is harmless: no pod survives it, and GC or the
+	// next ADD reclaims what the older state still lists.
+	if err := atomicfile.Replace(s.statePath(), out, 0o600); err != nil {
 		return fmt.Errorf("write ipam state: %w", err)
 	}
 	return nil
