@@ -20,18 +20,21 @@ import (
 func newAgentCmd() *cobra.Command {
 	var (
 		cfg = agent.Config{
-			CNIConfDir:     cni.DefaultConfDir,
-			StateDir:       cni.DefaultDataDir,
-			BPFRoot:        agent.DefaultBPFRoot,
-			HealthAddr:     agent.DefaultHealthAddr,
-			VXLANVNI:       agent.DefaultVXLANVNI,
-			VXLANPort:      agent.DefaultVXLANPort,
-			VXLANDevice:    agent.DefaultVXLANDevice,
-			Masquerade:     true,
-			ResyncInterval: agent.DefaultResyncInterval,
+			CNIConfDir:        cni.DefaultConfDir,
+			StateDir:          cni.DefaultDataDir,
+			BPFRoot:           agent.DefaultBPFRoot,
+			HealthAddr:        agent.DefaultHealthAddr,
+			VXLANVNI:          agent.DefaultVXLANVNI,
+			VXLANPort:         agent.DefaultVXLANPort,
+			VXLANDevice:       agent.DefaultVXLANDevice,
+			Masquerade:        true,
+			MasqueradeBackend: agent.BackendEBPF,
+			HostRouting:       true,
+			ResyncInterval:    agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
 		clusterCIDRs []string
+		nonMasqCIDRs []string
 		cleanup      bool
 		logLevel     string
 		logFormat    string
@@ -41,13 +44,16 @@ func newAgentCmd() *cobra.Command {
 	}
 	c := &cobra.Command{
 		Use:   "agent",
-		Short: "Run the node agent: VXLAN overlay, host setup, masquerade, CNI config",
+		Short: "Run the node agent: VXLAN overlay, eBPF datapath, host setup, CNI config",
 		Long: `The node agent watches the cluster's Nodes and keeps this node's networking
 in line with them: IP forwarding, a VXLAN device and, for every other node, a
-route, neighbour and FDB entry; masquerading of pod traffic leaving the
-cluster; and the CNI configuration once the Node has spec.podCIDRs.
+route, neighbour and FDB entry; the eBPF datapath, which masquerades pod
+traffic leaving the cluster (with its own conntrack) and routes traffic
+between the node's pods without the host stack; and the CNI configuration
+once the Node has spec.podCIDRs.
 
-Stopping the agent leaves the datapath in place; --cleanup removes it.`,
+Stopping the agent leaves the datapath in place, pinned under --bpf-root:
+established connections survive a restart. --cleanup removes it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logLevel, logFormat)
@@ -60,10 +66,11 @@ Stopping the agent leaves the datapath in place; --cleanup removes it.`,
 			defer stop()
 
 			if cleanup {
-				if err := agent.Cleanup(ctx, cfg.VXLANDevice); err != nil {
+				if err := agent.Cleanup(ctx, cfg.VXLANDevice, cfg.BPFRoot); err != nil {
 					return fmt.Errorf("cleanup: %w", err)
 				}
-				log.Info("removed the vxlan device, sinabro routes and the masquerade table", "device", cfg.VXLANDevice)
+				log.Info("removed the eBPF datapath, the vxlan device, sinabro routes and the masquerade table",
+					"bpf_root", cfg.BPFRoot, "device", cfg.VXLANDevice)
 				return nil
 			}
 			if cfg.NodeName == "" {
@@ -72,21 +79,28 @@ Stopping the agent leaves the datapath in place; --cleanup removes it.`,
 			if cfg.ClusterCIDRs, err = parsePrefixes(clusterCIDRs); err != nil {
 				return fmt.Errorf("--cluster-cidr: %w", err)
 			}
+			if cfg.NonMasqueradeCIDRs, err = parsePrefixes(nonMasqCIDRs); err != nil {
+				return fmt.Errorf("--non-masquerade-cidr: %w", err)
+			}
+			if b := cfg.MasqueradeBackend; b != agent.BackendEBPF && b != agent.BackendNFTables {
+				return fmt.Errorf("--masquerade-backend %q: want %s or %s", b, agent.BackendEBPF, agent.BackendNFTables)
+			}
 			if cfg.MTU < 0 || cfg.MTU > 0 && cfg.MTU < 576 {
 				return fmt.Errorf("--mtu %d: want 0 (auto) or at least 576", cfg.MTU)
 			}
-			client, err := agent.KubeClient(kubeconfig)
+			cluster, err := agent.KubeCluster(kubeconfig)
 			if err != nil {
 				return err
 			}
-			a, err := agent.New(cfg, client, log)
+			a, err := agent.New(cfg, cluster, log)
 			if err != nil {
 				return err
 			}
 			defer a.Close()
 			log.Info("starting sinabro agent", "version", version.String(), "node", cfg.NodeName,
 				"vxlan_device", cfg.VXLANDevice, "vni", cfg.VXLANVNI, "port", cfg.VXLANPort,
-				"cluster_cidrs", clusterCIDRs, "masquerade", cfg.Masquerade, "resync", cfg.ResyncInterval.String())
+				"cluster_cidrs", clusterCIDRs, "masquerade", cfg.Masquerade, "masquerade_backend", cfg.MasqueradeBackend,
+				"host_routing", cfg.HostRouting, "bpf_root", cfg.BPFRoot, "resync", cfg.ResyncInterval.String())
 			if err := a.Run(ctx); err != nil {
 				return err
 			}
@@ -106,9 +120,12 @@ Stopping the agent leaves the datapath in place; --cleanup removes it.`,
 	f.StringVar(&cfg.VXLANDevice, "vxlan-device", cfg.VXLANDevice, "name of the VXLAN device")
 	f.IntVar(&cfg.MTU, "mtu", 0, "pod MTU; 0 = underlay MTU - 50")
 	f.StringSliceVar(&clusterCIDRs, "cluster-cidr", clusterCIDRs, "cluster pod CIDR(s), repeatable or comma-separated; traffic to them is not masqueraded")
+	f.StringSliceVar(&nonMasqCIDRs, "non-masquerade-cidr", nil, "further destinations pods reach with their own address, repeatable or comma-separated (node addresses and --cluster-cidr always are)")
 	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
+	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
+	f.BoolVar(&cfg.HostRouting, "host-routing", cfg.HostRouting, "route traffic between this node's pods in eBPF (bpf_redirect_peer), skipping the host stack")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
-	f.BoolVar(&cleanup, "cleanup", false, "remove the vxlan device, sinabro routes and the masquerade table, then exit")
+	f.BoolVar(&cleanup, "cleanup", false, "remove the eBPF datapath under --bpf-root, the vxlan device, sinabro routes and the masquerade table, then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return c

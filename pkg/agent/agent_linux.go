@@ -1,7 +1,8 @@
 // Package agent is the Sinabro node agent: it watches the cluster's Nodes and
 // keeps this node's networking in line with them — host sysctls, the VXLAN
-// overlay to every other node, masquerading of traffic leaving the cluster —
-// and writes the CNI configuration once the node has its pod CIDRs.
+// overlay to every other node, the eBPF datapath (masquerading of traffic
+// leaving the cluster, host routing between local pods) — and writes the CNI
+// configuration once the node has its pod CIDRs.
 //
 // The controller is level-triggered: every Node event, the periodic resync
 // and retries after errors all run the same full reconciliation, which
@@ -19,23 +20,24 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/jsimonetti/rtnetlink/v2"
+	"github.com/mdlayher/netlink"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/hostnet"
 	"github.com/sinabro-io/sinabro/pkg/masquerade"
 	"github.com/sinabro-io/sinabro/pkg/netns"
@@ -57,17 +59,25 @@ var DefaultClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
 
 // Config is the agent's configuration.
 type Config struct {
-	NodeName       string
-	CNIConfDir     string
-	StateDir       string
-	BPFRoot        string // reserved for the eBPF datapath
-	HealthAddr     string // "" disables the health/metrics server
-	VXLANVNI       uint32
-	VXLANPort      uint16
-	VXLANDevice    string
-	MTU            int // pod MTU; 0 = underlay MTU - overlay.Overhead
-	ClusterCIDRs   []netip.Prefix
-	Masquerade     bool
+	NodeName     string
+	CNIConfDir   string
+	StateDir     string
+	BPFRoot      string // bpffs directory of the eBPF datapath's pins
+	HealthAddr   string // "" disables the health/metrics server
+	VXLANVNI     uint32
+	VXLANPort    uint16
+	VXLANDevice  string
+	MTU          int // pod MTU; 0 = underlay MTU - overlay.Overhead
+	ClusterCIDRs []netip.Prefix
+	// NonMasqueradeCIDRs are further destinations pods reach with their
+	// own address (node addresses and ClusterCIDRs always are).
+	NonMasqueradeCIDRs []netip.Prefix
+	Masquerade         bool
+	// MasqueradeBackend is BackendEBPF (default) or BackendNFTables.
+	MasqueradeBackend string
+	// HostRouting redirects traffic between pods of this node in eBPF,
+	// skipping the host's stack.
+	HostRouting    bool
 	ResyncInterval time.Duration
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests run several agents in one process).
@@ -85,7 +95,7 @@ type masquerader interface {
 type Agent struct {
 	cfg     Config
 	log     *slog.Logger
-	client  kubernetes.Interface
+	cluster Cluster
 	overlay *overlay.Manager
 	masq    masquerader
 	nsFile  *os.File
@@ -95,12 +105,26 @@ type Agent struct {
 	ready    atomic.Bool
 	lastPass atomic.Int64 // unix nanoseconds of the last finished reconciliation
 	nodes    corelisters.NodeLister
-	recorder events.EventRecorder
+	recorder record.EventRecorder
+
+	// The eBPF datapath: loaded and replaced by the reconcile loop under
+	// the write lock; used by the endpoint and GC loops under the read lock.
+	dpMu        sync.RWMutex
+	dp          *datapath.Datapath
+	dpEndpoints *ebpf.Map // read-only handle on the endpoint map, for listing
+	dpCollector prometheus.Collector
+
+	// Owned by the endpoint loop.
+	epConn   *rtnetlink.Conn
+	epKick   chan struct{}
+	epFor    *datapath.Datapath // the datapath that attached refers to
+	attached map[int]bool       // host veth ifindexes attached by this run
 
 	// Owned by the reconcile loop.
 	skipped     map[string]Skip
 	selfProblem string
-	masqRemoved bool
+	nftRemoved  bool
+	dpRemoved   bool
 	waitingFor  string
 	mtuChecked  bool
 	lastConfMTU int
@@ -108,9 +132,19 @@ type Agent struct {
 }
 
 // New prepares an agent; Run starts it.
-func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Agent, error) {
+func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 	if cfg.NodeName == "" {
 		return nil, errors.New("node name is required")
+	}
+	switch cfg.MasqueradeBackend {
+	case "":
+		cfg.MasqueradeBackend = BackendEBPF
+	case BackendEBPF, BackendNFTables:
+	default:
+		return nil, fmt.Errorf("masquerade backend %q: want %s or %s", cfg.MasqueradeBackend, BackendEBPF, BackendNFTables)
+	}
+	if (cfg.HostRouting || cfg.Masquerade && cfg.MasqueradeBackend == BackendEBPF) && cfg.BPFRoot == "" {
+		return nil, errors.New("the eBPF datapath needs a bpffs root")
 	}
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = DefaultResyncInterval
@@ -118,9 +152,10 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Agent, err
 	a := &Agent{
 		cfg:     cfg,
 		log:     log,
-		client:  client,
+		cluster: cluster,
 		metrics: newMetrics(),
 		kick:    make(chan struct{}, 1),
+		epKick:  make(chan struct{}, 1),
 		skipped: map[string]Skip{},
 	}
 	fd := 0
@@ -138,13 +173,22 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Agent, err
 	}
 	a.overlay = ovl
 	a.masq = masquerade.NewNFTables(fd)
+	if a.epConn, err = rtnetlink.Dial(&netlink.Config{NetNS: fd, Strict: true}); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("dial rtnetlink: %w", err)
+	}
 	return a, nil
 }
 
-// Close releases the agent's netlink sockets. It leaves the datapath in place:
-// pods keep their connectivity while the agent restarts.
+// Close releases the agent's netlink sockets and eBPF handles. It leaves
+// the datapath in place: pods keep their connectivity, and masqueraded
+// flows their conntrack state, while the agent restarts.
 func (a *Agent) Close() error {
 	var errs []error
+	errs = append(errs, a.closeDatapath())
+	if a.epConn != nil {
+		errs = append(errs, a.epConn.Close())
+	}
 	if a.overlay != nil {
 		errs = append(errs, a.overlay.Close())
 	}
@@ -160,10 +204,11 @@ func (a *Agent) Ready() bool { return a.ready.Load() }
 
 // Run watches Nodes and reconciles until ctx is cancelled.
 func (a *Agent) Run(ctx context.Context) error {
-	factory := informers.NewSharedInformerFactory(a.client, 0)
-	nodeInformer := factory.Core().V1().Nodes()
-	a.nodes = nodeInformer.Lister()
-	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	informer := cache.NewSharedIndexInformer(a.cluster.Nodes(ctx), &corev1.Node{}, 0, cache.Indexers{})
+	a.nodes = corelisters.NewNodeLister(informer.GetIndexer())
+	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { a.trigger() },
 		UpdateFunc: func(old, cur any) {
 			o, ok1 := old.(*corev1.Node)
@@ -177,8 +222,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("add node event handler: %w", err)
 	}
 
-	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: a.client.EventsV1()})
-	a.recorder = broadcaster.NewRecorder(scheme.Scheme, "sinabro-agent")
+	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
+	a.recorder = recorder
+	defer stopEvents()
 
 	g, ctx := errgroup.WithContext(ctx)
 	if a.cfg.HealthAddr != "" {
@@ -188,22 +234,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		srv.run(ctx, g)
 	}
-	if err := broadcaster.StartRecordingToSinkWithContext(ctx); err != nil {
-		return fmt.Errorf("start event recording: %w", err)
+	g.Go(func() error {
+		informer.RunWithContext(ctx)
+		return nil
+	})
+	if err := a.runEndpoints(ctx, g); err != nil {
+		cancel()
+		g.Wait()
+		return err
 	}
-	defer broadcaster.Shutdown()
-	factory.Start(ctx.Done())
-	defer factory.Shutdown() // waits for the informer goroutines once ctx is done
-
+	g.Go(func() error { return a.runGC(ctx) })
 	g.Go(func() error {
 		a.log.Info("waiting for the node informer to sync")
-		for typ, ok := range factory.WaitForCacheSync(ctx.Done()) {
-			if !ok {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return fmt.Errorf("sync informer for %v", typ)
+		if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
+			if ctx.Err() != nil {
+				return nil
 			}
+			return errors.New("sync the node informer")
 		}
 		a.trigger()
 		return a.loop(ctx)
@@ -362,6 +409,9 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if err := a.ensureMasquerade(ctx, self, sel); err != nil {
 		errs = append(errs, err)
 	}
+	if err := a.ensureDatapath(ctx, self, under, sel); err != nil {
+		errs = append(errs, err)
+	}
 
 	if len(self.PodCIDRs) == 0 {
 		a.waiting("Node has no spec.podCIDRs yet (is kube-controller-manager running with --allocate-node-cidrs?)")
@@ -415,7 +465,7 @@ func (a *Agent) publishVTEP(ctx context.Context, n *corev1.Node, dev overlay.Lin
 	}
 	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q,%q:%q}}}`,
 		AnnotationVTEPMAC, want[AnnotationVTEPMAC], AnnotationVTEPIP, want[AnnotationVTEPIP])
-	if _, err := a.client.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "sinabro-agent"}); err != nil {
+	if err := a.cluster.PatchNode(ctx, n.Name, patch); err != nil {
 		return fmt.Errorf("annotate node %s with its VTEP: %w", n.Name, err)
 	}
 	a.log.Info("published VTEP", "node", n.Name, "mac", want[AnnotationVTEPMAC], "ip", want[AnnotationVTEPIP])
@@ -458,7 +508,7 @@ func (a *Agent) event(n *corev1.Node, s Skip) {
 	if n == nil || a.recorder == nil {
 		return
 	}
-	a.recorder.Eventf(n, nil, corev1.EventTypeWarning, "SinabroNodeSkipped", "ProgramOverlay",
+	a.recorder.Eventf(n, corev1.EventTypeWarning, "SinabroNodeSkipped",
 		"%s: %s (reported by the agent on %s)", s.Reason, s.Message, a.cfg.NodeName)
 }
 
@@ -478,36 +528,6 @@ func (a *Agent) countPlan(p overlay.Plan) {
 	add("fdb", "delete", len(p.DelFDB))
 }
 
-// ensureMasquerade (re)writes the masquerade rules, or removes them when
-// masquerading is off. The nftables table is replaced atomically each time,
-// which also repairs hand edits.
-func (a *Agent) ensureMasquerade(ctx context.Context, self nodeInfo, sel Selection) error {
-	if !a.cfg.Masquerade {
-		// Once, for a table left by an earlier run with masquerading on; a
-		// node without nftables must not turn unready for a feature it
-		// does not use.
-		if !a.masqRemoved {
-			a.masqRemoved = true
-			if err := a.masq.Remove(ctx); err != nil {
-				a.log.Warn("remove masquerade rules of an earlier run", "backend", a.masq.Name(), "err", err)
-			}
-		}
-		return nil
-	}
-	if len(self.PodCIDRs) == 0 {
-		return nil
-	}
-	cfg := masquerade.Config{
-		PodCIDRs:     self.PodCIDRs,
-		ExcludeCIDRs: append(slices.Clone(a.cfg.ClusterCIDRs), sel.ExcludeCIDRs...),
-		NodeIPs:      sel.NodeIPs,
-	}
-	if err := a.masq.Ensure(ctx, cfg); err != nil {
-		return fmt.Errorf("masquerade (%s): %w", a.masq.Name(), err)
-	}
-	return nil
-}
-
 func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 {
@@ -524,15 +544,23 @@ func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
 	return nil
 }
 
-// Cleanup removes what the agent creates on a node: the vxlan device (with
-// its addresses, routes, neighbours and FDB entries), the remaining
-// sinabro-marked routes and the masquerade table. The CNI configuration is
-// left for the installer to manage.
-func Cleanup(ctx context.Context, device string) error {
+// Cleanup removes what the agent creates on a node: the eBPF datapath
+// pinned under bpfRoot (uplink and host veth programs, maps, conntrack),
+// the vxlan device (with its addresses, routes, neighbours and FDB
+// entries), the remaining sinabro-marked routes and the masquerade table.
+// The CNI configuration is left for the installer to manage. An empty
+// bpfRoot leaves the eBPF datapath alone.
+func Cleanup(ctx context.Context, device, bpfRoot string) error {
 	ovl, err := overlay.Open(0)
 	if err != nil {
 		return err
 	}
 	defer ovl.Close()
-	return errors.Join(ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))
+	var dpErr error
+	if bpfRoot != "" {
+		if err := datapath.Cleanup(bpfRoot); err != nil {
+			dpErr = fmt.Errorf("remove eBPF datapath under %s: %w", bpfRoot, err)
+		}
+	}
+	return errors.Join(dpErr, ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))
 }

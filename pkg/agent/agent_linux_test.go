@@ -108,13 +108,14 @@ func TestAgentsConnectTwoNodes(t *testing.T) {
 			NodeName: name, CNIConfDir: confDirs[name], StateDir: "/var/lib/sinabro-test",
 			VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
 			ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}, Masquerade: true,
+			MasqueradeBackend: BackendNFTables, HostRouting: false,
 			ResyncInterval: time.Second, NetNS: netns.Path(ns),
 		}
 		if name == "a" {
 			cfg.HealthAddr = "127.0.0.1:0"
 		}
 		log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})).With("agent", name)
-		a, err := New(cfg, client, log)
+		a, err := New(cfg, clientsetCluster{client}, log)
 		if err != nil {
 			t.Fatalf("New(%s): %v", name, err)
 		}
@@ -160,12 +161,12 @@ func TestAgentsConnectTwoNodes(t *testing.T) {
 
 	// The bad node got an Event and stays out.
 	eventually(t, "an Event for the bad node", func() bool {
-		evs, err := client.EventsV1().Events("default").List(ctx, metav1.ListOptions{})
+		evs, err := client.CoreV1().Events("default").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			return false
 		}
 		for _, e := range evs.Items {
-			if e.Regarding.Name == "bad" && e.Reason == "SinabroNodeSkipped" && strings.Contains(e.Note, ReasonMalformedPodCIDR) {
+			if e.InvolvedObject.Name == "bad" && e.Reason == "SinabroNodeSkipped" && strings.Contains(e.Message, ReasonMalformedPodCIDR) {
 				return true
 			}
 		}
@@ -200,10 +201,10 @@ func TestAgentsConnectTwoNodes(t *testing.T) {
 	if !strings.Contains(ipcmd(t, nsA, "link"), "sinabro.vxlan") {
 		t.Error("stopping the agent removed the vxlan device")
 	}
-	if err := netns.Do(netns.Path(nsA), func() error { return Cleanup(context.Background(), "sinabro.vxlan") }); err != nil {
+	if err := netns.Do(netns.Path(nsA), func() error { return Cleanup(context.Background(), "sinabro.vxlan", "") }); err != nil {
 		t.Fatalf("Cleanup: %v", err)
 	}
-	if out := ipcmd(t, nsA, "link") + ipcmd(t, nsA, "route"); strings.Contains(out, "sinabro.vxlan") || strings.Contains(out, "proto 200") {
+	if out := ipcmd(t, nsA, "link") + ipcmd(t, nsA, "route"); strings.Contains(out, "sinabro.vxlan") || strings.Contains(out, "proto 201") {
 		t.Errorf("left after Cleanup:\n%s", out)
 	}
 	if out, _ := exec.Command("ip", "netns", "exec", nsA, "nft", "list", "tables").CombinedOutput(); strings.Contains(string(out), "sinabro") {

@@ -1,30 +1,57 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/sinabro-io/sinabro/pkg/kube"
 )
 
-// KubeClient connects with the kubeconfig at path, or with the in-cluster
+// Cluster is what the agent needs from the Kubernetes API. KubeCluster
+// provides it on pkg/kube; tests adapt client-go's fake clientset.
+type Cluster interface {
+	// Nodes lists and watches all Nodes, for the agent's node informer.
+	Nodes(ctx context.Context) cache.ListerWatcher
+	// PatchNode applies a JSON merge patch to a Node.
+	PatchNode(ctx context.Context, name string, patch []byte) error
+	// EventRecorder returns a recorder of core/v1 Events and the function
+	// that flushes and stops it.
+	EventRecorder(component string) (record.EventRecorder, func())
+}
+
+// KubeCluster connects with the kubeconfig at path, or with the in-cluster
 // service account when path is "".
-func KubeClient(path string) (kubernetes.Interface, error) {
-	var cfg *rest.Config
-	var err error
-	if path == "" {
-		cfg, err = rest.InClusterConfig()
-	} else {
-		cfg, err = clientcmd.BuildConfigFromFlags("", path)
-	}
+func KubeCluster(path string) (Cluster, error) {
+	cfg, err := kube.Config(path)
 	if err != nil {
-		return nil, fmt.Errorf("load kubernetes client config: %w", err)
+		return nil, err
 	}
-	cfg.UserAgent = "sinabro-agent"
-	client, err := kubernetes.NewForConfig(cfg)
+	c, err := kube.New(cfg, "sinabro-agent")
 	if err != nil {
 		return nil, fmt.Errorf("create kubernetes client: %w", err)
 	}
-	return client, nil
+	return kubeCluster{c}, nil
 }
+
+type kubeCluster struct{ c *kube.Client }
+
+func (k kubeCluster) Nodes(ctx context.Context) cache.ListerWatcher {
+	return k.c.Nodes().ListWatch(ctx, nil)
+}
+
+func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
+	_, err := k.c.Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
+	return err
+}
+
+func (k kubeCluster) EventRecorder(component string) (record.EventRecorder, func()) {
+	return k.c.EventRecorder(component)
+}
+
+// fieldManager names the agent in the managed fields of what it writes.
+const fieldManager = "sinabro-agent"

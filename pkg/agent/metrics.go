@@ -15,6 +15,10 @@ type metrics struct {
 	skipped        *prometheus.GaugeVec
 	overlayChanges *prometheus.CounterVec
 	hostChanges    prometheus.Counter
+
+	endpoints       prometheus.Gauge
+	endpointChanges *prometheus.CounterVec
+	endpointSyncs   *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -50,10 +54,27 @@ func newMetrics() *metrics {
 			Help: "Host sysctls the agent had to (re)set.",
 		}),
 	}
+	m.endpoints = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sinabro_agent_endpoints",
+		Help: "Local pod addresses in the datapath's endpoint map (host routing).",
+	})
+	m.endpointChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sinabro_agent_endpoint_changes_total",
+		Help: "Endpoint map entries written, by op (upsert, delete).",
+	}, []string{"op"})
+	m.endpointSyncs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sinabro_agent_endpoint_syncs_total",
+		Help: "Host routing endpoint resyncs by result (success, error).",
+	}, []string{"result"})
 	m.registry.MustRegister(m.reconciles, m.reconcileTime, m.peers, m.pending, m.skipped, m.overlayChanges, m.hostChanges,
+		m.endpoints, m.endpointChanges, m.endpointSyncs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{"success", "error"} {
 		m.reconciles.WithLabelValues(r)
+		m.endpointSyncs.WithLabelValues(r)
+	}
+	for _, op := range []string{"upsert", "delete"} {
+		m.endpointChanges.WithLabelValues(op)
 	}
 	for _, r := range []string{ReasonMalformedPodCIDR, ReasonMissingInternalIP, ReasonMalformedVTEP, ReasonDuplicateVTEPMAC, ReasonOverlappingPodCIDR} {
 		m.skipped.WithLabelValues(r)

@@ -194,9 +194,9 @@ func TestSyncProgramsAndConverges(t *testing.T) {
 		}
 	}
 	all := []string{
-		"10.244.2.0/24 via 10.244.2.0 dev sinabro.vxlan proto 200 onlink",
-		"10.244.3.0/24 via 10.244.3.0 dev sinabro.vxlan proto 200 onlink",
-		"unreachable 10.244.1.0/24 proto 200 metric 4242",
+		"10.244.2.0/24 via 10.244.2.0 dev sinabro.vxlan proto 201 onlink",
+		"10.244.3.0/24 via 10.244.3.0 dev sinabro.vxlan proto 201 onlink",
+		"unreachable 10.244.1.0/24 proto 201 metric 4242",
 		"10.244.2.0 lladdr " + b.mac.String() + " PERMANENT",
 		"10.244.3.0 lladdr " + c.MAC.String() + " PERMANENT",
 		b.mac.String() + " dst 192.168.77.2 self permanent",
@@ -231,7 +231,7 @@ func TestSyncProgramsAndConverges(t *testing.T) {
 		t.Fatalf("Sync after change: %v", err)
 	}
 	check(t, []string{
-		"10.244.33.0/24 via 10.244.33.0 dev sinabro.vxlan proto 200 onlink",
+		"10.244.33.0/24 via 10.244.33.0 dev sinabro.vxlan proto 201 onlink",
 		c.MAC.String() + " dst 192.168.77.33 self permanent",
 		"10.244.33.0 lladdr " + c.MAC.String() + " PERMANENT",
 		"10.99.0.0/16 via 192.168.77.254",
@@ -242,7 +242,7 @@ func TestSyncProgramsAndConverges(t *testing.T) {
 		t.Fatalf("Cleanup: %v", err)
 	}
 	routes := ip(t, a.ns, "route", "show")
-	if strings.Contains(routes, "proto 200") || !strings.Contains(routes, "10.99.0.0/16") {
+	if strings.Contains(routes, "proto 201") || !strings.Contains(routes, "10.99.0.0/16") {
 		t.Errorf("routes after Cleanup:\n%s", routes)
 	}
 }
@@ -260,7 +260,7 @@ func TestSyncIPv6(t *testing.T) {
 		t.Errorf("second Sync = %+v, %v; want an empty plan", plan, err)
 	}
 	routes := ip(t, a.ns, "-6", "route", "show")
-	for _, w := range []string{"fd00:10:244:2::/64 via fd00:10:244:2:: dev sinabro.vxlan proto 200", "unreachable fd00:10:244:1::/64"} {
+	for _, w := range []string{"fd00:10:244:2::/64 via fd00:10:244:2:: dev sinabro.vxlan proto 201", "unreachable fd00:10:244:1::/64"} {
 		if !strings.Contains(routes, w) {
 			t.Errorf("missing %q in\n%s", w, routes)
 		}

@@ -21,9 +21,11 @@ import (
 )
 
 // RouteProtocol marks every route the agent installs (rtm_protocol), so a
-// resync deletes stale sinabro routes and never touches anyone else's. 200 is
-// not assigned in the kernel's rtnetlink.h nor in iproute2's rt_protos.
-const RouteProtocol = 200
+// resync deletes stale sinabro routes and never touches anyone else's. 201 is
+// not assigned in the kernel's rtnetlink.h nor in iproute2's rt_protos; it
+// differs from the CNI plugin's pod routes (cni.RouteProtocol, 200), which
+// the overlay's resync must leave alone.
+const RouteProtocol = 201
 
 // UnreachableMetric is the priority of the unreachable route covering the
 // local pod CIDRs: a packet for a local pod IP that has no /32 route (pod gone,

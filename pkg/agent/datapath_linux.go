@@ -1,0 +1,213 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/masquerade"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+	"github.com/sinabro-io/sinabro/pkg/overlay"
+)
+
+// Masquerade backends (--masquerade-backend).
+const (
+	// BackendEBPF masquerades with the eBPF datapath on the uplink, with
+	// its own conntrack pinned on bpffs: flows survive agent restarts.
+	BackendEBPF = "ebpf"
+	// BackendNFTables masquerades with an nftables table (the baseline).
+	BackendNFTables = "nftables"
+)
+
+// gcInterval is the period of the datapath's conntrack GC.
+const gcInterval = 10 * time.Second
+
+// datapathWanted reports whether this configuration uses the eBPF datapath.
+func (a *Agent) datapathWanted() bool {
+	return a.cfg.Masquerade && a.cfg.MasqueradeBackend == BackendEBPF || a.cfg.HostRouting
+}
+
+// inNetNS runs fn in the namespace the agent programs: eBPF attachments
+// resolve interface indexes in the calling thread's namespace.
+func (a *Agent) inNetNS(fn func() error) error {
+	if a.cfg.NetNS == "" {
+		return fn()
+	}
+	return netns.Do(a.cfg.NetNS, fn)
+}
+
+// datapathCIDRs returns the eBPF datapath's pod prefixes (sources to
+// masquerade, never masqueraded to) and further non-masquerade
+// destinations. Without eBPF masquerading the pod set is empty, so the
+// uplink programs pass everything and only host routing is active.
+func (a *Agent) datapathCIDRs(sel Selection) (cluster, nonMasq []netip.Prefix) {
+	if a.cfg.Masquerade && a.cfg.MasqueradeBackend == BackendEBPF {
+		for _, p := range append(slices.Clone(a.cfg.ClusterCIDRs), sel.ExcludeCIDRs...) {
+			if p.Addr().Is4() {
+				cluster = append(cluster, p.Masked())
+			}
+		}
+	}
+	for _, ip := range sel.NodeIPs {
+		if ip.Is4() {
+			nonMasq = append(nonMasq, netip.PrefixFrom(ip, 32))
+		}
+	}
+	for _, p := range a.cfg.NonMasqueradeCIDRs {
+		if p.Addr().Is4() {
+			nonMasq = append(nonMasq, p.Masked())
+		}
+	}
+	return compactPrefixes(cluster), compactPrefixes(nonMasq)
+}
+
+func compactPrefixes(ps []netip.Prefix) []netip.Prefix {
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(ps)
+}
+
+// ensureDatapath loads (or adopts) the eBPF datapath on the underlay device
+// and keeps its prefixes in line with the cluster, or removes a datapath
+// left by an earlier run when this configuration uses none.
+func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under overlay.Link, sel Selection) error {
+	if !a.datapathWanted() {
+		if !a.dpRemoved && a.cfg.BPFRoot != "" {
+			a.dpRemoved = true
+			if err := datapath.Cleanup(a.cfg.BPFRoot); err != nil {
+				a.log.Warn("remove the eBPF datapath of an earlier run", "bpf_root", a.cfg.BPFRoot, "err", err)
+			} else {
+				a.log.Info("eBPF datapath not in use; removed any left by an earlier run", "bpf_root", a.cfg.BPFRoot)
+			}
+		}
+		return nil
+	}
+	cluster, nonMasq := a.datapathCIDRs(sel)
+
+	a.dpMu.Lock()
+	defer a.dpMu.Unlock()
+	if d := a.dp; d != nil && d.Config().UplinkIfindex == int(under.Index) && d.Config().NodeIP == self.InternalIP {
+		old := d.Config()
+		if err := d.SetCIDRs(cluster, nonMasq); err != nil {
+			return fmt.Errorf("update datapath prefixes: %w", err)
+		}
+		if !slices.Equal(old.ClusterCIDRs, cluster) || !slices.Equal(old.NonMasqCIDRs, nonMasq) {
+			a.log.Info("datapath prefixes updated", "pod_cidrs", cluster, "non_masquerade", nonMasq)
+		}
+		return nil
+	}
+
+	// First load, or the node's address or uplink changed (the node IP is
+	// compiled into the programs): load anew. Links are re-pointed
+	// atomically and the pinned maps, conntrack included, are kept.
+	cfg := datapath.Config{
+		BPFRoot:       a.cfg.BPFRoot,
+		UplinkIfindex: int(under.Index),
+		NodeIP:        self.InternalIP,
+		ClusterCIDRs:  cluster,
+		NonMasqCIDRs:  nonMasq,
+	}
+	var d *datapath.Datapath
+	if err := a.inNetNS(func() (err error) {
+		d, err = datapath.Load(ctx, cfg)
+		return err
+	}); err != nil {
+		return fmt.Errorf("load eBPF datapath on %s (use --masquerade-backend=nftables --host-routing=false to run without eBPF): %w", under.Name, err)
+	}
+	eps, err := datapath.OpenMap(a.cfg.BPFRoot, "sb_endpoints")
+	if err != nil {
+		d.Close()
+		return err
+	}
+	if a.dp != nil {
+		a.metrics.registry.Unregister(a.dpCollector)
+		a.dpEndpoints.Close()
+		a.dp.Close()
+	}
+	a.dp, a.dpEndpoints, a.dpCollector = d, eps, d.Collector()
+	if err := a.metrics.registry.Register(a.dpCollector); err != nil {
+		a.log.Warn("register datapath metrics", "err", err)
+	}
+	eff := d.Config()
+	a.log.Info("eBPF datapath loaded", "bpf_root", eff.BPFRoot, "uplink", under.Name, "uplink_index", under.Index,
+		"node_ip", eff.NodeIP, "masquerade", len(cluster) > 0, "host_routing", a.cfg.HostRouting,
+		"pod_cidrs", cluster, "non_masquerade", nonMasq, "ct_size", eff.CTSize, "ports", fmt.Sprintf("%d-%d", eff.PortMin, eff.PortMax))
+	a.kickEndpoints()
+	return nil
+}
+
+// closeDatapath releases the agent's handles on the datapath; the pinned
+// datapath keeps forwarding (established flows survive a restart).
+func (a *Agent) closeDatapath() error {
+	a.dpMu.Lock()
+	defer a.dpMu.Unlock()
+	if a.dp == nil {
+		return nil
+	}
+	a.metrics.registry.Unregister(a.dpCollector)
+	a.dpEndpoints.Close()
+	err := a.dp.Close()
+	a.dp, a.dpEndpoints, a.dpCollector = nil, nil, nil
+	return err
+}
+
+// runGC expires conntrack entries of the loaded datapath until ctx is done.
+// It runs d.GC itself rather than d.RunGC so that a datapath reloaded
+// after a node address change is picked up.
+func (a *Agent) runGC(ctx context.Context) error {
+	t := time.NewTicker(gcInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		a.dpMu.RLock()
+		if a.dp != nil {
+			n, err := a.dp.GC(ctx)
+			if err != nil && ctx.Err() == nil {
+				a.log.Warn("conntrack gc", "err", err)
+			} else if n > 0 {
+				a.log.Debug("conntrack gc", "expired_flows", n)
+			}
+		}
+		a.dpMu.RUnlock()
+	}
+}
+
+// ensureMasquerade keeps the nftables backend's table when it is in use,
+// and removes a table left by an earlier run otherwise. The table is
+// replaced atomically each time, which also repairs hand edits.
+func (a *Agent) ensureMasquerade(ctx context.Context, self nodeInfo, sel Selection) error {
+	if !a.cfg.Masquerade || a.cfg.MasqueradeBackend != BackendNFTables {
+		// Once: a node without nftables must not turn unready for a
+		// backend it does not use.
+		if !a.nftRemoved {
+			a.nftRemoved = true
+			if err := a.masq.Remove(ctx); err != nil {
+				a.log.Warn("remove masquerade rules of an earlier run", "backend", a.masq.Name(), "err", err)
+			}
+		}
+		return nil
+	}
+	if len(self.PodCIDRs) == 0 {
+		return nil
+	}
+	cfg := masquerade.Config{
+		PodCIDRs:     self.PodCIDRs,
+		ExcludeCIDRs: append(append(slices.Clone(a.cfg.ClusterCIDRs), sel.ExcludeCIDRs...), a.cfg.NonMasqueradeCIDRs...),
+		NodeIPs:      sel.NodeIPs,
+	}
+	if err := a.masq.Ensure(ctx, cfg); err != nil {
+		return fmt.Errorf("masquerade (%s): %w", a.masq.Name(), err)
+	}
+	return nil
+}

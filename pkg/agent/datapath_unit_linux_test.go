@@ -1,0 +1,97 @@
+package agent
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func prefixes(ss ...string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	return out
+}
+
+func TestDatapathCIDRs(t *testing.T) {
+	sel := Selection{
+		ExcludeCIDRs: prefixes("10.244.1.0/24", "10.244.2.0/24", "fd00:10:244:1::/64"),
+		NodeIPs:      []netip.Addr{netip.MustParseAddr("192.168.1.2"), netip.MustParseAddr("192.168.1.1"), netip.MustParseAddr("fd00::1")},
+	}
+	tests := []struct {
+		name        string
+		cfg         Config
+		wantCluster []netip.Prefix
+		wantNoMasq  []netip.Prefix
+	}{
+		{
+			name:        "ebpf masquerade: cluster CIDR and every node's pod CIDR, IPv4 only",
+			cfg:         Config{Masquerade: true, MasqueradeBackend: BackendEBPF, ClusterCIDRs: prefixes("10.244.0.0/16"), NonMasqueradeCIDRs: prefixes("10.96.0.0/12", "10.96.1.1/12")},
+			wantCluster: prefixes("10.244.0.0/16", "10.244.1.0/24", "10.244.2.0/24"),
+			wantNoMasq:  prefixes("10.96.0.0/12", "192.168.1.1/32", "192.168.1.2/32"),
+		},
+		{
+			name:       "nftables masquerade: no pod prefixes, so the uplink programs pass everything",
+			cfg:        Config{Masquerade: true, MasqueradeBackend: BackendNFTables, ClusterCIDRs: prefixes("10.244.0.0/16")},
+			wantNoMasq: prefixes("192.168.1.1/32", "192.168.1.2/32"),
+		},
+		{
+			name:       "masquerade off",
+			cfg:        Config{Masquerade: false, MasqueradeBackend: BackendEBPF, ClusterCIDRs: prefixes("10.244.0.0/16")},
+			wantNoMasq: prefixes("192.168.1.1/32", "192.168.1.2/32"),
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := &Agent{cfg: tt.cfg}
+			cluster, noMasq := a.datapathCIDRs(sel)
+			if !slices.Equal(cluster, tt.wantCluster) || !slices.Equal(noMasq, tt.wantNoMasq) {
+				t.Errorf("datapathCIDRs = %v, %v; want %v, %v", cluster, noMasq, tt.wantCluster, tt.wantNoMasq)
+			}
+		})
+	}
+}
+
+func TestEndpointRelevant(t *testing.T) {
+	route := func(fam, dstLen, proto byte) []byte {
+		return []byte{fam, dstLen, 0, 0, unix.RT_TABLE_MAIN, proto, 0, 0, 0, 0, 0, 0}
+	}
+	neigh := func(fam byte, state uint16) []byte {
+		b := make([]byte, 12)
+		b[0] = fam
+		binary.NativeEndian.PutUint16(b[8:], state)
+		return b
+	}
+	tests := []struct {
+		name string
+		typ  netlink.HeaderType
+		data []byte
+		want bool
+	}{
+		{"new link", unix.RTM_NEWLINK, make([]byte, 16), true},
+		{"deleted link", unix.RTM_DELLINK, make([]byte, 16), true},
+		{"pod route", unix.RTM_NEWROUTE, route(unix.AF_INET, 32, 200), true},
+		{"pod route deleted", unix.RTM_DELROUTE, route(unix.AF_INET, 32, 200), true},
+		{"overlay route", unix.RTM_NEWROUTE, route(unix.AF_INET, 24, 201), false},
+		{"kernel route", unix.RTM_NEWROUTE, route(unix.AF_INET, 32, unix.RTPROT_KERNEL), false},
+		{"IPv6 route", unix.RTM_NEWROUTE, route(unix.AF_INET6, 32, 200), false},
+		{"permanent neighbour", unix.RTM_NEWNEIGH, neigh(unix.AF_INET, unix.NUD_PERMANENT), true},
+		{"learned neighbour", unix.RTM_NEWNEIGH, neigh(unix.AF_INET, unix.NUD_REACHABLE), false},
+		{"bridge fdb", unix.RTM_NEWNEIGH, neigh(unix.AF_BRIDGE, unix.NUD_PERMANENT), false},
+		{"truncated", unix.RTM_NEWNEIGH, []byte{unix.AF_INET}, false},
+		{"address", unix.RTM_NEWADDR, make([]byte, 8), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := netlink.Message{Header: netlink.Header{Type: tt.typ}, Data: tt.data}
+			if got := endpointRelevant(m); got != tt.want {
+				t.Errorf("endpointRelevant = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
