@@ -42,3 +42,7 @@ generate:
 # A kind cluster with its default CNI disabled, the image built and loaded, the manifests applied.
 deploy-kind:
     scripts/deploy-kind.sh
+
+# In the lab: pod->pod across nodes (VXLAN) vs node->node, and agent memory.
+bench-overlay: build kube-bins
+    SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchOverlay|TestBenchAgentMemory' -timeout 20m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'

@@ -101,9 +101,9 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	for _, p := range podList.Items {
 		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
-			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, podNetns(string(p.UID)))})
+			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, PodNetns(string(p.UID)))})
 		if running {
-			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: podNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
+			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
 		}
 	}
 	ext := Endpoint{Name: "external", Kind: "external", Netns: nsExternal, IP: cfg.externalAddr().String()}

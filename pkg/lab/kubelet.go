@@ -382,7 +382,7 @@ func (k *kubelet) runtimeConf(sb *sandbox) *libcni.RuntimeConf {
 func (k *kubelet) setup(ctx context.Context, p *corev1.Pod) (*sandbox, error) {
 	uid := string(p.UID)
 	sb := &sandbox{
-		Namespace: p.Namespace, Name: p.Name, UID: uid, Netns: podNetns(uid),
+		Namespace: p.Namespace, Name: p.Name, UID: uid, Netns: PodNetns(uid),
 		ContainerID: strings.ReplaceAll(uid, "-", ""),
 	}
 	// The record goes first, so a crash between here and ADD leaves

@@ -162,7 +162,8 @@ func nodeNetns(node string) string { return NetnsPrefix + node }
 
 // podNetns names a pod's namespace after its UID so a recreated pod of the
 // same name never reuses its predecessor's namespace.
-func podNetns(uid string) string {
+// PodNetns names the network namespace of the pod with this UID.
+func PodNetns(uid string) string {
 	return NetnsPrefix + "pod-" + strings.ReplaceAll(uid, "-", "")[:16]
 }
 

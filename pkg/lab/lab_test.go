@@ -54,7 +54,7 @@ func TestParsePeer(t *testing.T) {
 }
 
 func TestPodNetnsName(t *testing.T) {
-	got := podNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8")
+	got := PodNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8")
 	if want := "sblab-pod-0e6a1b2c3d4e5f60"; got != want {
 		t.Errorf("podNetns = %q, want %q", got, want)
 	}
