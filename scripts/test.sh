@@ -18,8 +18,8 @@ if go version -m bin/sinabro | grep -q vishvananda; then echo "vishvananda is li
 if [ -n "$(git ls-files 'bpf/*.c')" ]; then
   echo "== eBPF objects match their sources (regenerated with $(clang --version | head -1))"
   go generate ./...
-  if [ -n "$(git status --porcelain -- pkg bpf)" ]; then
-    git status --porcelain -- pkg bpf
+  if ! git diff --quiet -- pkg bpf; then
+    git diff --stat -- pkg bpf
     echo "generated eBPF code differs from the committed one: run 'just generate' and commit"; exit 1
   fi
 fi

@@ -2,11 +2,14 @@ package datapath
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -163,4 +166,121 @@ func TestConnRateBenchmark(t *testing.T) {
 	}
 	e, n := mean(rates["ebpf"]), mean(rates["nft"])
 	t.Logf("mean: ebpf %.0f conn/s, nft masquerade %.0f conn/s, ratio ebpf/nft %.2f", e, n, e/n)
+}
+
+// TestHostRoutingBenchmark compares same-node pod→pod traffic with host
+// routing attached (bpf_redirect_peer between host veths) and detached
+// (plain routing through the node's stack): 1-byte TCP request/response
+// rate and iperf3 single-stream throughput, alternating on/off per round.
+//
+//	SINABRO_BENCH=1 go test -run HostRoutingBenchmark -v ./pkg/datapath
+func TestHostRoutingBenchmark(t *testing.T) {
+	if os.Getenv("SINABRO_BENCH") == "" {
+		t.Skip("benchmark: set SINABRO_BENCH=1 to run")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		t.Skip("needs iperf3")
+	}
+	const rounds = 5
+	topo := newTopology(t)
+	pod2Addr := netip.MustParseAddr("10.244.1.6")
+	pod2, ep2 := topo.addPod(t, "pod2", pod2Addr)
+	d := topo.load(t, topo.config(t))
+	defer d.Close()
+	topo.setForwarding(t, true) // "off" must still work, through the stack
+	eps := []Endpoint{topo.podEndpoint, ep2}
+	for _, ep := range eps {
+		if err := d.UpsertEndpoint(ep); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set := func(on bool) {
+		for _, ep := range eps {
+			err := netns.Do(topo.node, func() error {
+				if on {
+					return d.AttachHostVeth(ep.Ifindex)
+				}
+				return d.DetachHostVeth(ep.Ifindex)
+			})
+			if err != nil {
+				t.Fatalf("host routing %v on ifindex %d: %v", on, ep.Ifindex, err)
+			}
+		}
+	}
+
+	ln := in(t, pod2, func() (net.Listener, error) { return net.Listen("tcp4", pod2Addr.String()+":8081") })
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	rr := func() float64 {
+		c := in(t, topo.pod, func() (net.Conn, error) { return net.Dial("tcp4", pod2Addr.String()+":8081") })
+		defer c.Close()
+		buf := make([]byte, 1)
+		n, start := 0, time.Now()
+		for time.Since(start) < 2*time.Second {
+			if _, err := c.Write(buf); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				t.Fatal(err)
+			}
+			n++
+		}
+		return float64(n) / time.Since(start).Seconds()
+	}
+	iperf := func() float64 {
+		var srv *exec.Cmd
+		if err := netns.Do(pod2, func() error {
+			srv = exec.Command("iperf3", "-s", "-1", "-p", "5397")
+			return srv.Start()
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
+		time.Sleep(300 * time.Millisecond)
+		var out []byte
+		err := netns.Do(topo.pod, func() (err error) {
+			out, err = exec.Command("iperf3", "-c", pod2Addr.String(), "-p", "5397", "-t", "3", "-J").Output()
+			return err
+		})
+		if err != nil {
+			t.Fatalf("iperf3: %v", err)
+		}
+		var res struct {
+			End struct {
+				SumReceived struct {
+					BitsPerSecond float64 `json:"bits_per_second"`
+				} `json:"sum_received"`
+			} `json:"end"`
+		}
+		if err := json.Unmarshal(out, &res); err != nil {
+			t.Fatal(err)
+		}
+		return res.End.SumReceived.BitsPerSecond / 1e9
+	}
+	results := map[bool][2][]float64{}
+	for r := 0; r < rounds; r++ {
+		for _, on := range []bool{r%2 == 0, r%2 != 0} {
+			set(on)
+			cur := results[on]
+			cur[0] = append(cur[0], rr())
+			cur[1] = append(cur[1], iperf())
+			results[on] = cur
+		}
+	}
+	med := func(xs []float64) float64 { s := slices.Clone(xs); slices.Sort(s); return s[len(s)/2] }
+	var b strings.Builder
+	fmt.Fprintf(&b, "same-node pod→pod, %d rounds interleaved (median)\n%-22s %14s %14s\n", rounds, "host routing", "req/resp /s", "iperf3 Gbit/s")
+	for _, on := range []bool{true, false} {
+		fmt.Fprintf(&b, "%-22v %14.0f %14.2f\n", on, med(results[on][0]), med(results[on][1]))
+	}
+	fmt.Fprintf(&b, "%-22s %13.2fx %13.2fx\n", "ratio on/off", med(results[true][0])/med(results[false][0]), med(results[true][1])/med(results[false][1]))
+	t.Log("\n" + b.String())
 }
