@@ -129,6 +129,9 @@ type Agent struct {
 	mtuChecked  bool
 	lastConfMTU int
 	lastDevice  overlay.Link
+	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
+	// to attach host routing to traffic arriving from other nodes.
+	vxlanIndex atomic.Int32
 }
 
 // New prepares an agent; Run starts it.
@@ -376,6 +379,7 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 			"mtu", dev.MTU, "vni", a.cfg.VXLANVNI, "port", a.cfg.VXLANPort, "local", self.InternalIP, "underlay", under.Name)
 		a.lastDevice = dev
 	}
+	a.vxlanIndex.Store(int32(dev.Index))
 	self.VTEPMAC = dev.MAC
 
 	var errs []error

@@ -232,6 +232,12 @@ func (a *Agent) syncEndpoints() error {
 	for _, ep := range want {
 		wantIfindex[ep.Ifindex] = true
 	}
+	// Packets decapsulated from other nodes get the same treatment on the
+	// vxlan device's ingress: handed straight to the local pod instead of
+	// being forwarded by the node's stack.
+	if idx := int(a.vxlanIndex.Load()); a.cfg.HostRouting && idx > 0 && len(want) > 0 {
+		wantIfindex[idx] = true
+	}
 
 	var errs []error
 	var added, removed int
