@@ -34,11 +34,11 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/record"
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/hostnet"
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/masquerade"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 	"github.com/sinabro-io/sinabro/pkg/overlay"
@@ -105,7 +105,7 @@ type Agent struct {
 	ready    atomic.Bool
 	lastPass atomic.Int64 // unix nanoseconds of the last finished reconciliation
 	nodes    corelisters.NodeLister
-	recorder record.EventRecorder
+	recorder kube.EventRecorder
 
 	// The eBPF datapath: loaded and replaced by the reconcile loop under
 	// the write lock; used by the endpoint and GC loops under the read lock.

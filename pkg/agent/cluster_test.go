@@ -13,6 +13,8 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
+
+	"github.com/sinabro-io/sinabro/pkg/kube"
 )
 
 // clientsetCluster adapts a client-go clientset (the fake one in tests) to
@@ -35,7 +37,7 @@ func (k clientsetCluster) PatchNode(ctx context.Context, name string, patch []by
 	return err
 }
 
-func (k clientsetCluster) EventRecorder(component string) (record.EventRecorder, func()) {
+func (k clientsetCluster) EventRecorder(component string) (kube.EventRecorder, func()) {
 	b := record.NewBroadcaster()
 	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: k.c.CoreV1().Events("")})
 	return b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: component}), b.Shutdown

@@ -3,11 +3,11 @@ package agent
 import (
 	"context"
 	"fmt"
+	"log/slog"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/record"
 
 	"github.com/sinabro-io/sinabro/pkg/kube"
 )
@@ -21,7 +21,7 @@ type Cluster interface {
 	PatchNode(ctx context.Context, name string, patch []byte) error
 	// EventRecorder returns a recorder of core/v1 Events and the function
 	// that flushes and stops it.
-	EventRecorder(component string) (record.EventRecorder, func())
+	EventRecorder(component string) (kube.EventRecorder, func())
 }
 
 // KubeCluster connects with the kubeconfig at path, or with the in-cluster
@@ -35,10 +35,13 @@ func KubeCluster(path string) (Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create kubernetes client: %w", err)
 	}
-	return kubeCluster{c}, nil
+	return kubeCluster{c: c, log: slog.Default()}, nil
 }
 
-type kubeCluster struct{ c *kube.Client }
+type kubeCluster struct {
+	c   *kube.Client
+	log *slog.Logger
+}
 
 func (k kubeCluster) Nodes(ctx context.Context) cache.ListerWatcher {
 	return k.c.Nodes().ListWatch(ctx, nil)
@@ -49,8 +52,8 @@ func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) e
 	return err
 }
 
-func (k kubeCluster) EventRecorder(component string) (record.EventRecorder, func()) {
-	return k.c.EventRecorder(component)
+func (k kubeCluster) EventRecorder(component string) (kube.EventRecorder, func()) {
+	return k.c.EventRecorder(component, k.log)
 }
 
 // fieldManager names the agent in the managed fields of what it writes.

@@ -167,6 +167,34 @@ func TestLab(t *testing.T) {
 			t.Errorf("check did not probe node-4-pod-1:\n%s", out)
 		}
 	})
+	t.Run("malformed node is skipped with an event", func(t *testing.T) {
+		// A Node without an InternalIP (the API server itself refuses a
+		// malformed pod CIDR): every agent skips it, says why in an Event,
+		// and the cluster keeps working.
+		bad := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bad-node"}}
+		if _, err := cs.Nodes().Create(ctx, bad, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 15*time.Second, "an Event about bad-node", func() (bool, string) {
+			evs, err := cs.Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=bad-node"})
+			if err != nil {
+				return false, err.Error()
+			}
+			for _, e := range evs.Items {
+				if e.Source.Component == "sinabro-agent" && e.Type == corev1.EventTypeWarning {
+					t.Logf("event: %s: %s", e.Reason, e.Message)
+					return true, ""
+				}
+			}
+			return false, fmt.Sprintf("%d events, none from sinabro-agent", len(evs.Items))
+		})
+		// The pods still reach each other (check counts a NotReady node as
+		// a failure, so it runs once the bad Node is gone).
+		if err := cs.Nodes().Delete(ctx, "bad-node", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		l.mustSinabro(t, "check")
+	})
 	t.Run("steady after agent resync", func(t *testing.T) {
 		// The agents run a full reconciliation every 30s by default: it must
 		// not undo what the CNI plugin or an earlier pass set up.
