@@ -30,6 +30,7 @@ func newAgentCmd() *cobra.Command {
 			Masquerade:        true,
 			MasqueradeBackend: agent.BackendEBPF,
 			HostRouting:       true,
+			TCPAcceleration:   true,
 			ResyncInterval:    agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
@@ -100,7 +101,7 @@ established connections survive a restart. --cleanup removes it.`,
 			log.Info("starting sinabro agent", "version", version.String(), "node", cfg.NodeName,
 				"vxlan_device", cfg.VXLANDevice, "vni", cfg.VXLANVNI, "port", cfg.VXLANPort,
 				"cluster_cidrs", clusterCIDRs, "masquerade", cfg.Masquerade, "masquerade_backend", cfg.MasqueradeBackend,
-				"host_routing", cfg.HostRouting, "bpf_root", cfg.BPFRoot, "resync", cfg.ResyncInterval.String())
+				"host_routing", cfg.HostRouting, "tcp_acceleration", cfg.TCPAcceleration, "bpf_root", cfg.BPFRoot, "resync", cfg.ResyncInterval.String())
 			if err := a.Run(ctx); err != nil {
 				return err
 			}
@@ -124,6 +125,8 @@ established connections survive a restart. --cleanup removes it.`,
 	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
 	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
 	f.BoolVar(&cfg.HostRouting, "host-routing", cfg.HostRouting, "route traffic between this node's pods in eBPF (bpf_redirect_peer), skipping the host stack")
+	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, "redirect TCP between this node's pods at the socket layer (sock_ops + sk_msg); false detaches it live")
+	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
 	f.BoolVar(&cleanup, "cleanup", false, "remove the eBPF datapath under --bpf-root, the vxlan device, sinabro routes and the masquerade table, then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

@@ -34,6 +34,7 @@ in the root network namespace is changed. Needs root.`,
 		newLabKubeconfigCmd(&dir),
 		newLabSuperviseCmd(&dir),
 		newLabServeCmd(),
+		newLabExchangeCmd(),
 	)
 	return c
 }
@@ -172,6 +173,25 @@ func newLabServeCmd() *cobra.Command {
 		},
 	}
 	c.Flags().StringVar(&name, "name", "", "name put in replies")
+	return c
+}
+
+func newLabExchangeCmd() *cobra.Command {
+	var to string
+	var count int
+	c := &cobra.Command{
+		Use:    "exchange",
+		Short:  "Exchange request/response lines with a lab test server (the acceleration check's client)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := signalContext()
+			defer cancel()
+			return lab.Exchange(ctx, to, count)
+		},
+	}
+	c.Flags().StringVar(&to, "to", "", "server address (ip:port)")
+	c.Flags().IntVar(&count, "count", 100, "number of exchanges")
 	return c
 }
 

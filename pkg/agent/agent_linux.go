@@ -42,6 +42,7 @@ import (
 	"github.com/sinabro-io/sinabro/pkg/masquerade"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 	"github.com/sinabro-io/sinabro/pkg/overlay"
+	"github.com/sinabro-io/sinabro/pkg/sockmap"
 )
 
 // Defaults of the agent's flags.
@@ -77,7 +78,13 @@ type Config struct {
 	MasqueradeBackend string
 	// HostRouting redirects traffic between pods of this node in eBPF,
 	// skipping the host's stack.
-	HostRouting    bool
+	HostRouting bool
+	// TCPAcceleration redirects TCP between this node's pods at the socket
+	// layer (sock_ops + sk_msg, pkg/sockmap) for sockets in PodCgroup.
+	TCPAcceleration bool
+	// PodCgroup is the cgroup v2 directory holding the node's pods; ""
+	// takes the cgroup v2 root.
+	PodCgroup      string
 	ResyncInterval time.Duration
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests run several agents in one process).
@@ -129,6 +136,11 @@ type Agent struct {
 	mtuChecked  bool
 	lastConfMTU int
 	lastDevice  overlay.Link
+	// TCP acceleration (pkg/sockmap); accelOff records that a leftover
+	// from an earlier run was disabled.
+	accel          *sockmap.Accelerator
+	accelCollector prometheus.Collector
+	accelOff       bool
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
 	// to attach host routing to traffic arriving from other nodes.
 	vxlanIndex atomic.Int32
@@ -188,7 +200,7 @@ func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 // flows their conntrack state, while the agent restarts.
 func (a *Agent) Close() error {
 	var errs []error
-	errs = append(errs, a.closeDatapath())
+	errs = append(errs, a.closeDatapath(), a.closeAcceleration())
 	if a.epConn != nil {
 		errs = append(errs, a.epConn.Close())
 	}
@@ -416,6 +428,9 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if err := a.ensureDatapath(ctx, self, under, sel); err != nil {
 		errs = append(errs, err)
 	}
+	if err := a.ensureAcceleration(ctx, self); err != nil {
+		errs = append(errs, err)
+	}
 
 	if len(self.PodCIDRs) == 0 {
 		a.waiting("Node has no spec.podCIDRs yet (is kube-controller-manager running with --allocate-node-cidrs?)")
@@ -564,6 +579,9 @@ func Cleanup(ctx context.Context, device, bpfRoot string) error {
 	if bpfRoot != "" {
 		if err := datapath.Cleanup(bpfRoot); err != nil {
 			dpErr = fmt.Errorf("remove eBPF datapath under %s: %w", bpfRoot, err)
+		}
+		if err := sockmap.Cleanup(bpfRoot); err != nil {
+			dpErr = errors.Join(dpErr, fmt.Errorf("remove TCP acceleration under %s: %w", bpfRoot, err))
 		}
 	}
 	return errors.Join(dpErr, ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))

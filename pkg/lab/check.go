@@ -60,8 +60,9 @@ type StateCheck struct {
 
 // CheckResult holds every probe and state check.
 type CheckResult struct {
-	State  []StateCheck
-	Probes []Probe
+	State     []StateCheck
+	Probes    []Probe
+	Shortcuts []ShortcutProbe // same-node TCP acceleration, one per node with two pods
 }
 
 // Categories of probes, in print order.
@@ -155,6 +156,23 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	}
 	wg.Wait()
 	res.Probes = probes
+
+	// TCP acceleration: one same-node pod pair per node.
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	byNode := map[string][]Endpoint{}
+	for _, p := range pods {
+		byNode[p.Node] = append(byNode[p.Node], p)
+	}
+	for _, n := range nodes {
+		if ps := byNode[n.Name]; len(ps) >= 2 {
+			sp := ShortcutProbe{Node: n.Name, Src: ps[0], Dst: ps[1]}
+			cfg.probeShortcut(ctx, exe, &sp)
+			res.Shortcuts = append(res.Shortcuts, sp)
+		}
+	}
 	return res, nil
 }
 
@@ -293,6 +311,11 @@ func (r *CheckResult) Failures() int {
 			n++
 		}
 	}
+	for _, p := range r.Shortcuts {
+		if !p.OK {
+			n++
+		}
+	}
 	return n
 }
 
@@ -310,7 +333,13 @@ func (r *CheckResult) Summary() string {
 			sok++
 		}
 	}
-	return fmt.Sprintf("%d/%d probes ok, %d/%d state checks ok", ok, len(r.Probes), sok, len(r.State))
+	aok := 0
+	for _, p := range r.Shortcuts {
+		if p.OK {
+			aok++
+		}
+	}
+	return fmt.Sprintf("%d/%d probes ok, %d/%d accelerated, %d/%d state checks ok", ok, len(r.Probes), aok, len(r.Shortcuts), sok, len(r.State))
 }
 
 func mark(ok bool) string {
@@ -368,6 +397,17 @@ func (r *CheckResult) Print(out io.Writer, verbose bool) {
 			cols["tcp"], cols["udp"], cols["icmp"], seen)
 	}
 	tw.Flush()
+	if len(r.Shortcuts) > 0 {
+		fmt.Fprintf(out, "\nsame-node TCP acceleration (%d request/response exchanges; packets on the client pod's eth0)\n", shortcutExchanges)
+		tw = tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
+		for _, p := range r.Shortcuts {
+			fmt.Fprintf(tw, "  %s\t%s (%s) → %s (%s)\t%s %d packets\n", p.Node, p.Src.Name, p.Src.IP, p.Dst.Name, p.Dst.IP, mark(p.OK), p.Packets)
+			if !p.OK {
+				errs = append(errs, fmt.Sprintf("  ✗ TCP acceleration %s→%s: %s", p.Src.Name, p.Dst.Name, p.Err))
+			}
+		}
+		tw.Flush()
+	}
 	if len(errs) > 0 {
 		fmt.Fprintln(out, "\nfailures")
 		fmt.Fprintln(out, strings.Join(errs, "\n"))

@@ -168,3 +168,12 @@ func PodNetns(uid string) string {
 }
 
 func (c *Config) nodeBPFRoot(node string) string { return filepath.Join(c.BPFRoot, node) }
+
+// nodePodCgroup is the cgroup v2 directory of a node's pod processes, where
+// the node's agent attaches TCP acceleration; "" without a lab cgroup.
+func (c *Config) nodePodCgroup(node string) string {
+	if c.CgroupPath == "" {
+		return ""
+	}
+	return filepath.Join(c.CgroupPath, "pods-"+node)
+}

@@ -23,6 +23,7 @@ type procSpec struct {
 	argv    []string // argv[0] is the executable path
 	env     []string // added to the supervisor's environment
 	restart bool     // restart when it exits (with backoff)
+	cgroup  string   // cgroup v2 directory to start it in; "" inherits the supervisor's
 }
 
 // procState is what `lab status` shows about a process.
@@ -184,6 +185,16 @@ func (p *procs) exec(m *managed) (*exec.Cmd, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own process group: a terminal's ^C to `lab up` never reaches it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if m.spec.cgroup != "" {
+		// Born in its cgroup (clone3 CLONE_INTO_CGROUP), so even its first
+		// socket belongs there: cgroup eBPF programs see all of them.
+		cg, err := os.Open(m.spec.cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup of %s: %w", m.spec.name, err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
+	}
 	fmt.Fprintf(logf, "--- %s start %s\n", time.Now().Format(time.RFC3339), m.spec.argv)
 	start := cmd.Start
 	if m.spec.netns != "" {

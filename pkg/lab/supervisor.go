@@ -315,6 +315,11 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 
 	s.progress.step(fmt.Sprintf("%s: starting sinabro agent (bpf root %s), waiting for it to write %s", name,
 		s.cfg.nodeBPFRoot(name), filepath.Join(l.NodeCNIConf(name), "10-sinabro.conflist")))
+	if cg := s.cfg.nodePodCgroup(name); cg != "" {
+		if err := os.MkdirAll(cg, 0o755); err != nil {
+			return fmt.Errorf("create pod cgroup of %s: %w", name, err)
+		}
+	}
 	if err := s.procs.start(ctx, s.agentSpec(name, agentKC)); err != nil {
 		return fail("agent-"+name, err)
 	}
@@ -327,7 +332,7 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 
 func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 	l := s.cfg.layout()
-	return procSpec{
+	spec := procSpec{
 		name: "agent-" + name, netns: nodeNetns(name), restart: true,
 		argv: []string{s.cfg.Executable, "agent",
 			"--node-name", name,
@@ -339,6 +344,10 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 			"--cluster-cidr", s.cfg.ClusterCIDR,
 		},
 	}
+	if cg := s.cfg.nodePodCgroup(name); cg != "" {
+		spec.argv = append(spec.argv, "--pod-cgroup", cg)
+	}
+	return spec
 }
 
 // install runs `sinabro install` inside the node's namespace, as the

@@ -1,0 +1,96 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/sinabro-io/sinabro/pkg/sockmap"
+)
+
+// ensureAcceleration keeps same-node TCP acceleration (pkg/sockmap) in line
+// with the configuration: enabled for this node's IPv4 pod CIDRs, or
+// disabled live (established connections continue on the normal path).
+func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
+	if !a.cfg.TCPAcceleration || a.cfg.BPFRoot == "" {
+		if a.accel != nil {
+			a.metrics.registry.Unregister(a.accelCollector)
+			err := a.accel.Disable(ctx)
+			a.accel, a.accelCollector = nil, nil
+			a.log.Info("TCP acceleration disabled")
+			return err
+		}
+		if !a.accelOff && a.cfg.BPFRoot != "" {
+			// A previous run may have left it enabled.
+			a.accelOff = true
+			if err := sockmap.Disable(ctx, a.cfg.BPFRoot); err != nil {
+				return fmt.Errorf("disable TCP acceleration of an earlier run: %w", err)
+			}
+		}
+		return nil
+	}
+	var prefixes []netip.Prefix
+	for _, p := range self.PodCIDRs {
+		if p.Addr().Is4() {
+			prefixes = append(prefixes, p)
+		}
+	}
+	if a.accel != nil {
+		return a.accel.SetPodPrefixes(prefixes)
+	}
+	cg := a.cfg.PodCgroup
+	if cg == "" {
+		var err error
+		if cg, err = cgroup2Mount(); err != nil {
+			return fmt.Errorf("TCP acceleration needs a cgroup v2 (set --pod-cgroup): %w", err)
+		}
+	}
+	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: a.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: prefixes})
+	if err != nil {
+		return fmt.Errorf("enable TCP acceleration on cgroup %s (--tcp-acceleration=false turns it off): %w", cg, err)
+	}
+	a.accel, a.accelCollector, a.accelOff = acc, acc.Collector(), false
+	if err := a.metrics.registry.Register(a.accelCollector); err != nil {
+		a.log.Warn("register TCP acceleration metrics", "err", err)
+	}
+	a.log.Info("TCP acceleration enabled", "cgroup", cg, "pod_prefixes", prefixes)
+	return nil
+}
+
+// closeAcceleration releases the handles; acceleration keeps running.
+func (a *Agent) closeAcceleration() error {
+	if a.accel == nil {
+		return nil
+	}
+	a.metrics.registry.Unregister(a.accelCollector)
+	err := a.accel.Close()
+	a.accel, a.accelCollector = nil, nil
+	return err
+}
+
+// cgroup2Mount finds the cgroup v2 hierarchy (/sys/fs/cgroup, or
+// /sys/fs/cgroup/unified on hybrid systems); its root holds every pod.
+func cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		pre, post, ok := strings.Cut(s.Text(), " - ")
+		fields := strings.Fields(pre)
+		if ok && len(fields) >= 5 && strings.HasPrefix(post, "cgroup2 ") {
+			return filepath.Clean(fields[4]), nil
+		}
+	}
+	if err := s.Err(); err != nil {
+		return "", err
+	}
+	return "", errors.New("no cgroup2 mount")
+}

@@ -1,0 +1,271 @@
+package sockmap
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestBenchSockmap compares acceleration on and off, interleaved, with wrk
+// against an HTTP server in a same-node pod and with iperf3 single-stream
+// throughput. It runs only with SOCKMAP_BENCH=1 (scripts/bench-sockmap.sh).
+// SOCKMAP_BENCH_ROUNDS, SOCKMAP_BENCH_WRK ("conns:seconds,..."),
+// SOCKMAP_BENCH_DOWNLOAD_MB (a request, then a one-way download from the
+// test server; 0 to skip), SOCKMAP_BENCH_IPERF (seconds, 0 to skip), SOCKMAP_BENCH_IPERF_LEN (iperf3
+// -l, write size), SOCKMAP_MSG_THRESHOLD and SOCKMAP_WINDOW tune it.
+func TestBenchSockmap(t *testing.T) {
+	if os.Getenv("SOCKMAP_BENCH") == "" {
+		t.Skip("benchmark: set SOCKMAP_BENCH=1 (scripts/bench-sockmap.sh)")
+	}
+	for _, bin := range []string{"wrk", "iperf3"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("needs %s: %v", bin, err)
+		}
+	}
+	rounds := envInt("SOCKMAP_BENCH_ROUNDS", 3)
+	wrkRuns := os.Getenv("SOCKMAP_BENCH_WRK")
+	if wrkRuns == "" {
+		wrkRuns = "50:10,500:30"
+	}
+	iperfSecs := envInt("SOCKMAP_BENCH_IPERF", 10)
+	cfg := Config{MsgThreshold: uint32(envInt("SOCKMAP_MSG_THRESHOLD", 0)), Window: uint64(envInt("SOCKMAP_WINDOW", 0))}
+
+	tb := newTestbed(t, map[string]string{"a": "10.244.7.2", "b": "10.244.7.3"})
+	tb.server("b")
+	srv := tb.start("b", true, "SOCKMAP_HELPER=http", "SOCKMAP_ADDR=10.244.7.3:8080")
+	if got := srv.line(t, 10*time.Second); got != "ready" {
+		t.Fatalf("http server: %q", got)
+	}
+	setMode := func(on bool) {
+		if on {
+			a := tb.enable(cfg, "a", "b")
+			a.Close()
+			return
+		}
+		if err := Disable(context.Background(), tb.root); err != nil {
+			t.Fatal(err)
+		}
+	}
+	type sample struct{ rps, meanMs, p99Ms, gbps float64 }
+	results := map[string]map[bool][]sample{}
+	for r := range rounds {
+		for _, on := range []bool{r%2 == 0, r%2 != 0} { // alternate who goes first
+			for _, run := range strings.Split(wrkRuns, ",") {
+				var conns, secs int
+				fmt.Sscanf(run, "%d:%d", &conns, &secs)
+				setMode(on)
+				before, _ := ListStats(tb.root)
+				s := tb.wrk(conns, secs, "http://10.244.7.3:8080/")
+				if after, err := ListStats(tb.root); err == nil && on {
+					var d []string
+					for k, v := range after.Messages {
+						if n := v.Count - before.Messages[k].Count; n > 0 {
+							d = append(d, fmt.Sprintf("%s=%d", k, n))
+						}
+					}
+					for k, v := range after.Sockets {
+						if n := v.Count - before.Sockets[k].Count; n > 0 {
+							d = append(d, fmt.Sprintf("sockets_%s=%d", k, n))
+						}
+					}
+					sort.Strings(d)
+					t.Logf("counters: %s", strings.Join(d, " "))
+				}
+				key := fmt.Sprintf("wrk c=%d d=%ds", conns, secs)
+				if results[key] == nil {
+					results[key] = map[bool][]sample{}
+				}
+				results[key][on] = append(results[key][on], sample{rps: s[0], meanMs: s[1], p99Ms: s[2]})
+				t.Logf("round %d accel=%v %s: %.0f req/s mean %.3fms p99 %.3fms", r+1, on, key, s[0], s[1], s[2])
+			}
+			if dl := envInt("SOCKMAP_BENCH_DOWNLOAD_MB", 100); dl > 0 {
+				// A small request (redirected), then a one-way stream past
+				// the window: the server falls back to TCP but stays in
+				// the sockhash (what the client sent may be unread).
+				setMode(on)
+				var secs float64
+				for range 3 {
+					res := tb.client("a", "b", fmt.Sprintf("download:%d", dl<<20), time.Minute)
+					if !res.OK {
+						t.Fatalf("download: %s", res.Err)
+					}
+					secs += float64(res.Nanos) / 1e9
+				}
+				key := fmt.Sprintf("download %dMiB x3", dl)
+				if results[key] == nil {
+					results[key] = map[bool][]sample{}
+				}
+				g := 3 * float64(dl<<20) * 8 / secs / 1e9
+				results[key][on] = append(results[key][on], sample{gbps: g})
+				t.Logf("round %d accel=%v %s: %.2f Gbit/s", r+1, on, key, g)
+			}
+			if iperfSecs > 0 {
+				setMode(on)
+				g := tb.iperf(iperfSecs)
+				key := fmt.Sprintf("iperf3 1 stream %ds", iperfSecs)
+				if results[key] == nil {
+					results[key] = map[bool][]sample{}
+				}
+				results[key][on] = append(results[key][on], sample{gbps: g})
+				t.Logf("round %d accel=%v %s: %.2f Gbit/s", r+1, on, key, g)
+			}
+		}
+	}
+	mean := func(xs []sample, f func(sample) float64) float64 {
+		var s float64
+		for _, x := range xs {
+			s += f(x)
+		}
+		return s / float64(len(xs))
+	}
+	stats, _ := ListStats(tb.root)
+	t.Logf("counters: %+v", stats)
+	fmt.Printf("\n%-22s %12s %12s %8s | %10s %10s %8s | %10s %10s %8s\n", "workload", "req/s on", "req/s off", "ratio", "mean on", "mean off", "ratio", "p99 on", "p99 off", "ratio")
+	keys := make([]string, 0, len(results))
+	for key := range results {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		on, off := results[key][true], results[key][false]
+		if strings.HasPrefix(key, "iperf3") || strings.HasPrefix(key, "download") {
+			g1, g0 := mean(on, func(s sample) float64 { return s.gbps }), mean(off, func(s sample) float64 { return s.gbps })
+			fmt.Printf("%-22s %10.2fGb %10.2fGb %8.2f\n", key, g1, g0, g1/g0)
+			continue
+		}
+		r1, r0 := mean(on, func(s sample) float64 { return s.rps }), mean(off, func(s sample) float64 { return s.rps })
+		m1, m0 := mean(on, func(s sample) float64 { return s.meanMs }), mean(off, func(s sample) float64 { return s.meanMs })
+		p1, p0 := mean(on, func(s sample) float64 { return s.p99Ms }), mean(off, func(s sample) float64 { return s.p99Ms })
+		fmt.Printf("%-22s %12.0f %12.0f %8.2f | %8.3fms %8.3fms %8.2f | %8.3fms %8.3fms %8.2f\n", key, r1, r0, r1/r0, m1, m0, m1/m0, p1, p0, p1/p0)
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+// inPod runs a command in a pod's netns and the node's pod cgroup.
+func (tb *testbed) inPod(pod string, timeout time.Duration, args ...string) string {
+	tb.t.Helper()
+	cg, err := os.Open(tb.cgroup)
+	if err != nil {
+		tb.t.Fatal(err)
+	}
+	defer cg.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tb.pods[pod].name}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		tb.t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+var (
+	wrkRPS     = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkLatency = regexp.MustCompile(`Latency\s+([0-9.]+)(us|ms|s)`)
+	wrkP99     = regexp.MustCompile(`\s99%\s+([0-9.]+)(us|ms|s)`)
+)
+
+func toMs(v, unit string) float64 {
+	f, _ := strconv.ParseFloat(v, 64)
+	switch unit {
+	case "us":
+		return f / 1000
+	case "s":
+		return f * 1000
+	}
+	return f
+}
+
+// wrk returns req/s, mean latency (ms) and p99 latency (ms).
+func (tb *testbed) wrk(conns, secs int, url string) [3]float64 {
+	out := tb.inPod("a", time.Duration(secs+30)*time.Second, "wrk", "-t2", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", secs), "--latency", url)
+	var s [3]float64
+	m1, m2, m3 := wrkRPS.FindStringSubmatch(out), wrkLatency.FindStringSubmatch(out), wrkP99.FindStringSubmatch(out)
+	if m1 == nil || m2 == nil || m3 == nil {
+		tb.t.Fatalf("parse wrk output:\n%s", out)
+	}
+	if i := strings.Index(out, "Socket errors:"); i >= 0 {
+		tb.t.Logf("wrk c=%d: %s", conns, strings.SplitN(out[i:], "\n", 2)[0])
+	}
+	if os.Getenv("SOCKMAP_BENCH_VERBOSE") != "" {
+		tb.t.Logf("wrk c=%d output:\n%s", conns, out)
+	}
+	s[0], _ = strconv.ParseFloat(m1[1], 64)
+	s[1], s[2] = toMs(m2[1], m2[2]), toMs(m3[1], m3[2])
+	return s
+}
+
+// iperf returns single-stream throughput in Gbit/s, a → b.
+func (tb *testbed) iperf(secs int) float64 {
+	cg, err := os.Open(tb.cgroup)
+	if err != nil {
+		tb.t.Fatal(err)
+	}
+	srv := exec.Command("ip", "netns", "exec", tb.pods["b"].name, "iperf3", "-s", "-1", "-B", "10.244.7.3", "-p", "5201")
+	srv.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	if err := srv.Start(); err != nil {
+		tb.t.Fatal(err)
+	}
+	cg.Close()
+	defer func() {
+		srv.Process.Kill()
+		srv.Wait()
+	}()
+	var out string
+	for try := 0; ; try++ {
+		time.Sleep(200 * time.Millisecond)
+		args := []string{"iperf3", "-c", "10.244.7.3", "-p", "5201", "-t", strconv.Itoa(secs), "-J"}
+		if l := os.Getenv("SOCKMAP_BENCH_IPERF_LEN"); l != "" {
+			args = append(args, "-l", l)
+		}
+		o, err := tb.tryInPod("a", time.Duration(secs+30)*time.Second, args...)
+		if err == nil {
+			out = o
+			break
+		}
+		if try == 10 {
+			tb.t.Fatalf("iperf3: %v\n%s", err, o)
+		}
+	}
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		tb.t.Fatalf("parse iperf3: %v\n%s", err, out)
+	}
+	return res.End.SumReceived.BitsPerSecond / 1e9
+}
+
+func (tb *testbed) tryInPod(pod string, timeout time.Duration, args ...string) (string, error) {
+	cg, err := os.Open(tb.cgroup)
+	if err != nil {
+		return "", err
+	}
+	defer cg.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tb.pods[pod].name}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}

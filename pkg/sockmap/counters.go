@@ -1,0 +1,153 @@
+package sockmap
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Counter ids, as in enum sock_counter in bpf/sockops.c.
+const (
+	cntRedirect = iota
+	cntPass
+	cntFallbackNoPeer
+	cntFallbackBulk
+	cntFallbackDisabled
+	cntFallbackPeerGone
+	cntPassNoState
+	cntSockAdded
+	cntSockSkipped
+	cntSockAddFailed
+	cntSockClosed
+	cntSockEvicted
+	cntSlots = 16
+)
+
+// messageResults name the counters of sends (sk_msg): "redirect" went to
+// the peer socket, "pass" went through TCP, "fallback_*" moved a flow to TCP.
+var messageResults = map[uint32]string{
+	cntRedirect:         "redirect",
+	cntPass:             "pass",
+	cntFallbackNoPeer:   "fallback_no_peer",
+	cntFallbackBulk:     "fallback_bulk",
+	cntFallbackDisabled: "fallback_disabled",
+	cntFallbackPeerGone: "fallback_peer_gone",
+	cntPassNoState:      "pass_no_state",
+}
+
+// socketEvents name the counters of sock_ops decisions.
+var socketEvents = map[uint32]string{
+	cntSockAdded:     "added",
+	cntSockSkipped:   "skipped",
+	cntSockAddFailed: "add_failed",
+	cntSockClosed:    "closed",
+	cntSockEvicted:   "evicted",
+}
+
+// Stat is one counter summed over CPUs: messages (or sockets) and bytes.
+type Stat struct {
+	Count uint64 `json:"count"`
+	Bytes uint64 `json:"bytes"`
+}
+
+// Stats are the acceleration counters since the maps were created.
+type Stats struct {
+	Messages map[string]Stat `json:"messages"` // by result
+	Sockets  map[string]Stat `json:"sockets"`  // by event (Bytes unused)
+}
+
+// Message returns the counter of a send result ("redirect", "pass", ...).
+func (s Stats) Message(result string) Stat { return s.Messages[result] }
+
+// ReadStats reads the per-CPU counters map m.
+func ReadStats(m *ebpf.Map) (Stats, error) {
+	s := Stats{Messages: map[string]Stat{}, Sockets: map[string]Stat{}}
+	read := func(id uint32, name string, into map[string]Stat) error {
+		var perCPU []sockopsCounter
+		if err := m.Lookup(id, &perCPU); err != nil {
+			return fmt.Errorf("read sockmap counter %s: %w", name, err)
+		}
+		var st Stat
+		for _, c := range perCPU {
+			st.Count += c.Packets
+			st.Bytes += c.Bytes
+		}
+		into[name] = st
+		return nil
+	}
+	for id, name := range messageResults {
+		if err := read(id, name, s.Messages); err != nil {
+			return Stats{}, err
+		}
+	}
+	for id, name := range socketEvents {
+		if err := read(id, name, s.Sockets); err != nil {
+			return Stats{}, err
+		}
+	}
+	return s, nil
+}
+
+// Stats reads this accelerator's counters.
+func (a *Accelerator) Stats() (Stats, error) { return ReadStats(a.objs.SbSockCounters) }
+
+// Collector exposes the acceleration counters and the number of
+// accelerated sockets to Prometheus.
+type Collector struct {
+	counters, hash *ebpf.Map
+	messages       *prometheus.Desc
+	bytes          *prometheus.Desc
+	sockets        *prometheus.Desc
+	accelerated    *prometheus.Desc
+	errors         *prometheus.Desc
+}
+
+// NewCollector returns a collector over the counters map and the sockhash.
+func NewCollector(counters, hash *ebpf.Map) *Collector {
+	return &Collector{
+		counters:    counters,
+		hash:        hash,
+		messages:    prometheus.NewDesc("sinabro_sockmap_messages_total", "TCP sends seen by the sockmap acceleration, by result (redirect: handed to the peer socket; pass: normal TCP; fallback_*: the flow moved to normal TCP).", []string{"result"}, nil),
+		bytes:       prometheus.NewDesc("sinabro_sockmap_bytes_total", "Bytes of TCP sends seen by the sockmap acceleration, by result.", []string{"result"}, nil),
+		sockets:     prometheus.NewDesc("sinabro_sockmap_sockets_total", "Established pod sockets seen by sock_ops, by event (added to the sockhash, skipped, add_failed, closed, evicted: a TCP-bound socket taken out of the sockhash).", []string{"event"}, nil),
+		accelerated: prometheus.NewDesc("sinabro_sockmap_accelerated_sockets", "Sockets currently in the sockhash.", nil, nil),
+		errors:      prometheus.NewDesc("sinabro_sockmap_read_errors_total", "Failed reads of the sockmap maps.", nil, nil),
+	}
+}
+
+// Collector returns a Prometheus collector for this accelerator.
+func (a *Accelerator) Collector() *Collector {
+	return NewCollector(a.objs.SbSockCounters, a.objs.SbSockHash)
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.messages
+	ch <- c.bytes
+	ch <- c.sockets
+	ch <- c.accelerated
+	ch <- c.errors
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	s, err := ReadStats(c.counters)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.errors, err)
+		return
+	}
+	for name, v := range s.Messages {
+		ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(v.Count), name)
+		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(v.Bytes), name)
+	}
+	for name, v := range s.Sockets {
+		ch <- prometheus.MustNewConstMetric(c.sockets, prometheus.CounterValue, float64(v.Count), name)
+	}
+	socks, err := listSockets(c.hash)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.errors, err)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.accelerated, prometheus.GaugeValue, float64(len(socks)))
+}

@@ -1,0 +1,139 @@
+package sockmap
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"github.com/cilium/ebpf"
+)
+
+// Socket is one accelerated socket: its own and its peer's address, and
+// the kernel's socket cookie.
+type Socket struct {
+	Local  netip.AddrPort `json:"local"`
+	Remote netip.AddrPort `json:"remote"`
+	Cookie uint64         `json:"cookie"`
+}
+
+// Pair is an accelerated connection: both sockets are in the sockhash
+// (B is invalid when only A is, e.g. while the other end closes).
+type Pair struct {
+	A Socket  `json:"a"`
+	B *Socket `json:"b,omitempty"`
+}
+
+// Sockets lists the sockets in this accelerator's sockhash.
+func (a *Accelerator) Sockets() ([]Socket, error) { return listSockets(a.objs.SbSockHash) }
+
+// Pairs lists this accelerator's accelerated connections.
+func (a *Accelerator) Pairs() ([]Pair, error) {
+	s, err := a.Sockets()
+	if err != nil {
+		return nil, err
+	}
+	return pairs(s), nil
+}
+
+// ListPairs lists the accelerated connections pinned under root, for
+// `sinabro debug`; no acceleration under root yields none.
+func ListPairs(root string) ([]Pair, error) {
+	path := filepath.Join(mapsDir(root), "sb_sock_hash")
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", path, err)
+	}
+	defer m.Close()
+	s, err := listSockets(m)
+	if err != nil {
+		return nil, err
+	}
+	return pairs(s), nil
+}
+
+// ListStats reads the counters pinned under root.
+func ListStats(root string) (Stats, error) {
+	path := filepath.Join(mapsDir(root), "sb_sock_counters")
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return Stats{}, fmt.Errorf("load %s: %w", path, err)
+	}
+	defer m.Close()
+	return ReadStats(m)
+}
+
+func listSockets(m *ebpf.Map) ([]Socket, error) {
+	var out []Socket
+	var k sockopsSockKey
+	var cookie uint64
+	it := m.Iterate()
+	for it.Next(&k, &cookie) {
+		out = append(out, Socket{
+			Local:  netip.AddrPortFrom(addrFromNative(k.Sip), portFromNative(k.Sport)),
+			Remote: netip.AddrPortFrom(addrFromNative(k.Dip), portFromNative(k.Dport)),
+			Cookie: cookie,
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list sockhash: %w", err)
+	}
+	return out, nil
+}
+
+// pairs matches each socket with its peer (the reversed tuple), sorted.
+func pairs(socks []Socket) []Pair {
+	type tuple struct{ l, r netip.AddrPort }
+	byTuple := map[tuple]Socket{}
+	for _, s := range socks {
+		byTuple[tuple{s.Local, s.Remote}] = s
+	}
+	var out []Pair
+	seen := map[tuple]bool{}
+	for _, s := range socks {
+		t := tuple{s.Local, s.Remote}
+		if seen[t] {
+			continue
+		}
+		seen[t] = true
+		p := Pair{A: s}
+		if peer, ok := byTuple[tuple{s.Remote, s.Local}]; ok {
+			seen[tuple{s.Remote, s.Local}] = true
+			p.B = &peer
+			// Show the connecting side (the higher, ephemeral port) second.
+			if s.Local.Port() > peer.Local.Port() {
+				p.A, p.B = peer, &s
+			}
+		}
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if c := out[i].A.Local.Compare(out[j].A.Local); c != 0 {
+			return c < 0
+		}
+		return out[i].A.Remote.Compare(out[j].A.Remote) < 0
+	})
+	return out
+}
+
+// Keys hold addresses and ports as native integers whose memory layout is
+// network order (__be32, __be16).
+func nativeFromBytes(b [4]byte) uint32 { return binary.NativeEndian.Uint32(b[:]) }
+
+func addrFromNative(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+func portFromNative(v uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], v)
+	return binary.BigEndian.Uint16(b[:])
+}

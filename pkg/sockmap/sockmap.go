@@ -1,0 +1,471 @@
+// Package sockmap accelerates TCP between pods of one node: a sock_ops
+// program on the node's pod cgroup puts established sockets whose both
+// ends are local pods in a sockhash, and an sk_msg program on that
+// sockhash hands each send directly to the peer socket's receive queue
+// (bpf_msg_redirect_hash with BPF_F_INGRESS), skipping TCP/IP, the veths
+// and the host's routing.
+//
+// Everything lives under <Config.BPFRoot>/sockmap:
+//
+//	maps/<map name>   sockhash, pod prefixes, connection state, settings, counters
+//	links/sock_ops    cgroup link on Config.CgroupPath
+//	links/sk_msg      sockmap link on the sockhash
+//
+// A restarted agent adopts what it finds (links are re-pointed to the new
+// programs with link.Update). The agent uses it like this:
+//
+//	a, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: root, CgroupPath: cg, PodPrefixes: podIPs})
+//	defer a.Close()                          // leaves acceleration running
+//	prometheus.MustRegister(a.Collector())
+//	a.SetPodPrefixes(podIPs)                 // local pods changed
+//
+// and --tcp-acceleration=false calls Disable(ctx, root) (a.Disable in a
+// process that holds an Accelerator): no new socket is accelerated and
+// established ones move to the normal TCP path at their next send, without
+// losing queued data. Cleanup(root) removes everything (uninstall).
+// For `sinabro debug`: ListPairs(root) and ListStats(root).
+//
+// Correctness rules the programs follow (see bpf/sockops.c):
+//   - A socket redirects only if every byte it sent so far was redirected,
+//     and stops for good otherwise: the receiver reads redirected data
+//     first, so mixing paths the other way round would reorder the stream.
+//   - Redirected data has no flow control: a side that sent Window bytes
+//     without hearing back moves to TCP, which bounds what a stalled
+//     reader can queue. A TCP-bound socket leaves the sockhash (and its
+//     tcp_bpf send path, which costs bulk streams a third of their
+//     throughput) when nothing was or can be redirected to it.
+//   - A socket that reads with splice(2) (Go's io.Copy between two TCP
+//     connections) never sees redirected data: the kernel (6.18) queues
+//     it where splice does not look. Pods doing that must be left out of
+//     PodPrefixes.
+//   - A socket leaves the sockhash only as above or when it is closed
+//     (the kernel's doing; a socket reaching TCP_CLOSE, e.g. a half-closer
+//     entering TIME_WAIT, stays until close() so its owner can still read).
+//     Leaving drops data redirected to it and not yet read, which is why
+//     userspace never deletes sockets and Cleanup is for uninstalling.
+//   - The peer socket is found by the reversed 4-tuple: addresses must not
+//     be translated between the two sockets (a ClusterIP connection is
+//     seen as pod→VIP by the client and is not accelerated; socket-level
+//     service translation at connect() would make it eligible).
+package sockmap
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultWindow is the default Config.Window.
+const DefaultWindow = 4 << 20
+
+// Unlimited as Config.Window lets redirected data queue without bound.
+const Unlimited = ^uint64(0)
+
+// Config describes the acceleration of one node.
+type Config struct {
+	// BPFRoot is this agent's bpffs directory (e.g. /sys/fs/bpf/sinabro);
+	// pins go to BPFRoot/sockmap. Agents sharing a kernel need distinct roots.
+	BPFRoot string
+	// CgroupPath is the cgroup v2 directory holding the node's pod
+	// processes (and only them): sock_ops attaches there.
+	CgroupPath string
+	// PodPrefixes are the local pods' addresses (/32) or the node's pod
+	// CIDRs: a socket is accelerated only when both its ends are inside.
+	// Leave out pods that read sockets with splice(2) (see package doc).
+	PodPrefixes []netip.Prefix
+	// Window bounds the data queued for a peer that does not read:
+	// redirected bytes have no TCP flow control, so a side that has sent
+	// Window bytes since its peer last sent anything moves to TCP for
+	// good (request/response traffic never gets there; one-way streams
+	// do). Zero takes DefaultWindow; Unlimited removes the bound.
+	Window uint64
+	// MsgThreshold: a send of at least this many bytes moves its side to
+	// TCP for good. Zero means no threshold (redirecting measured faster
+	// at every send size while the reader keeps up).
+	MsgThreshold uint32
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.BPFRoot == "":
+		return errors.New("BPFRoot is required")
+	case c.CgroupPath == "":
+		return errors.New("CgroupPath is required")
+	}
+	for _, p := range c.PodPrefixes {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("pod prefix %v is not IPv4", p)
+		}
+	}
+	return nil
+}
+
+// settings mirrors struct sock_cfg in bpf/sockops.c.
+func (c *Config) settings(enabled bool) sockopsSockCfg {
+	s := sockopsSockCfg{MsgThreshold: c.MsgThreshold, Window: c.Window}
+	switch c.Window {
+	case 0:
+		s.Window = DefaultWindow
+	case Unlimited:
+		s.Window = 0
+	}
+	if enabled {
+		s.Enabled = 1
+	}
+	return s
+}
+
+// Pin-path layout.
+func dir(root string) string      { return filepath.Join(root, "sockmap") }
+func mapsDir(root string) string  { return filepath.Join(dir(root), "maps") }
+func linksDir(root string) string { return filepath.Join(dir(root), "links") }
+
+const (
+	linkSockOps = "sock_ops"
+	linkSkMsg   = "sk_msg"
+)
+
+// Accelerator is enabled acceleration. Close releases this process's
+// handles; the pinned programs keep running.
+type Accelerator struct {
+	cfg     Config
+	objs    sockopsObjects
+	sockOps link.Link
+	skMsg   link.Link
+}
+
+// Enable loads the programs, creates or adopts the pinned maps, fills the
+// pod prefixes and attaches (or re-points) both links.
+func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("sockmap config: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(cfg.BPFRoot); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin dir %s: %w", d, err)
+		}
+	}
+	a := &Accelerator{cfg: cfg}
+	if err := loadObjects(&a.objs, mapsDir(cfg.BPFRoot)); err != nil {
+		return nil, err
+	}
+	if err := a.SetPodPrefixes(cfg.PodPrefixes); err != nil {
+		a.Close()
+		return nil, err
+	}
+	// Settings before links: a socket added by the new sock_ops must find
+	// acceleration enabled.
+	if err := a.objs.SbSockCfg.Put(uint32(0), cfg.settings(true)); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("write sockmap settings: %w", err)
+	}
+	var err error
+	if a.skMsg, err = attachSkMsg(filepath.Join(linksDir(cfg.BPFRoot), linkSkMsg), a.objs.SbSockHash, a.objs.SockRedirect); err != nil {
+		a.Close()
+		return nil, err
+	}
+	if a.sockOps, err = attachSockOps(filepath.Join(linksDir(cfg.BPFRoot), linkSockOps), cfg.CgroupPath, a.objs.SockOps); err != nil {
+		a.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+func loadObjects(objs *sockopsObjects, pinDir string) error {
+	spec, err := loadSockops()
+	if err != nil {
+		return fmt.Errorf("load sockops spec: %w", err)
+	}
+	if pinDir == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load sockops programs: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return fmt.Errorf("adopt pinned maps in %s (remove them with Cleanup to start afresh): %w", pinDir, err)
+		}
+		return fmt.Errorf("load sockops: %w", err)
+	}
+	return nil
+}
+
+// attachSockOps makes the pinned cgroup link at path run prog on cgroup:
+// a link on the same cgroup is updated in place, one on another cgroup is
+// detached and replaced.
+func attachSockOps(path, cgroup string, prog *ebpf.Program) (link.Link, error) {
+	cgID, err := cgroupID(cgroup)
+	if err != nil {
+		return nil, err
+	}
+	if l, err := link.LoadPinnedLink(path, nil); err == nil {
+		info, ierr := l.Info()
+		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgID {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return nil, fmt.Errorf("update sock_ops link %s: %w", path, err)
+			}
+			return l, nil
+		}
+		l.Unpin()
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: ebpf.AttachCGroupSockOps, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attach sock_ops to %s: %w", cgroup, err)
+	}
+	if err := l.Pin(path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pin sock_ops link %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// attachSkMsg attaches prog as the sk_msg verdict of the sockhash with a
+// pinned bpf_link (kernel >= 6.10), updating an existing one in place.
+func attachSkMsg(path string, hash *ebpf.Map, prog *ebpf.Program) (link.Link, error) {
+	if l, err := link.LoadPinnedLink(path, nil); err == nil {
+		if err := l.Update(prog); err == nil {
+			return l, nil
+		}
+		// A link to an older sockhash (recreated maps): replace it.
+		l.Unpin()
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
+	}
+	l, err := link.AttachRawLink(link.RawLinkOptions{Target: hash.FD(), Program: prog, Attach: ebpf.AttachSkMsgVerdict})
+	if err != nil {
+		return nil, fmt.Errorf("attach sk_msg to sockhash: %w", err)
+	}
+	if err := l.Pin(path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pin sk_msg link %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// cgroupID is the id the kernel reports for a cgroup v2 directory: its
+// inode number.
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("statfs cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("%s is not a cgroup v2 directory", path)
+	}
+	return st.Ino, nil
+}
+
+// SetPodPrefixes makes the local pod set exactly prefixes. Sockets already
+// accelerated stay so.
+func (a *Accelerator) SetPodPrefixes(prefixes []netip.Prefix) error {
+	want := map[sockopsPodKey]bool{}
+	for _, p := range prefixes {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("pod prefix %v is not IPv4", p)
+		}
+		want[podKey(p.Masked())] = true
+	}
+	m := a.objs.SbSockPods
+	var stale []sockopsPodKey
+	var k sockopsPodKey
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list pod prefixes: %w", err)
+	}
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return fmt.Errorf("add pod prefix %v: %w", podPrefix(k), err)
+		}
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete pod prefix %v: %w", podPrefix(k), err)
+		}
+	}
+	a.cfg.PodPrefixes = prefixes
+	return nil
+}
+
+func podKey(p netip.Prefix) sockopsPodKey {
+	b := p.Addr().As4()
+	return sockopsPodKey{Prefixlen: uint32(p.Bits()), Addr: nativeFromBytes(b)}
+}
+
+func podPrefix(k sockopsPodKey) netip.Prefix {
+	return netip.PrefixFrom(addrFromNative(k.Addr), int(k.Prefixlen))
+}
+
+// Close releases the process's handles; acceleration keeps running.
+func (a *Accelerator) Close() error {
+	var errs []error
+	for _, l := range []link.Link{a.sockOps, a.skMsg} {
+		if l != nil {
+			errs = append(errs, l.Close())
+		}
+	}
+	errs = append(errs, a.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Disable stops acceleration under root: no new socket is accelerated,
+// and accelerated sockets move to the normal TCP path at their next send
+// (their already redirected data is still read first, in order). Sockets
+// stay in the pinned sockhash until they close. A root without
+// acceleration is not an error.
+func Disable(ctx context.Context, root string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	var errs []error
+	cfgPath := filepath.Join(mapsDir(root), "sb_sock_cfg")
+	if m, err := ebpf.LoadPinnedMap(cfgPath, nil); err == nil {
+		// The sk_msg program of already accelerated sockets keeps running
+		// after its link is gone (a socket holds the program it was added
+		// with), so it is told here, before detaching.
+		var s sockopsSockCfg
+		if err := m.Lookup(uint32(0), &s); err != nil {
+			errs = append(errs, fmt.Errorf("read sockmap settings: %w", err))
+		}
+		s.Enabled = 0
+		if err := m.Put(uint32(0), s); err != nil {
+			errs = append(errs, fmt.Errorf("disable sockmap settings: %w", err))
+		}
+		m.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("load %s: %w", cfgPath, err))
+	}
+	for _, name := range []string{linkSockOps, linkSkMsg} {
+		if err := unpinLink(filepath.Join(linksDir(root), name)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Disable is Disable(ctx, root) for this accelerator's root, closing its
+// link handles too so the programs are detached at once.
+func (a *Accelerator) Disable(ctx context.Context) error {
+	err := Disable(ctx, a.cfg.BPFRoot)
+	for _, l := range []*link.Link{&a.sockOps, &a.skMsg} {
+		if *l != nil {
+			err = errors.Join(err, (*l).Close())
+			*l = nil
+		}
+	}
+	return err
+}
+
+func unpinLink(path string) error {
+	l, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		// Not a link (or unreadable): remove the pin all the same.
+		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", path, rerr)
+		}
+		return nil
+	}
+	defer l.Close()
+	// Unpinning drops the last reference: the program is detached.
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin %s: %w", path, err)
+	}
+	return nil
+}
+
+// Cleanup disables acceleration and removes every pin under root's
+// sockmap directory. Sockets still in the sockhash return to plain TCP;
+// data redirected to them and not yet read is lost, so this is for
+// uninstalling, not for --tcp-acceleration=false.
+func Cleanup(root string) error {
+	errs := []error{Disable(context.Background(), root)}
+	if err := os.RemoveAll(dir(root)); err != nil {
+		errs = append(errs, fmt.Errorf("remove %s: %w", dir(root), err))
+	}
+	return errors.Join(errs...)
+}
+
+// ensureBPFFS makes sure root will be on a bpffs, mounting /sys/fs/bpf when
+// it is not mounted yet (it is not at boot on our hosts). Agents starting
+// together serialise on a lock file (the same one pkg/datapath uses) so
+// none stacks a second bpffs over pins another has just made.
+func ensureBPFFS(root string) error {
+	if onBPFFS(root) {
+		return nil
+	}
+	const sysBPF = "/sys/fs/bpf"
+	rel, err := filepath.Rel(sysBPF, root)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("bpf root %s is not on a bpffs", root)
+	}
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "sinabro-bpffs.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("open bpffs mount lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock bpffs mount: %w", err)
+	}
+	if onBPFFS(root) {
+		return nil
+	}
+	if err := os.MkdirAll(sysBPF, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", sysBPF, err)
+	}
+	if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", sysBPF, err)
+	}
+	return nil
+}
+
+// onBPFFS reports whether path, or its closest existing ancestor, is on a
+// bpffs.
+func onBPFFS(path string) bool {
+	for {
+		var st unix.Statfs_t
+		if err := unix.Statfs(path, &st); err == nil {
+			return st.Type == unix.BPF_FS_MAGIC
+		}
+		parent := filepath.Dir(path)
+		if parent == path {
+			return false
+		}
+		path = parent
+	}
+}
