@@ -4,12 +4,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"path/filepath"
+	"sort"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/sockmap"
 )
 
 func newDebugCmd() *cobra.Command {
@@ -29,7 +32,8 @@ func newDebugMapsCmd() *cobra.Command {
 		Long: `Without NAME, lists every map pinned under the bpffs root: name, type,
 entries, capacity and pin path. With NAME, dumps that map decoded:
 sb_ct as masqueraded flows, sb_counters as named counters, sb_masq_cidrs
-as prefixes, sb_endpoints as pods.`,
+as prefixes, sb_endpoints as pods, sb_sock_hash as accelerated TCP
+socket pairs and sb_sock_counters as TCP acceleration counters.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output != "text" && output != "json" {
@@ -40,6 +44,10 @@ as prefixes, sb_endpoints as pods.`,
 				maps, err := datapath.ListMaps(root)
 				if err != nil {
 					return err
+				}
+				// TCP acceleration pins its maps under <root>/sockmap.
+				if accel, err := datapath.ListMaps(filepath.Join(root, "sockmap")); err == nil {
+					maps = append(maps, accel...)
 				}
 				if output == "json" {
 					return writeJSON(w, maps)
@@ -60,6 +68,41 @@ as prefixes, sb_endpoints as pods.`,
 }
 
 func dumpMap(w io.Writer, root, name string, asJSON bool) error {
+	switch name {
+	case "sb_sock_hash":
+		pairs, err := sockmap.ListPairs(root)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return writeJSON(w, pairs)
+		}
+		for _, p := range pairs {
+			if p.B == nil {
+				fmt.Fprintf(w, "tcp %v → %v (peer socket gone)\n", p.A.Local, p.A.Remote)
+				continue
+			}
+			fmt.Fprintf(w, "tcp %v ⇄ %v accelerated\n", p.A.Local, p.A.Remote)
+		}
+		return nil
+	case "sb_sock_counters":
+		st, err := sockmap.ListStats(root)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return writeJSON(w, st)
+		}
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "KIND\tRESULT\tCOUNT\tBYTES")
+		for _, k := range sortedKeys(st.Messages) {
+			fmt.Fprintf(tw, "message\t%s\t%d\t%d\n", k, st.Messages[k].Count, st.Messages[k].Bytes)
+		}
+		for _, k := range sortedKeys(st.Sockets) {
+			fmt.Fprintf(tw, "socket\t%s\t%d\t\n", k, st.Sockets[k].Count)
+		}
+		return tw.Flush()
+	}
 	m, err := datapath.OpenMap(root, name)
 	if err != nil {
 		return err
@@ -143,6 +186,15 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 }
 
 func roundAge(d time.Duration) time.Duration { return d.Round(time.Second) }
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
 
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -48,6 +49,19 @@ func TestLab(t *testing.T) {
 		// Every cross-node pod pair: 6 pods with 4 pods on other nodes each.
 		if got := strings.Count(out, "pod↔pod across nodes"); got != 6*4 {
 			t.Errorf("check probed %d cross-node pod pairs, want %d", got, 6*4)
+		}
+		// Same-node TCP took the socket shortcut (check asserts the pod's
+		// eth0 stayed quiet), and the agent's counters say so too.
+		if !strings.Contains(out, "3/3 accelerated") {
+			t.Errorf("check did not confirm TCP acceleration on all 3 nodes")
+		}
+		dbg, err := exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_sock_counters").CombinedOutput()
+		if err != nil || !regexp.MustCompile(`message\s+redirect\s+[1-9]`).Match(dbg) {
+			t.Errorf("debug maps sb_sock_counters shows no redirected messages (%v):\n%s", err, dbg)
+		}
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1")).CombinedOutput()
+		if err != nil || !strings.Contains(string(dbg), "sb_sock_hash") || !strings.Contains(string(dbg), "sb_ct") {
+			t.Errorf("debug maps does not list the datapath and acceleration maps (%v):\n%s", err, dbg)
 		}
 	})
 	t.Run("status", func(t *testing.T) {
