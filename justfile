@@ -46,3 +46,11 @@ deploy-kind:
 # In the lab: pod->pod across nodes (VXLAN) vs node->node, and agent memory.
 bench-overlay: build kube-bins
     SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchOverlay|TestBenchAgentMemory' -timeout 20m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
+
+# Same-node TCP acceleration on vs off: wrk (50 and 500 connections) and iperf3.
+bench-sockmap: build
+    scripts/bench-sockmap.sh
+
+# eBPF datapath: host routing on/off, masquerade connection rate eBPF vs nftables.
+bench-datapath:
+    SINABRO_BENCH=1 go test -count=1 -v -run 'HostRoutingBenchmark|ConnRateBenchmark' -timeout 20m ./pkg/datapath/ | grep -vE '^(=== |--- |PASS|ok )'

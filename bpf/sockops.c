@@ -10,8 +10,14 @@
  * before anything that came through the TCP stack. So a socket must never
  * redirect after it has sent anything the normal way, or new data would
  * overtake old. Each socket's direction therefore moves one way only:
- * UNDECIDED -> REDIRECT -> PASS, or UNDECIDED -> PASS, kept in socket local
- * storage (sb_sock_state).
+ * UNDECIDED -> REDIRECT -> PASS, or UNDECIDED -> PASS, kept per connection
+ * in sb_sock_conns (both sides in one entry, so each side can see and
+ * atomically change the other's).
+ *
+ * Kernel behaviour this relies on (checked on 6.18): a TCP socket stays in
+ * the sockhash until close(), even past TCP_CLOSE; taking a socket out of
+ * the sockhash drops data redirected to it and not read yet; redirected
+ * data has no flow control; splice(2) reads do not see redirected data.
  */
 #include "lib/sockops.h"
 #include <bpf/bpf_helpers.h>

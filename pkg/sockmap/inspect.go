@@ -4,10 +4,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
+	"text/tabwriter"
 
 	"github.com/cilium/ebpf"
 )
@@ -67,6 +69,64 @@ func ListStats(root string) (Stats, error) {
 	}
 	defer m.Close()
 	return ReadStats(m)
+}
+
+// WriteStatus prints, for `sinabro debug sockmap`, the counters and the
+// accelerated connections pinned under root.
+func WriteStatus(w io.Writer, root string) error {
+	if _, err := os.Stat(mapsDir(root)); errors.Is(err, os.ErrNotExist) {
+		_, err := fmt.Fprintf(w, "TCP acceleration: not set up under %s\n", root)
+		return err
+	}
+	enabled := "disabled"
+	if _, err := os.Stat(filepath.Join(linksDir(root), linkSockOps)); err == nil {
+		enabled = "enabled"
+	}
+	stats, err := ListStats(root)
+	if err != nil {
+		return err
+	}
+	p, err := ListPairs(root)
+	if err != nil {
+		return err
+	}
+	return writeStatus(w, enabled, stats, p)
+}
+
+func writeStatus(w io.Writer, enabled string, stats Stats, p []Pair) error {
+	fmt.Fprintf(w, "TCP acceleration: %s\n\n", enabled)
+	// One tabwriter per table, so each aligns on its own.
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "SENDS\tCOUNT\tBYTES\n")
+	for _, name := range sortedKeys(stats.Messages) {
+		fmt.Fprintf(tw, "%s\t%d\t%d\n", name, stats.Messages[name].Count, stats.Messages[name].Bytes)
+	}
+	tw.Flush()
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "\nSOCKETS\tCOUNT\n")
+	for _, name := range sortedKeys(stats.Sockets) {
+		fmt.Fprintf(tw, "%s\t%d\n", name, stats.Sockets[name].Count)
+	}
+	tw.Flush()
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "\nACCELERATED CONNECTIONS: %d\n", len(p))
+	for _, c := range p {
+		b := "(peer not in the sockhash)"
+		if c.B != nil {
+			b = c.B.Local.String()
+		}
+		fmt.Fprintf(tw, "%s\t<->\t%s\n", c.A.Local, b)
+	}
+	return tw.Flush()
+}
+
+func sortedKeys(m map[string]Stat) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 func listSockets(m *ebpf.Map) ([]Socket, error) {

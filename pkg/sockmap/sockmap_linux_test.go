@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -249,6 +250,14 @@ func TestDisableLive(t *testing.T) {
 	if len(pairs) != 1 || pairs[0].B == nil || pairs[0].A.Local != netip.MustParseAddrPort("10.244.7.3:7000") {
 		t.Fatalf("pairs = %+v, want one pair with the server end first", pairs)
 	}
+	var status strings.Builder
+	if err := WriteStatus(&status, tb.root); err != nil {
+		t.Fatal(err)
+	}
+	if got := status.String(); !strings.Contains(got, "TCP acceleration: enabled") || !strings.Contains(got, "ACCELERATED CONNECTIONS: 1") {
+		t.Errorf("status:\n%s", got)
+	}
+	t.Logf("sinabro debug view:\n%s", status.String())
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(a.Collector())
 	families, err := reg.Gather()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -132,5 +133,29 @@ func TestNothingEnabled(t *testing.T) {
 	}
 	if err := Cleanup(root); err != nil {
 		t.Errorf("Cleanup: %v", err)
+	}
+}
+
+func TestWriteStatus(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	srv := Socket{Local: ap("10.0.0.2:80"), Remote: ap("10.0.0.3:40000")}
+	cli := Socket{Local: ap("10.0.0.3:40000"), Remote: ap("10.0.0.2:80")}
+	stats := Stats{
+		Messages: map[string]Stat{"redirect": {Count: 3, Bytes: 300}, "pass": {}},
+		Sockets:  map[string]Stat{"added": {Count: 2}},
+	}
+	var b strings.Builder
+	if err := writeStatus(&b, "enabled", stats, []Pair{{A: srv, B: &cli}}); err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(strings.Fields(b.String()), " ")
+	for _, want := range []string{"TCP acceleration: enabled", "redirect 3 300", "added 2", "ACCELERATED CONNECTIONS: 1", "10.0.0.2:80 <-> 10.0.0.3:40000"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("status lacks %q:\n%s", want, b.String())
+		}
+	}
+	b.Reset()
+	if err := WriteStatus(&b, t.TempDir()); err != nil || !strings.Contains(b.String(), "not set up") {
+		t.Errorf("WriteStatus on an empty root = %v, %q", err, b.String())
 	}
 }

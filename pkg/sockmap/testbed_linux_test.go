@@ -103,9 +103,8 @@ func newTestbed(t testing.TB, pods map[string]string) *testbed {
 		mac := linkMAC(t, tb.node, p.host)
 		run(t, "ip", "-n", p.name, "neigh", "add", "169.254.1.1", "lladdr", mac, "dev", "eth0", "nud", "permanent")
 		run(t, "ip", "-n", tb.node, "route", "add", ip+"/32", "dev", p.host)
-		// The host answers ARP for pods only by route; pods resolve
-		// each other through the node, which needs proxy ARP off and a
-		// static neighbour per pod instead: use the pod's MAC.
+		// Static neighbours both ways: the node netns has no address
+		// to ARP from.
 		podMAC := linkMAC(t, p.name, "eth0")
 		run(t, "ip", "-n", tb.node, "neigh", "add", ip, "lladdr", podMAC, "dev", p.host, "nud", "permanent")
 	}
@@ -146,6 +145,10 @@ func (tb *testbed) close() {
 	// earlier). Errors here are reported but must not stop the rest.
 	if err := Cleanup(tb.root); err != nil {
 		tb.t.Errorf("cleanup bpf root: %v", err)
+	}
+	// Cleanup leaves the root itself (the datapath shares it).
+	if err := os.Remove(tb.root); err != nil && !errors.Is(err, os.ErrNotExist) {
+		tb.t.Errorf("remove bpf root: %v", err)
 	}
 	for _, p := range tb.pods {
 		exec.Command("ip", "netns", "del", p.name).Run()
