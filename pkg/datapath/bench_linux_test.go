@@ -138,7 +138,7 @@ func TestConnRateBenchmark(t *testing.T) {
 				}
 				ctx, cancel := context.WithCancel(context.Background())
 				done := make(chan struct{})
-				go func() { d.RunGC(ctx, time.Second, t.Logf); close(done) }()
+				go func() { d.RunGC(ctx, 10*time.Second, t.Logf); close(done) }() // the agent's GC interval
 				stop = func() {
 					cancel()
 					<-done
