@@ -1,15 +1,11 @@
 package agent
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"strings"
 
+	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/sockmap"
 )
 
@@ -46,7 +42,7 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 	cg := a.cfg.PodCgroup
 	if cg == "" {
 		var err error
-		if cg, err = cgroup2Mount(); err != nil {
+		if cg, err = cgroup.V2Mount(); err != nil {
 			return fmt.Errorf("TCP acceleration needs a cgroup v2 (set --pod-cgroup): %w", err)
 		}
 	}
@@ -71,26 +67,4 @@ func (a *Agent) closeAcceleration() error {
 	err := a.accel.Close()
 	a.accel, a.accelCollector = nil, nil
 	return err
-}
-
-// cgroup2Mount finds the cgroup v2 hierarchy (/sys/fs/cgroup, or
-// /sys/fs/cgroup/unified on hybrid systems); its root holds every pod.
-func cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		pre, post, ok := strings.Cut(s.Text(), " - ")
-		fields := strings.Fields(pre)
-		if ok && len(fields) >= 5 && strings.HasPrefix(post, "cgroup2 ") {
-			return filepath.Clean(fields[4]), nil
-		}
-	}
-	if err := s.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("no cgroup2 mount")
 }

@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,34 +18,11 @@ const (
 	bpffsMount = "/sys/fs/bpf"
 )
 
-// cgroup2Mount finds where the cgroup v2 hierarchy is mounted (on hybrid
-// systems that is /sys/fs/cgroup/unified).
-func cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts ... - fstype source superopts
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		fields := strings.Fields(pre)
-		if len(fields) >= 5 && strings.HasPrefix(post, "cgroup2 ") {
-			return fields[4], nil
-		}
-	}
-	return "", errors.New("no cgroup2 mount")
-}
-
 // joinCgroup moves the calling process into the lab's cgroup; children
 // inherit it, so `lab down` can kill every lab process through cgroup.kill
 // even after the supervisor itself was killed.
 func joinCgroup() (string, error) {
-	mnt, err := cgroup2Mount()
+	mnt, err := cgroup.V2Mount()
 	if err != nil {
 		return "", err
 	}
@@ -63,7 +40,7 @@ func joinCgroup() (string, error) {
 // returns how many processes it found there.
 func killCgroup(dir string) (int, error) {
 	if dir == "" {
-		mnt, err := cgroup2Mount()
+		mnt, err := cgroup.V2Mount()
 		if err != nil {
 			return 0, nil
 		}

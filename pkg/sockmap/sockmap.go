@@ -56,11 +56,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/sinabro-io/sinabro/pkg/bpffs"
 )
 
 // DefaultWindow is the default Config.Window.
@@ -151,7 +152,7 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := ensureBPFFS(cfg.BPFRoot); err != nil {
+	if err := bpffs.Ensure(cfg.BPFRoot); err != nil {
 		return nil, err
 	}
 	for _, d := range []string{mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)} {
@@ -419,53 +420,4 @@ func Cleanup(root string) error {
 		errs = append(errs, fmt.Errorf("remove %s: %w", dir(root), err))
 	}
 	return errors.Join(errs...)
-}
-
-// ensureBPFFS makes sure root will be on a bpffs, mounting /sys/fs/bpf when
-// it is not mounted yet (it is not at boot on our hosts). Agents starting
-// together serialise on a lock file (the same one pkg/datapath uses) so
-// none stacks a second bpffs over pins another has just made.
-func ensureBPFFS(root string) error {
-	if onBPFFS(root) {
-		return nil
-	}
-	const sysBPF = "/sys/fs/bpf"
-	rel, err := filepath.Rel(sysBPF, root)
-	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return fmt.Errorf("bpf root %s is not on a bpffs", root)
-	}
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "sinabro-bpffs.lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return fmt.Errorf("open bpffs mount lock: %w", err)
-	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock bpffs mount: %w", err)
-	}
-	if onBPFFS(root) {
-		return nil
-	}
-	if err := os.MkdirAll(sysBPF, 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", sysBPF, err)
-	}
-	if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs on %s: %w", sysBPF, err)
-	}
-	return nil
-}
-
-// onBPFFS reports whether path, or its closest existing ancestor, is on a
-// bpffs.
-func onBPFFS(path string) bool {
-	for {
-		var st unix.Statfs_t
-		if err := unix.Statfs(path, &st); err == nil {
-			return st.Type == unix.BPF_FS_MAGIC
-		}
-		parent := filepath.Dir(path)
-		if parent == path {
-			return false
-		}
-		path = parent
-	}
 }

@@ -1,0 +1,60 @@
+// Package bpffs makes sure Sinabro's pin roots live on a mounted bpffs.
+package bpffs
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Ensure makes sure root will be on a bpffs, mounting /sys/fs/bpf when
+// it is not mounted yet (it is not at boot on our hosts). Agents starting
+// together (the lab) serialise on a lock file so none stacks a second bpffs
+// over pins another has just made.
+func Ensure(root string) error {
+	if On(root) {
+		return nil
+	}
+	const sysBPF = "/sys/fs/bpf"
+	rel, err := filepath.Rel(sysBPF, root)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("bpf root %s is not on a bpffs", root)
+	}
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "sinabro-bpffs.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("open bpffs mount lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock bpffs mount: %w", err)
+	}
+	if On(root) {
+		return nil
+	}
+	if err := os.MkdirAll(sysBPF, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", sysBPF, err)
+	}
+	if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", sysBPF, err)
+	}
+	return nil
+}
+
+// On reports whether path, or its closest existing ancestor, is on a
+// bpffs.
+func On(path string) bool {
+	for {
+		var st unix.Statfs_t
+		if err := unix.Statfs(path, &st); err == nil {
+			return st.Type == unix.BPF_FS_MAGIC
+		}
+		parent := filepath.Dir(path)
+		if parent == path {
+			return false
+		}
+		path = parent
+	}
+}
