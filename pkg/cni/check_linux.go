@@ -27,21 +27,12 @@ func cmdCheck(args *cmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "convert prevResult", err.Error())
 	}
-	podNS, err := openNetNS(args.Netns)
+	s, err := openSides(args.Netns)
 	if err != nil {
 		return err
 	}
-	defer podNS.Close()
-	hostConn, err := dial(-1)
-	if err != nil {
-		return fmt.Errorf("dial rtnetlink: %w", err)
-	}
-	defer hostConn.Close()
-	podConn, err := dial(int(podNS.Fd()))
-	if err != nil {
-		return fmt.Errorf("dial rtnetlink in %s: %w", args.Netns, err)
-	}
-	defer podConn.Close()
+	defer s.Close()
+	hostConn, podConn := s.host, s.pod
 
 	var drift []string
 	driftf := func(format string, a ...any) { drift = append(drift, fmt.Sprintf(format, a...)) }

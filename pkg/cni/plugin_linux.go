@@ -35,6 +35,40 @@ func notReady(conf *PluginConf) error {
 	return nil
 }
 
+// sides are the two ends of an attachment: the pod's namespace and an
+// rtnetlink socket on each side (the node's is the plugin's own namespace).
+type sides struct {
+	podNS     *os.File
+	host, pod *rtnetlink.Conn
+}
+
+func openSides(netnsPath string) (*sides, error) {
+	podNS, err := openNetNS(netnsPath)
+	if err != nil {
+		return nil, err
+	}
+	s := &sides{podNS: podNS}
+	if s.host, err = dial(-1); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("dial rtnetlink: %w", err)
+	}
+	if s.pod, err = dial(int(podNS.Fd())); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("dial rtnetlink in %s: %w", netnsPath, err)
+	}
+	return s, nil
+}
+
+func (s *sides) Close() {
+	if s.pod != nil {
+		s.pod.Close()
+	}
+	if s.host != nil {
+		s.host.Close()
+	}
+	s.podNS.Close()
+}
+
 // openNetNS opens the pod's network namespace, mapping failures to code 4
 // (CNI_NETNS is an invalid environment variable).
 func openNetNS(path string) (*os.File, error) {
@@ -54,22 +88,12 @@ func cmdAdd(args *cmdArgs) (retErr error) {
 	if err := notReady(conf); err != nil {
 		return err
 	}
-	podNS, err := openNetNS(args.Netns)
+	s, err := openSides(args.Netns)
 	if err != nil {
 		return err
 	}
-	defer podNS.Close()
-
-	hostConn, err := dial(-1)
-	if err != nil {
-		return fmt.Errorf("dial rtnetlink: %w", err)
-	}
-	defer hostConn.Close()
-	podConn, err := dial(int(podNS.Fd()))
-	if err != nil {
-		return fmt.Errorf("dial rtnetlink in %s: %w", args.Netns, err)
-	}
-	defer podConn.Close()
+	defer s.Close()
+	podNS, hostConn, podConn := s.podNS, s.host, s.pod
 
 	// The spec requires ADD to fail when the interface already exists.
 	if l, err := linkByName(podConn, args.IfName); err != nil {
