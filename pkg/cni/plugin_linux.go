@@ -11,6 +11,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/jsimonetti/rtnetlink/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/sinabro-io/sinabro/pkg/ipam"
 )
@@ -120,12 +121,16 @@ func cmdAdd(args *cmdArgs) (retErr error) {
 	}
 
 	hostName := HostVethName(args.ContainerID, args.IfName)
-	// A host veth left by an ADD that died half-way has lost its pod end
-	// (the interface check above passed), so it is safe to replace.
-	if _, err := deleteLink(hostConn, hostName); err != nil {
-		return err
+	err = createVeth(hostConn, hostName, args.IfName, podNS, conf.MTU)
+	if errors.Is(err, unix.EEXIST) {
+		// A host veth left by an ADD that died half-way has lost its pod
+		// end (the interface check above passed), so it is safe to replace.
+		if _, err := deleteLink(hostConn, hostName); err != nil {
+			return err
+		}
+		err = createVeth(hostConn, hostName, args.IfName, podNS, conf.MTU)
 	}
-	if err := createVeth(hostConn, hostName, args.IfName, podNS, conf.MTU); err != nil {
+	if err != nil {
 		return err
 	}
 	defer func() {
@@ -164,11 +169,9 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 	if err := setUp(podConn, pod.Index, ""); err != nil {
 		return nil, fmt.Errorf("set up %s in pod: %w", args.IfName, err)
 	}
-	// Bring the pod's loopback up too, so pod-local services work even when
-	// the runtime runs no loopback plugin.
-	if lo, err := linkByName(podConn, "lo"); err == nil && lo != nil && lo.Flags&1 == 0 {
-		_ = setUp(podConn, lo.Index, "")
-	}
+	// Bring the pod's loopback (always ifindex 1) up too, so pod-local
+	// services work even when the runtime runs no loopback plugin.
+	_ = setUp(podConn, loopbackIndex, "")
 
 	result := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
@@ -191,7 +194,7 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 		if a.IP.Is4() {
 			// The link-local gateway needs an on-link route before it can
 			// be used as a next hop; fe80::/64 is on-link by default.
-			if err := replaceRoute(podConn, pod.Index, netip.PrefixFrom(gw, 32), netip.Addr{}, unix_RTPROT_BOOT); err != nil {
+			if err := replaceRoute(podConn, pod.Index, netip.PrefixFrom(gw, 32), netip.Addr{}, unix.RTPROT_BOOT); err != nil {
 				return nil, err
 			}
 		}
@@ -202,7 +205,7 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 		if a.IP.Is6() {
 			def = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 		}
-		if err := replaceRoute(podConn, pod.Index, def, gw, unix_RTPROT_BOOT); err != nil {
+		if err := replaceRoute(podConn, pod.Index, def, gw, unix.RTPROT_BOOT); err != nil {
 			return nil, err
 		}
 		if err := replaceRoute(hostConn, host.Index, netip.PrefixFrom(a.IP, a.IP.BitLen()), netip.Addr{}, RouteProtocol); err != nil {
@@ -229,7 +232,8 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 	return result, nil
 }
 
-const unix_RTPROT_BOOT = 3 // routes set up at boot/by an admin; what `ip route add` uses
+// loopbackIndex is lo's ifindex in every network namespace.
+const loopbackIndex = 1
 
 func cmdDel(args *cmdArgs) error {
 	conf, err := parseConf(args.StdinData)
