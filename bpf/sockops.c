@@ -163,7 +163,11 @@ static __always_inline bool is_local_pod(__be32 addr)
 {
 	struct pod_key k = { .prefixlen = 32, .addr = addr };
 
-	return bpf_map_lookup_elem(&sb_sock_pods, &k) != NULL;
+	__u8 *member = bpf_map_lookup_elem(&sb_sock_pods, &k);
+
+	/* 1: inside a pod prefix; 0: a /32 excluded from it (a pod that opted
+	 * out, e.g. one reading sockets with splice). */
+	return member && *member;
 }
 
 /* conn_key puts a socket's tuple in canonical order and returns its side. */

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/sockmap"
@@ -36,8 +39,9 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 			prefixes = append(prefixes, p)
 		}
 	}
+	excluded := a.accelerationExcluded()
 	if a.accel != nil {
-		return a.accel.SetPodPrefixes(prefixes)
+		return a.accel.SetPods(prefixes, excluded)
 	}
 	cg := a.cfg.PodCgroup
 	if cg == "" {
@@ -46,7 +50,7 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 			return fmt.Errorf("TCP acceleration needs a cgroup v2 (set --pod-cgroup): %w", err)
 		}
 	}
-	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: a.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: prefixes})
+	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: a.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: prefixes, Excluded: excluded})
 	if err != nil {
 		return fmt.Errorf("enable TCP acceleration on cgroup %s (--tcp-acceleration=false turns it off): %w", cg, err)
 	}
@@ -67,4 +71,39 @@ func (a *Agent) closeAcceleration() error {
 	err := a.accel.Close()
 	a.accel, a.accelCollector = nil, nil
 	return err
+}
+
+// AnnotationTCPAcceleration set to "false" on a Pod keeps its connections
+// off the socket shortcut: needed by pods that read sockets with splice(2)
+// (e.g. Go's io.Copy between two TCP connections), which do not see
+// redirected data on current kernels.
+const AnnotationTCPAcceleration = "sinabro.io/tcp-acceleration"
+
+func accelerationOptOut(p *corev1.Pod) bool {
+	return p.Annotations[AnnotationTCPAcceleration] == "false"
+}
+
+// accelerationExcluded lists the IPv4 addresses of this node's pods that
+// opted out of TCP acceleration.
+func (a *Agent) accelerationExcluded() []netip.Addr {
+	if a.pods == nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, obj := range a.pods.List() {
+		p, ok := obj.(*corev1.Pod)
+		if !ok || !accelerationOptOut(p) {
+			continue
+		}
+		ips := []string{p.Status.PodIP}
+		for _, ip := range p.Status.PodIPs {
+			ips = append(ips, ip.IP)
+		}
+		for _, ip := range ips {
+			if addr, err := netip.ParseAddr(ip); err == nil && addr.Is4() && !slices.Contains(out, addr) {
+				out = append(out, addr)
+			}
+		}
+	}
+	return out
 }

@@ -139,6 +139,7 @@ type Agent struct {
 	// TCP acceleration (pkg/sockmap); accelOff records that a leftover
 	// from an earlier run was disabled.
 	accel          *sockmap.Accelerator
+	pods           cache.Store // this node's Pods
 	accelCollector prometheus.Collector
 	accelOff       bool
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
@@ -237,6 +238,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("add node event handler: %w", err)
 	}
 
+	// The node's Pods, for their per-pod settings (TCP acceleration opt-out).
+	podInformer := cache.NewSharedIndexInformer(a.cluster.Pods(ctx, a.cfg.NodeName), &corev1.Pod{}, 0, cache.Indexers{})
+	a.pods = podInformer.GetStore()
+	if _, err := podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { a.trigger() },
+		UpdateFunc: func(old, cur any) {
+			o, ok1 := old.(*corev1.Pod)
+			n, ok2 := cur.(*corev1.Pod)
+			if !ok1 || !ok2 || accelerationOptOut(o) != accelerationOptOut(n) || o.Status.PodIP != n.Status.PodIP {
+				a.trigger()
+			}
+		},
+		DeleteFunc: func(any) { a.trigger() },
+	}); err != nil {
+		return fmt.Errorf("add pod event handler: %w", err)
+	}
+
 	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
 	a.recorder = recorder
 	defer stopEvents()
@@ -251,6 +269,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	g.Go(func() error {
 		informer.RunWithContext(ctx)
+		return nil
+	})
+	g.Go(func() error {
+		podInformer.RunWithContext(ctx)
 		return nil
 	})
 	if err := a.runEndpoints(ctx, g); err != nil {

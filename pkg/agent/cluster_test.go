@@ -32,6 +32,19 @@ func (k clientsetCluster) Nodes(ctx context.Context) cache.ListerWatcher {
 	}
 }
 
+func (k clientsetCluster) Pods(ctx context.Context, node string) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			o.FieldSelector = "spec.nodeName=" + node
+			return k.c.CoreV1().Pods("").List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = "spec.nodeName=" + node
+			return k.c.CoreV1().Pods("").Watch(ctx, o)
+		},
+	}
+}
+
 func (k clientsetCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
 	_, err := k.c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
 	return err

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 
@@ -17,6 +18,9 @@ import (
 type Cluster interface {
 	// Nodes lists and watches all Nodes, for the agent's node informer.
 	Nodes(ctx context.Context) cache.ListerWatcher
+	// Pods lists and watches the Pods scheduled to node (for per-pod
+	// settings such as the TCP acceleration opt-out).
+	Pods(ctx context.Context, node string) cache.ListerWatcher
 	// PatchNode applies a JSON merge patch to a Node.
 	PatchNode(ctx context.Context, name string, patch []byte) error
 	// EventRecorder returns a recorder of core/v1 Events and the function
@@ -45,6 +49,12 @@ type kubeCluster struct {
 
 func (k kubeCluster) Nodes(ctx context.Context) cache.ListerWatcher {
 	return k.c.Nodes().ListWatch(ctx, nil)
+}
+
+func (k kubeCluster) Pods(ctx context.Context, node string) cache.ListerWatcher {
+	return k.c.Pods("").ListWatch(ctx, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
+	})
 }
 
 func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) error {

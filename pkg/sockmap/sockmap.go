@@ -82,6 +82,9 @@ type Config struct {
 	// CIDRs: a socket is accelerated only when both its ends are inside.
 	// Leave out pods that read sockets with splice(2) (see package doc).
 	PodPrefixes []netip.Prefix
+	// Excluded are pod addresses inside PodPrefixes that are never
+	// accelerated (pods that opted out).
+	Excluded []netip.Addr
 	// Window bounds the data queued for a peer that does not read:
 	// redirected bytes have no TCP flow control, so a side that has sent
 	// Window bytes since its peer last sent anything moves to TCP for
@@ -164,7 +167,7 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 	if err := loadObjects(&a.objs, mapsDir(cfg.BPFRoot)); err != nil {
 		return nil, err
 	}
-	if err := a.SetPodPrefixes(cfg.PodPrefixes); err != nil {
+	if err := a.SetPods(cfg.PodPrefixes, cfg.Excluded); err != nil {
 		a.Close()
 		return nil, err
 	}
@@ -287,12 +290,24 @@ func cgroupID(path string) (uint64, error) {
 // SetPodPrefixes makes the local pod set exactly prefixes. Sockets already
 // accelerated stay so.
 func (a *Accelerator) SetPodPrefixes(prefixes []netip.Prefix) error {
-	want := map[sockopsPodKey]bool{}
+	return a.SetPods(prefixes, nil)
+}
+
+// SetPods makes the local pod set exactly prefixes minus the excluded
+// addresses (stored as /32 entries with value 0, which the longest-prefix
+// match finds first).
+func (a *Accelerator) SetPods(prefixes []netip.Prefix, excluded []netip.Addr) error {
+	want := map[sockopsPodKey]uint8{}
 	for _, p := range prefixes {
 		if !p.IsValid() || !p.Addr().Is4() {
 			return fmt.Errorf("pod prefix %v is not IPv4", p)
 		}
-		want[podKey(p.Masked())] = true
+		want[podKey(p.Masked())] = 1
+	}
+	for _, ip := range excluded {
+		if ip.Is4() {
+			want[podKey(netip.PrefixFrom(ip, 32))] = 0
+		}
 	}
 	m := a.objs.SbSockPods
 	var stale []sockopsPodKey
@@ -300,15 +315,15 @@ func (a *Accelerator) SetPodPrefixes(prefixes []netip.Prefix) error {
 	var v uint8
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if !want[k] {
+		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("list pod prefixes: %w", err)
 	}
-	for k := range want {
-		if err := m.Put(k, uint8(1)); err != nil {
+	for k, member := range want {
+		if err := m.Put(k, member); err != nil {
 			return fmt.Errorf("add pod prefix %v: %w", podPrefix(k), err)
 		}
 	}
@@ -317,7 +332,7 @@ func (a *Accelerator) SetPodPrefixes(prefixes []netip.Prefix) error {
 			return fmt.Errorf("delete pod prefix %v: %w", podPrefix(k), err)
 		}
 	}
-	a.cfg.PodPrefixes = prefixes
+	a.cfg.PodPrefixes, a.cfg.Excluded = prefixes, excluded
 	return nil
 }
 

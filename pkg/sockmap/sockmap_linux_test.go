@@ -147,6 +147,38 @@ func TestSpliceReader(t *testing.T) {
 	}
 }
 
+// TestExcludedPod checks the per-pod opt-out: with the whole pod CIDR
+// accelerated, an excluded pod (here a splicing proxy) keeps the normal
+// path and works, while the others are still accelerated.
+func TestExcludedPod(t *testing.T) {
+	tb := newTestbed(t, map[string]string{"a": "10.244.7.2", "b": "10.244.7.3", "c": "10.244.7.4"})
+	a := tb.enable(Config{
+		PodPrefixes: []netip.Prefix{netip.MustParsePrefix("10.244.7.0/24")},
+		Excluded:    []netip.Addr{tb.pods["c"].ip},
+	})
+	tb.server("b")
+	tb.server("c")
+	before, _ := a.Stats()
+	if r := tb.client("a", "c", "pingpong:200:100:e", time.Minute); !r.OK {
+		t.Fatalf("to the excluded splicing pod: %s", r.Err)
+	}
+	mid, _ := a.Stats()
+	if d := mid.Message("redirect").Count - before.Message("redirect").Count; d != 0 {
+		t.Errorf("%d messages to the excluded pod were redirected", d)
+	}
+	if r := tb.client("a", "b", "pingpong:200:100:b", time.Minute); !r.OK {
+		t.Fatalf("between included pods: %s", r.Err)
+	}
+	after, _ := a.Stats()
+	if d := after.Message("redirect").Count - mid.Message("redirect").Count; d == 0 {
+		t.Errorf("no messages redirected between included pods")
+	}
+	// Lifting the exclusion makes the pod eligible again.
+	if err := a.SetPods([]netip.Prefix{netip.MustParsePrefix("10.244.7.0/24")}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestNotAccelerated checks flows that must keep the normal path.
 func TestNotAccelerated(t *testing.T) {
 	tb := newTestbed(t, map[string]string{"a": "10.244.7.2", "b": "10.244.7.3", "remote": "10.244.9.2"})
