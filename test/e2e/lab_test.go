@@ -20,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
@@ -63,6 +64,27 @@ func TestLab(t *testing.T) {
 		if err != nil || !strings.Contains(string(dbg), "sb_sock_hash") || !strings.Contains(string(dbg), "sb_ct") {
 			t.Errorf("debug maps does not list the datapath and acceleration maps (%v):\n%s", err, dbg)
 		}
+	})
+	t.Run("tcp acceleration opt-out", func(t *testing.T) {
+		// check's shortcut probe on node-1 talks to node-1-pod-2; once that
+		// pod opts out, its connections must take the normal path.
+		patch := func(v string) {
+			t.Helper()
+			body := fmt.Sprintf(`{"metadata":{"annotations":{"sinabro.io/tcp-acceleration":%s}}}`, v)
+			if _, err := cs.Pods("default").Patch(ctx, "node-1-pod-2", types.MergePatchType, []byte(body), metav1.PatchOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		patch(`"false"`)
+		waitFor(t, 15*time.Second, "node-1-pod-2 left out of acceleration", func() (bool, string) {
+			out, _ := l.sinabro("check")
+			return strings.Contains(out, "2/3 accelerated") && strings.Contains(out, "node-1-pod-2: "), lastLine(out)
+		})
+		patch("null")
+		waitFor(t, 15*time.Second, "node-1-pod-2 accelerated again", func() (bool, string) {
+			out, err := l.sinabro("check")
+			return err == nil, lastLine(out)
+		})
 	})
 	t.Run("status", func(t *testing.T) {
 		out := l.mustSinabro(t, "status")
@@ -382,4 +404,9 @@ func diff(a, b []string) (onlyA, onlyB []string) {
 	slices.Sort(onlyA)
 	slices.Sort(onlyB)
 	return onlyA, onlyB
+}
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
 }
