@@ -215,6 +215,21 @@ func (d *datapathLab) concurrentFlows(t *testing.T) {
 	if missing > 0 || len(natPorts) != flows {
 		t.Errorf("sb_ct: %d of %d open connections lack a full entry masqueraded to %s; %d distinct NAT ports, want %d", missing, flows, d.nodeIP, len(natPorts), flows)
 	}
+	// The text dump an operator reads says the same.
+	text, err := exec.Command(binary, "debug", "maps", "--bpf-root", d.bpfRoot, "sb_ct").Output()
+	if err != nil {
+		t.Fatalf("debug maps sb_ct: %v", err)
+	}
+	lines := 0
+	for _, line := range strings.Split(string(text), "\n") {
+		if strings.HasPrefix(line, "tcp "+d.podIP.String()+":") && strings.Contains(line, "→ "+d.ext.String()+" ⇢ "+d.nodeIP.String()+":") {
+			lines++
+		}
+	}
+	t.Logf("figure: debug maps sb_ct prints %d lines tcp %s → %s ⇢ %s", lines, d.podIP, d.ext, d.nodeIP)
+	if lines < flows {
+		t.Errorf("debug maps sb_ct prints %d masqueraded flows from the pod, want at least %d:\n%s", lines, flows, firstLines(string(text), 5))
+	}
 
 	// Every connection exchanges once; the server must see exactly the
 	// address conntrack translated it to.
@@ -462,4 +477,9 @@ func (d *datapathLab) shortConnection(wrong *atomic.Int32) error {
 		return errors.New("server saw " + peer.String() + ", want " + d.nodeIP.String())
 	}
 	return nil
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
