@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -74,9 +75,22 @@ func (d *Datapath) SetRemotes(want []Remote) error {
 	return errors.Join(errs...)
 }
 
+// MarshalJSON writes MACs as text rather than base64 bytes.
+func (r Remote) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		Prefix   netip.Prefix `json:"prefix"`
+		Ifindex  int          `json:"ifindex"`
+		PeerMAC  string       `json:"peerMAC"`
+		LocalMAC string       `json:"localMAC"`
+	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String()})
+}
+
 // Remotes lists the remote pod prefixes, sorted.
-func (d *Datapath) Remotes() ([]Remote, error) {
-	have, err := remoteEntries(d.objs.SbRemoteCidrs)
+func (d *Datapath) Remotes() ([]Remote, error) { return Remotes(d.objs.SbRemoteCidrs) }
+
+// Remotes lists a remote pod prefix map (sb_remote_cidrs), sorted.
+func Remotes(m *ebpf.Map) ([]Remote, error) {
+	have, err := remoteEntries(m)
 	if err != nil {
 		return nil, err
 	}
