@@ -32,7 +32,8 @@ func newDebugMapsCmd() *cobra.Command {
 		Long: `Without NAME, lists every map pinned under the bpffs root: name, type,
 entries, capacity and pin path. With NAME, dumps that map decoded:
 sb_ct as masqueraded flows, sb_counters as named counters, sb_masq_cidrs
-as prefixes, sb_endpoints as pods, sb_sock_hash as accelerated TCP
+as prefixes, sb_endpoints as pods, sb_remote_cidrs as other nodes' pod
+prefixes with their vxlan MACs, sb_sock_hash as accelerated TCP
 socket pairs and sb_sock_counters as TCP acceleration counters.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -179,6 +180,20 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 		fmt.Fprintln(tw, "IP\tIFINDEX\tPOD MAC\tHOST MAC\tLOCAL")
 		for _, e := range eps {
 			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\t%v\n", e.IP, e.Ifindex, e.PodMAC, e.HostMAC, e.Local)
+		}
+		return tw.Flush()
+	case "sb_remote_cidrs":
+		remotes, err := datapath.Remotes(m)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return writeJSON(w, remotes)
+		}
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "PREFIX\tIFINDEX\tPEER MAC\tLOCAL MAC")
+		for _, r := range remotes {
+			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\n", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC)
 		}
 		return tw.Flush()
 	}

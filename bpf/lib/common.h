@@ -37,6 +37,7 @@ enum reason {
 	REASON_REDIRECT_LOCAL = 9,   /* host routing: redirected to a local pod */
 	REASON_REDIRECT_NEIGH = 10,  /* host routing: redirected to the uplink via neighbour */
 	REASON_PASS_STACK = 11,      /* host routing: left to the kernel stack */
+	REASON_REDIRECT_TUNNEL = 12, /* host routing: redirected to the vxlan device (another node's pod) */
 	REASON_DROP_MALFORMED = 16,
 	REASON_DROP_FRAGMENT = 17,   /* egress: fragmented pod packet that needs masquerading */
 	REASON_DROP_UNSUPPORTED = 18,/* egress: a protocol we cannot masquerade */
@@ -44,6 +45,12 @@ enum reason {
 	REASON_DROP_CT_FULL = 20,    /* egress: the conntrack table refused a new entry */
 	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
 	REASON_MAX = 32,
+};
+
+/* Key of the IPv4 LPM tries (sb_masq_cidrs, sb_remote_cidrs). */
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__be32 addr;
 };
 
 struct counter {

@@ -4,8 +4,12 @@
  * veth (packets leaving the pod). A packet for another pod on this node is
  * routed here: TTL decremented, MACs rewritten, and handed straight to the
  * destination pod's eth0 with bpf_redirect_peer, skipping the host stack.
- * Everything else (other nodes, the outside, the node itself) is left to
- * the kernel's routing, which the uplink's masquerading then sees.
+ * A packet for a pod of another node (a prefix of sb_remote_cidrs) gets the
+ * same rewrite towards that node's VTEP and is handed to the egress of the
+ * vxlan device, whose FDB maps the destination MAC to the peer's underlay
+ * address: what the stack's route, neighbour and forwarding would do.
+ * Everything else (the outside, the node itself) is left to the kernel's
+ * routing, which the uplink's masquerading then sees.
  */
 #ifndef SINABRO_HOST_H
 #define SINABRO_HOST_H
@@ -29,13 +33,42 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_endpoints SEC(".maps");
 
+/* A pod prefix of another node, reached through the vxlan device. */
+struct remote_cidr {
+	__u32 ifindex;            /* the vxlan device */
+	__u8 dst_mac[ETH_ALEN];   /* the peer's VTEP (vxlan device) MAC */
+	__u8 src_mac[ETH_ALEN];   /* the local vxlan device's MAC */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__type(key, struct lpm_v4_key);
+	__type(value, struct remote_cidr);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sb_remote_cidrs SEC(".maps");
+
+/* decrement_ttl lowers the TTL of the IPv4 header at ETH_HLEN, fixing its
+ * checksum. ip is the packet's header, already loaded, with ttl > 1. */
+static __always_inline int decrement_ttl(struct __sk_buff *skb, const struct iphdr *ip)
+{
+	/* TTL shares a 16-bit checksum word with the protocol. */
+	__u8 ttl = ip->ttl - 1;
+	__be16 old_ttl = bpf_htons((__u16)ip->ttl << 8 | ip->protocol);
+	__be16 new_ttl = bpf_htons((__u16)ttl << 8 | ip->protocol);
+
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_ttl, new_ttl, 2) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + 8, &ttl, 1, 0))
+		return -1;
+	return 0;
+}
+
 /* route_local delivers an IPv4 packet to a pod on this node, or returns
  * -1 to leave it to the stack. ip is the packet's header, already loaded. */
 static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr *ip, __u32 prog)
 {
 	struct endpoint *ep;
-	__be16 old_ttl, new_ttl;
-	__u8 ttl;
 
 	ep = bpf_map_lookup_elem(&sb_endpoints, &ip->daddr);
 	if (!ep || !(ep->flags & EP_LOCAL))
@@ -44,12 +77,7 @@ static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr
 	if (ip->ttl <= 1)
 		return -1;
 
-	/* TTL shares a 16-bit checksum word with the protocol. */
-	ttl = ip->ttl - 1;
-	old_ttl = bpf_htons((__u16)ip->ttl << 8 | ip->protocol);
-	new_ttl = bpf_htons((__u16)ttl << 8 | ip->protocol);
-	if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_ttl, new_ttl, 2) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN + 8, &ttl, 1, 0) ||
+	if (decrement_ttl(skb, ip) ||
 	    bpf_skb_store_bytes(skb, 0, ep->pod_mac, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->host_mac, ETH_ALEN, 0)) {
 		count(skb, prog, REASON_DROP_REWRITE);
@@ -57,6 +85,30 @@ static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr
 	}
 	count(skb, prog, REASON_REDIRECT_LOCAL);
 	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+/* route_remote hands an IPv4 packet for a pod of another node to the vxlan
+ * device, or returns -1 to leave it to the stack. */
+static __always_inline int route_remote(struct __sk_buff *skb, const struct iphdr *ip, __u32 prog)
+{
+	struct lpm_v4_key k = {.prefixlen = 32, .addr = ip->daddr};
+	struct remote_cidr *rc;
+
+	rc = bpf_map_lookup_elem(&sb_remote_cidrs, &k);
+	/* Never back out of the device it came in on (host_route also runs
+	 * on the vxlan device's ingress). */
+	if (!rc || rc->ifindex == skb->ifindex)
+		return -1;
+	if (ip->ttl <= 1)
+		return -1;
+	if (decrement_ttl(skb, ip) ||
+	    bpf_skb_store_bytes(skb, 0, rc->dst_mac, ETH_ALEN, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, rc->src_mac, ETH_ALEN, 0)) {
+		count(skb, prog, REASON_DROP_REWRITE);
+		return TCX_DROP;
+	}
+	count(skb, prog, REASON_REDIRECT_TUNNEL);
+	return bpf_redirect(rc->ifindex, 0);
 }
 
 SEC("tc")
@@ -74,6 +126,9 @@ int host_route(struct __sk_buff *skb)
 		return TCX_NEXT;
 	}
 	ret = route_local(skb, &ip, PROG_HOST_ROUTE);
+	if (ret >= 0)
+		return ret;
+	ret = route_remote(skb, &ip, PROG_HOST_ROUTE);
 	if (ret >= 0)
 		return ret;
 	count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);

@@ -71,11 +71,6 @@ struct {
 #define CIDR_POD 0x1    /* pod addresses: sources we masquerade */
 #define CIDR_NO_MASQ 0x2 /* destinations never masqueraded */
 
-struct lpm_v4_key {
-	__u32 prefixlen;
-	__be32 addr;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);

@@ -447,7 +447,7 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if err := a.ensureMasquerade(ctx, self, sel); err != nil {
 		errs = append(errs, err)
 	}
-	if err := a.ensureDatapath(ctx, self, under, sel); err != nil {
+	if err := a.ensureDatapath(ctx, self, under, dev, sel); err != nil {
 		errs = append(errs, err)
 	}
 	if err := a.ensureAcceleration(ctx, self); err != nil {

@@ -74,10 +74,42 @@ func compactPrefixes(ps []netip.Prefix) []netip.Prefix {
 	return slices.Compact(ps)
 }
 
+// datapathRemotes returns the peers' pod prefixes that host routing hands
+// straight to the vxlan device dev, with the MACs the overlay's routes and
+// neighbour entries would give them; none without host routing.
+func (a *Agent) datapathRemotes(dev overlay.Link, sel Selection) []datapath.Remote {
+	if !a.cfg.HostRouting || dev.Index == 0 || len(dev.MAC) != 6 {
+		return nil
+	}
+	var out []datapath.Remote
+	for _, peer := range sel.Peers {
+		for _, p := range peer.PodCIDRs {
+			if p.Addr().Is4() {
+				out = append(out, datapath.Remote{Prefix: p.Masked(), Ifindex: int(dev.Index), PeerMAC: peer.MAC, LocalMAC: dev.MAC})
+			}
+		}
+	}
+	return out
+}
+
+// setRemotes converges d's remote pod prefixes, logging changes of their
+// number.
+func (a *Agent) setRemotes(d *datapath.Datapath, want []datapath.Remote) error {
+	before, _ := d.Remotes()
+	if err := d.SetRemotes(want); err != nil {
+		return fmt.Errorf("update datapath remote pod prefixes: %w", err)
+	}
+	if len(before) != len(want) {
+		a.log.Info("host routing remote pod prefixes updated", "prefixes", len(want))
+	}
+	return nil
+}
+
 // ensureDatapath loads (or adopts) the eBPF datapath on the underlay device
 // and keeps its prefixes in line with the cluster, or removes a datapath
-// left by an earlier run when this configuration uses none.
-func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under overlay.Link, sel Selection) error {
+// left by an earlier run when this configuration uses none. The peers' pod
+// prefixes it is given reach the vxlan device dev directly.
+func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev overlay.Link, sel Selection) error {
 	if !a.datapathWanted() {
 		if !a.dpRemoved && a.cfg.BPFRoot != "" {
 			a.dpRemoved = true
@@ -90,6 +122,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under overlay
 		return nil
 	}
 	cluster, nonMasq := a.datapathCIDRs(sel)
+	remotes := a.datapathRemotes(dev, sel)
 
 	a.dpMu.Lock()
 	defer a.dpMu.Unlock()
@@ -101,7 +134,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under overlay
 		if !slices.Equal(old.ClusterCIDRs, cluster) || !slices.Equal(old.NonMasqCIDRs, nonMasq) {
 			a.log.Info("datapath prefixes updated", "pod_cidrs", cluster, "non_masquerade", nonMasq)
 		}
-		return nil
+		return a.setRemotes(d, remotes)
 	}
 
 	// First load, or the node's address or uplink changed (the node IP is
@@ -120,6 +153,12 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under overlay
 		return err
 	}); err != nil {
 		return fmt.Errorf("load eBPF datapath on %s (use --masquerade-backend=nftables --host-routing=false to run without eBPF): %w", under.Name, err)
+	}
+	// Before the new datapath is used: an adopted map may hold the
+	// prefixes of an earlier run.
+	if err := a.setRemotes(d, remotes); err != nil {
+		d.Close()
+		return err
 	}
 	eps, err := datapath.OpenMap(a.cfg.BPFRoot, "sb_endpoints")
 	if err != nil {

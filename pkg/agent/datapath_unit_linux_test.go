@@ -2,12 +2,17 @@ package agent
 
 import (
 	"encoding/binary"
+	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/overlay"
 )
 
 func prefixes(ss ...string) []netip.Prefix {
@@ -91,6 +96,45 @@ func TestEndpointRelevant(t *testing.T) {
 			m := netlink.Message{Header: netlink.Header{Type: tt.typ}, Data: tt.data}
 			if got := endpointRelevant(m); got != tt.want {
 				t.Errorf("endpointRelevant = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestDatapathRemotes(t *testing.T) {
+	local, _ := net.ParseMAC("02:00:00:00:00:01")
+	peerB, _ := net.ParseMAC("02:00:00:00:00:02")
+	peerC, _ := net.ParseMAC("02:00:00:00:00:03")
+	dev := overlay.Link{Index: 7, MAC: local}
+	sel := Selection{Peers: []overlay.Peer{
+		{Name: "b", MAC: peerB, PodCIDRs: prefixes("10.244.2.0/24", "fd00:10:244:2::/64")},
+		{Name: "c", MAC: peerC, PodCIDRs: prefixes("10.244.3.1/24")},
+	}}
+	str := func(rs []datapath.Remote) []string {
+		var out []string
+		for _, r := range rs {
+			out = append(out, fmt.Sprintf("%v %d %v %v", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC))
+		}
+		return out
+	}
+	tests := []struct {
+		name string
+		cfg  Config
+		dev  overlay.Link
+		want []string
+	}{
+		{"every peer's IPv4 pod CIDR", Config{HostRouting: true}, dev, []string{
+			"10.244.2.0/24 7 02:00:00:00:00:02 02:00:00:00:00:01",
+			"10.244.3.0/24 7 02:00:00:00:00:03 02:00:00:00:00:01",
+		}},
+		{"host routing off: the stack forwards", Config{HostRouting: false}, dev, nil},
+		{"no vxlan device yet", Config{HostRouting: true}, overlay.Link{}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := &Agent{cfg: tt.cfg}
+			if got := str(a.datapathRemotes(tt.dev, sel)); !slices.Equal(got, tt.want) {
+				t.Errorf("datapathRemotes = %q, want %q", got, tt.want)
 			}
 		})
 	}

@@ -34,6 +34,7 @@ var reasonNames = [reasonSlots]string{
 	9:  "redirect_local",
 	10: "redirect_neigh",
 	11: "pass_stack",
+	12: "redirect_tunnel",
 	16: "drop_malformed",
 	17: "drop_fragment",
 	18: "drop_unsupported",

@@ -54,20 +54,28 @@ type datapathLpmV4Key struct {
 	Addr      uint32
 }
 
+type datapathRemoteCidr struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	DstMac  [6]uint8
+	SrcMac  [6]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapSbCounters   = "sb_counters"
-	datapathMapSbCt         = "sb_ct"
-	datapathMapSbEndpoints  = "sb_endpoints"
-	datapathMapSbMasqCidrs  = "sb_masq_cidrs"
-	datapathProgHostRoute   = "host_route"
-	datapathProgMasqEgress  = "masq_egress"
-	datapathProgMasqIngress = "masq_ingress"
-	datapathVarNodeIp       = "node_ip"
-	datapathVarPortMax      = "port_max"
-	datapathVarPortMin      = "port_min"
+	datapathMapSbCounters    = "sb_counters"
+	datapathMapSbCt          = "sb_ct"
+	datapathMapSbEndpoints   = "sb_endpoints"
+	datapathMapSbMasqCidrs   = "sb_masq_cidrs"
+	datapathMapSbRemoteCidrs = "sb_remote_cidrs"
+	datapathProgHostRoute    = "host_route"
+	datapathProgMasqEgress   = "masq_egress"
+	datapathProgMasqIngress  = "masq_ingress"
+	datapathVarNodeIp        = "node_ip"
+	datapathVarPortMax       = "port_max"
+	datapathVarPortMin       = "port_min"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -121,10 +129,11 @@ type datapathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathMapSpecs struct {
-	SbCounters  *ebpf.MapSpec `ebpf:"sb_counters"`
-	SbCt        *ebpf.MapSpec `ebpf:"sb_ct"`
-	SbEndpoints *ebpf.MapSpec `ebpf:"sb_endpoints"`
-	SbMasqCidrs *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
+	SbCounters    *ebpf.MapSpec `ebpf:"sb_counters"`
+	SbCt          *ebpf.MapSpec `ebpf:"sb_ct"`
+	SbEndpoints   *ebpf.MapSpec `ebpf:"sb_endpoints"`
+	SbMasqCidrs   *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
+	SbRemoteCidrs *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -156,10 +165,11 @@ func (o *datapathObjects) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathMaps struct {
-	SbCounters  *ebpf.Map `ebpf:"sb_counters"`
-	SbCt        *ebpf.Map `ebpf:"sb_ct"`
-	SbEndpoints *ebpf.Map `ebpf:"sb_endpoints"`
-	SbMasqCidrs *ebpf.Map `ebpf:"sb_masq_cidrs"`
+	SbCounters    *ebpf.Map `ebpf:"sb_counters"`
+	SbCt          *ebpf.Map `ebpf:"sb_ct"`
+	SbEndpoints   *ebpf.Map `ebpf:"sb_endpoints"`
+	SbMasqCidrs   *ebpf.Map `ebpf:"sb_masq_cidrs"`
+	SbRemoteCidrs *ebpf.Map `ebpf:"sb_remote_cidrs"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -168,6 +178,7 @@ func (m *datapathMaps) Close() error {
 		m.SbCt,
 		m.SbEndpoints,
 		m.SbMasqCidrs,
+		m.SbRemoteCidrs,
 	)
 }
 

@@ -60,6 +60,16 @@ func TestLab(t *testing.T) {
 		if err != nil || !regexp.MustCompile(`message\s+redirect\s+[1-9]`).Match(dbg) {
 			t.Errorf("debug maps sb_sock_counters shows no redirected messages (%v):\n%s", err, dbg)
 		}
+		// Cross-node pod traffic left node-1 through the eBPF shortcut to
+		// the vxlan device, one remote prefix per other node.
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_counters").CombinedOutput()
+		if err != nil || !regexp.MustCompile(`host_route\s+redirect_tunnel\s+[1-9]`).Match(dbg) {
+			t.Errorf("debug maps sb_counters shows no packets redirected to the vxlan device (%v):\n%s", err, dbg)
+		}
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_remote_cidrs").CombinedOutput()
+		if err != nil || len(regexp.MustCompile(`(?m)^10\.`).FindAll(dbg, -1)) != 2 {
+			t.Errorf("debug maps sb_remote_cidrs does not list the 2 other nodes' pod CIDRs (%v):\n%s", err, dbg)
+		}
 		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1")).CombinedOutput()
 		if err != nil || !strings.Contains(string(dbg), "sb_sock_hash") || !strings.Contains(string(dbg), "sb_ct") {
 			t.Errorf("debug maps does not list the datapath and acceleration maps (%v):\n%s", err, dbg)

@@ -1,0 +1,129 @@
+package datapath
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+)
+
+// Remote is a pod prefix of another node: host routing hands packets for it
+// straight to the vxlan device with these MACs, as the stack's route and
+// neighbour entry would (see bpf/lib/host.h).
+type Remote struct {
+	Prefix netip.Prefix
+	// Ifindex is the vxlan device's index in the node's network namespace.
+	Ifindex int
+	// PeerMAC is the destination: the other node's vxlan device MAC, which
+	// the local vxlan device's FDB maps to that node's underlay address.
+	PeerMAC net.HardwareAddr
+	// LocalMAC is the source: the local vxlan device's MAC.
+	LocalMAC net.HardwareAddr
+}
+
+func (r Remote) value() (datapathRemoteCidr, error) {
+	var v datapathRemoteCidr
+	if !r.Prefix.IsValid() || !r.Prefix.Addr().Is4() || r.Ifindex <= 0 || len(r.PeerMAC) != 6 || len(r.LocalMAC) != 6 {
+		return v, fmt.Errorf("invalid remote prefix %v (ifindex %d, peer MAC %v, local MAC %v): want IPv4, an ifindex and two MACs",
+			r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC)
+	}
+	v.Ifindex = uint32(r.Ifindex)
+	copy(v.DstMac[:], r.PeerMAC)
+	copy(v.SrcMac[:], r.LocalMAC)
+	return v, nil
+}
+
+// SetRemotes converges the remote pod prefixes with want: changed and new
+// prefixes are written before stale ones are deleted, so a prefix present
+// before and after never disappears. An empty want leaves every remote
+// pod to the stack.
+func (d *Datapath) SetRemotes(want []Remote) error {
+	byPrefix := make(map[netip.Prefix]datapathRemoteCidr, len(want))
+	for _, r := range want {
+		v, err := r.value()
+		if err != nil {
+			return err
+		}
+		byPrefix[r.Prefix.Masked()] = v
+	}
+	m := d.objs.SbRemoteCidrs
+	have, err := remoteEntries(m)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for p, v := range byPrefix {
+		if cur, ok := have[p]; ok && cur == v {
+			continue
+		}
+		if err := m.Put(lpmKey(p), v); err != nil {
+			errs = append(errs, fmt.Errorf("put %v in remote CIDRs: %w", p, err))
+		}
+	}
+	for p := range have {
+		if _, ok := byPrefix[p]; ok {
+			continue
+		}
+		if err := m.Delete(lpmKey(p)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("delete %v from remote CIDRs: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// MarshalJSON writes MACs as text rather than base64 bytes.
+func (r Remote) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		Prefix   netip.Prefix `json:"prefix"`
+		Ifindex  int          `json:"ifindex"`
+		PeerMAC  string       `json:"peerMAC"`
+		LocalMAC string       `json:"localMAC"`
+	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String()})
+}
+
+// Remotes lists the remote pod prefixes, sorted.
+func (d *Datapath) Remotes() ([]Remote, error) { return Remotes(d.objs.SbRemoteCidrs) }
+
+// Remotes lists a remote pod prefix map (sb_remote_cidrs), sorted.
+func Remotes(m *ebpf.Map) ([]Remote, error) {
+	have, err := remoteEntries(m)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Remote, 0, len(have))
+	for p, v := range have {
+		out = append(out, Remote{
+			Prefix:   p,
+			Ifindex:  int(v.Ifindex),
+			PeerMAC:  net.HardwareAddr(slices.Clone(v.DstMac[:])),
+			LocalMAC: net.HardwareAddr(slices.Clone(v.SrcMac[:])),
+		})
+	}
+	slices.SortFunc(out, func(a, b Remote) int {
+		if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+			return c
+		}
+		return a.Prefix.Bits() - b.Prefix.Bits()
+	})
+	return out, nil
+}
+
+func remoteEntries(m *ebpf.Map) (map[netip.Prefix]datapathRemoteCidr, error) {
+	var (
+		k   datapathLpmV4Key
+		v   datapathRemoteCidr
+		out = map[netip.Prefix]datapathRemoteCidr{}
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[prefixFromKey(k)] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list remote CIDRs: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,117 @@
+package datapath
+
+import (
+	"bufio"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sinabro-io/sinabro/pkg/netns"
+)
+
+// TestHostRoutingToRemoteNode turns the external namespace into a peer node
+// reached over VXLAN, as pkg/overlay wires nodes, except that the node has
+// neither forwarding nor a route to the peer's pods: only host routing can
+// carry the pod's packets to the vxlan device (sb_remote_cidrs) and the
+// decapsulated replies back to the pod (host_route on the vxlan ingress).
+func TestHostRoutingToRemoteNode(t *testing.T) {
+	if _, err := exec.LookPath("bridge"); err != nil {
+		t.Skip("needs iproute2's bridge for the VXLAN forwarding entries")
+	}
+	topo := newTopology(t)
+	node, peer := topo.base+"-node", topo.base+"-ext"
+	peerPod := netip.MustParseAddr("10.244.2.10")
+	nodeMAC, _ := net.ParseMAC("02:5b:00:00:00:01")
+	peerMAC, _ := net.ParseMAC("02:5b:00:00:00:02")
+	for _, v := range []struct{ ns, local, mac, dev string }{
+		{node, topoNode.String(), nodeMAC.String(), "uplink0"},
+		{peer, topoExt.String(), peerMAC.String(), "eth0"},
+	} {
+		ipCmd(t, "-n", v.ns, "link", "add", "sb.vxlan", "address", v.mac, "type", "vxlan", "id", "1",
+			"local", v.local, "dev", v.dev, "dstport", "8472", "nolearning")
+		ipCmd(t, "-n", v.ns, "link", "set", "sb.vxlan", "up")
+	}
+	ipCmd(t, "-n", node, "addr", "add", "10.244.1.0/32", "dev", "sb.vxlan")
+	ipCmd(t, "-n", node, "neigh", "add", "10.244.2.0", "lladdr", peerMAC.String(), "dev", "sb.vxlan", "nud", "permanent")
+	bridgeCmd(t, "-n", node, "fdb", "append", peerMAC.String(), "dev", "sb.vxlan", "dst", topoExt.String())
+	// The peer is wired by the stack, its "pod" an address on lo.
+	ipCmd(t, "-n", peer, "addr", "add", peerPod.String()+"/32", "dev", "lo")
+	ipCmd(t, "-n", peer, "addr", "add", "10.244.2.0/32", "dev", "sb.vxlan")
+	ipCmd(t, "-n", peer, "route", "add", "10.244.1.0/24", "via", "10.244.1.0", "dev", "sb.vxlan", "onlink")
+	ipCmd(t, "-n", peer, "neigh", "add", "10.244.1.0", "lladdr", nodeMAC.String(), "dev", "sb.vxlan", "nud", "permanent")
+	bridgeCmd(t, "-n", peer, "fdb", "append", nodeMAC.String(), "dev", "sb.vxlan", "dst", topoNode.String())
+	topo.setForwarding(t, false)
+
+	d := topo.load(t, topo.config(t))
+	defer d.Close()
+	vxlanIndex := in(t, topo.node, func() (int, error) {
+		i, err := net.InterfaceByName("sb.vxlan")
+		if err != nil {
+			return 0, err
+		}
+		return i.Index, nil
+	})
+	if err := d.UpsertEndpoint(topo.podEndpoint); err != nil {
+		t.Fatal(err)
+	}
+	for _, idx := range []int{topo.podEndpoint.Ifindex, vxlanIndex} {
+		if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(idx) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	ln := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", peerPod.String()+":8080") })
+	defer ln.Close()
+	echoServer(t, ln)
+	dial := func() (net.Conn, error) { return net.DialTimeout("tcp4", peerPod.String()+":8080", time.Second) }
+	if c, err := dialIn(topo.pod, dial); err == nil {
+		c.Close()
+		t.Fatal("the peer's pod was reached without a route or host routing")
+	}
+
+	remote := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: vxlanIndex, PeerMAC: peerMAC, LocalMAC: nodeMAC}
+	if err := d.SetRemotes([]Remote{remote}); err != nil {
+		t.Fatal(err)
+	}
+	conn := in(t, topo.pod, dial)
+	defer conn.Close()
+	got, err := roundTrip(conn, bufio.NewReader(conn), "over the tunnel")
+	if err != nil {
+		t.Fatalf("pod to the peer's pod through host routing: %v", err)
+	}
+	if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoPod {
+		t.Errorf("the peer saw %s, want the unmasqueraded %v", from, topoPod)
+	}
+	counters, err := Counters(d.objs.SbCounters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[string]uint64{}
+	for _, c := range counters {
+		n[c.Program+"/"+c.Reason] = c.Packets
+	}
+	t.Logf("counters: %v", n)
+	if n["host_route/redirect_tunnel"] < 3 || n["host_route/redirect_local"] < 2 {
+		t.Errorf("host_route redirect_tunnel = %d, redirect_local = %d; want >= 3 and >= 2",
+			n["host_route/redirect_tunnel"], n["host_route/redirect_local"])
+	}
+
+	// Without the prefix the packets go to the stack, which has no route.
+	if err := d.SetRemotes(nil); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := dialIn(topo.pod, dial); err == nil {
+		c.Close()
+		t.Error("the peer's pod still reached after its prefix was removed")
+	}
+}
+
+func bridgeCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("bridge", args...).CombinedOutput(); err != nil {
+		t.Fatalf("bridge %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
