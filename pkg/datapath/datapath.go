@@ -196,23 +196,7 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		}
 	}
 	spec.Maps["sb_ct"].MaxEntries = cfg.CTSize
-	if pinDir == "" {
-		for _, m := range spec.Maps {
-			m.Pinning = ebpf.PinNone
-		}
-	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
-	if err := spec.LoadAndAssign(objs, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("load datapath programs: %+v", ve)
-		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("adopt pinned maps in %s (remove them with Cleanup to start afresh): %w", pinDir, err)
-		}
-		return fmt.Errorf("load datapath: %w", err)
-	}
-	return nil
+	return bpffs.LoadPinned(spec, objs, pinDir, "datapath")
 }
 
 // attachTCX makes the pinned tcx link at path run prog on ifindex: an

@@ -194,23 +194,7 @@ func loadObjects(objs *sockopsObjects, pinDir string) error {
 	if err != nil {
 		return fmt.Errorf("load sockops spec: %w", err)
 	}
-	if pinDir == "" {
-		for _, m := range spec.Maps {
-			m.Pinning = ebpf.PinNone
-		}
-	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
-	if err := spec.LoadAndAssign(objs, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("load sockops programs: %+v", ve)
-		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("adopt pinned maps in %s (remove them with Cleanup to start afresh): %w", pinDir, err)
-		}
-		return fmt.Errorf("load sockops: %w", err)
-	}
-	return nil
+	return bpffs.LoadPinned(spec, objs, pinDir, "sockops")
 }
 
 // attachSockOps makes the pinned cgroup link at path run prog on cgroup:
