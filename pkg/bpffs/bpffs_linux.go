@@ -14,7 +14,20 @@ import (
 // it is not mounted yet (it is not at boot on our hosts). Agents starting
 // together (the lab) serialise on a lock file so none stacks a second bpffs
 // over pins another has just made.
-func Ensure(root string) error {
+// It then creates dirs (pin directories under root).
+func Ensure(root string, dirs ...string) error {
+	if err := ensureMounted(root); err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("create pin dir %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func ensureMounted(root string) error {
 	if On(root) {
 		return nil
 	}

@@ -134,13 +134,8 @@ func Load(ctx context.Context, cfg Config) (*Datapath, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := bpffs.Ensure(cfg.BPFRoot); err != nil {
+	if err := bpffs.Ensure(cfg.BPFRoot, mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)); err != nil {
 		return nil, err
-	}
-	for _, dir := range []string{mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir %s: %w", dir, err)
-		}
 	}
 
 	// Adopt an existing table as it is: resizing would mean flushing it.

@@ -155,13 +155,8 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := bpffs.Ensure(cfg.BPFRoot); err != nil {
+	if err := bpffs.Ensure(cfg.BPFRoot, mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)); err != nil {
 		return nil, err
-	}
-	for _, d := range []string{mapsDir(cfg.BPFRoot), linksDir(cfg.BPFRoot)} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir %s: %w", d, err)
-		}
 	}
 	a := &Accelerator{cfg: cfg}
 	if err := loadObjects(&a.objs, mapsDir(cfg.BPFRoot)); err != nil {
