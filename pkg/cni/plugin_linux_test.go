@@ -107,6 +107,7 @@ func TestDelAfterNetnsGone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = netns.Delete(name) }) // in case the test fails before deleting it
 	b.mustAdd("pod", p)
 	if err := netns.Delete(name); err != nil {
 		t.Fatal(err)
