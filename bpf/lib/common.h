@@ -38,6 +38,8 @@ enum reason {
 	REASON_REDIRECT_NEIGH = 10,  /* host routing: redirected to the uplink via neighbour */
 	REASON_PASS_STACK = 11,      /* host routing: left to the kernel stack */
 	REASON_REDIRECT_TUNNEL = 12, /* host routing: redirected to the vxlan device (another node's pod) */
+	REASON_DECAP = 13,           /* ingress: VXLAN for a local pod decapsulated in eBPF */
+	REASON_ENCAP = 14,           /* host routing: encapsulated in eBPF and sent out of the uplink */
 	REASON_DROP_MALFORMED = 16,
 	REASON_DROP_FRAGMENT = 17,   /* egress: fragmented pod packet that needs masquerading */
 	REASON_DROP_UNSUPPORTED = 18,/* egress: a protocol we cannot masquerade */

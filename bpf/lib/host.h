@@ -15,6 +15,7 @@
 #define SINABRO_HOST_H
 
 #include "common.h"
+#include "tunnel.h"
 
 #define EP_LOCAL 0x1 /* the pod runs on this node */
 
@@ -33,11 +34,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_endpoints SEC(".maps");
 
-/* A pod prefix of another node, reached through the vxlan device. */
+/* A pod prefix of another node, reached through the vxlan device or, for
+ * packets lib/tunnel.h encapsulates itself, straight over the uplink. */
 struct remote_cidr {
 	__u32 ifindex;            /* the vxlan device */
 	__u8 dst_mac[ETH_ALEN];   /* the peer's VTEP (vxlan device) MAC */
 	__u8 src_mac[ETH_ALEN];   /* the local vxlan device's MAC */
+	__be32 vtep_ip;           /* the peer's underlay address; 0: unknown */
 };
 
 struct {
@@ -87,12 +90,14 @@ static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
-/* route_remote hands an IPv4 packet for a pod of another node to the vxlan
- * device, or returns -1 to leave it to the stack. */
+/* route_remote hands an IPv4 packet for a pod of another node to the
+ * uplink, encapsulated here, or to the vxlan device; or returns -1 to
+ * leave it to the stack. */
 static __always_inline int route_remote(struct __sk_buff *skb, const struct iphdr *ip, __u32 prog)
 {
 	struct lpm_v4_key k = {.prefixlen = 32, .addr = ip->daddr};
 	struct remote_cidr *rc;
+	int ret;
 
 	rc = bpf_map_lookup_elem(&sb_remote_cidrs, &k);
 	/* Never back out of the device it came in on (host_route also runs
@@ -101,14 +106,44 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 		return -1;
 	if (ip->ttl <= 1)
 		return -1;
-	if (decrement_ttl(skb, ip) ||
-	    bpf_skb_store_bytes(skb, 0, rc->dst_mac, ETH_ALEN, 0) ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, rc->src_mac, ETH_ALEN, 0)) {
+	if (decrement_ttl(skb, ip)) {
 		count(skb, prog, REASON_DROP_REWRITE);
 		return TCX_DROP;
 	}
 	count(skb, prog, REASON_REDIRECT_TUNNEL);
+	ret = vxlan_encap(skb, rc->vtep_ip, rc->dst_mac, rc->src_mac);
+	if (ret == 0) {
+		count(skb, prog, REASON_ENCAP);
+		/* The outer MACs come from the underlay's neighbour table. */
+		return bpf_redirect_neigh(uplink_ifindex, NULL, 0, 0);
+	}
+	if (ret < -1) {
+		count(skb, prog, REASON_DROP_REWRITE);
+		return TCX_DROP;
+	}
+	if (bpf_skb_store_bytes(skb, 0, rc->dst_mac, ETH_ALEN, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, rc->src_mac, ETH_ALEN, 0)) {
+		count(skb, prog, REASON_DROP_REWRITE);
+		return TCX_DROP;
+	}
 	return bpf_redirect(rc->ifindex, 0);
+}
+
+/* decap_local delivers a VXLAN packet for a pod on this node straight to
+ * it, or returns -1 (packet untouched) to leave it to the vxlan device.
+ * outer is the packet's header, already loaded. */
+static __always_inline int decap_local(struct __sk_buff *skb, const struct iphdr *outer, __u32 prog)
+{
+	struct endpoint *ep;
+	struct iphdr inner;
+
+	if (!vxlan_inner(skb, outer, &inner) || inner.ttl <= 1)
+		return -1;
+	ep = bpf_map_lookup_elem(&sb_endpoints, &inner.daddr);
+	if (!ep || !(ep->flags & EP_LOCAL) || vxlan_decap(skb))
+		return -1;
+	count(skb, prog, REASON_DECAP);
+	return route_local(skb, &inner, prog);
 }
 
 SEC("tc")

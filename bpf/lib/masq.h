@@ -495,6 +495,10 @@ int masq_ingress(struct __sk_buff *skb)
 		count(skb, PROG_MASQ_INGRESS, REASON_PASS_NOT_OURS);
 		return TCX_NEXT;
 	}
+	/* Overlay traffic for a local pod skips the vxlan device. */
+	r = decap_local(skb, &ip, PROG_MASQ_INGRESS);
+	if (r >= 0)
+		return r;
 	if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)) {
 		count(skb, PROG_MASQ_INGRESS, REASON_PASS_FRAGMENT);
 		return TCX_NEXT;

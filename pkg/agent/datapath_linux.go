@@ -83,9 +83,13 @@ func (a *Agent) datapathRemotes(dev overlay.Link, sel Selection) []datapath.Remo
 	}
 	var out []datapath.Remote
 	for _, peer := range sel.Peers {
+		var vtep netip.Addr // eBPF encapsulation needs an IPv4 underlay
+		if peer.Underlay.Is4() {
+			vtep = peer.Underlay
+		}
 		for _, p := range peer.PodCIDRs {
 			if p.Addr().Is4() {
-				out = append(out, datapath.Remote{Prefix: p.Masked(), Ifindex: int(dev.Index), PeerMAC: peer.MAC, LocalMAC: dev.MAC})
+				out = append(out, datapath.Remote{Prefix: p.Masked(), Ifindex: int(dev.Index), PeerMAC: peer.MAC, LocalMAC: dev.MAC, VTEP: vtep})
 			}
 		}
 	}
@@ -146,6 +150,9 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 		NodeIP:        self.InternalIP,
 		ClusterCIDRs:  cluster,
 		NonMasqCIDRs:  nonMasq,
+	}
+	if a.cfg.HostRouting { // decapsulation hands packets straight to pods
+		cfg.VXLANPort, cfg.VXLANVNI = a.cfg.VXLANPort, a.cfg.VXLANVNI
 	}
 	var d *datapath.Datapath
 	if err := a.inNetNS(func() (err error) {

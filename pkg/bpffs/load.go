@@ -3,6 +3,8 @@ package bpffs
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 )
@@ -11,10 +13,33 @@ import (
 // adopting maps already pinned there ("" pins nothing, for tests). A
 // verifier rejection is reported once, with its log; what names the
 // object in errors.
-func LoadPinned(spec *ebpf.CollectionSpec, objs any, pinDir, what string) error {
+//
+// Maps named in rebuildable hold only state the caller writes again after
+// loading (configuration, routes): a pinned one whose layout an upgrade
+// changed is replaced instead of failing the load. Every other map
+// (conntrack, counters) must be adopted as it is.
+func LoadPinned(spec *ebpf.CollectionSpec, objs any, pinDir, what string, rebuildable ...string) error {
 	if pinDir == "" {
 		for _, m := range spec.Maps {
 			m.Pinning = ebpf.PinNone
+		}
+	}
+	for _, name := range rebuildable {
+		ms := spec.Maps[name]
+		if ms == nil || pinDir == "" {
+			continue
+		}
+		path := filepath.Join(pinDir, name)
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			continue // absent: created; unreadable: the load reports it
+		}
+		incompatible := ms.Compatible(m) != nil
+		m.Close()
+		if incompatible {
+			if err := os.Remove(path); err != nil {
+				return fmt.Errorf("replace pinned map %s of an older layout: %w", path, err)
+			}
 		}
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}

@@ -35,6 +35,8 @@ var reasonNames = [reasonSlots]string{
 	10: "redirect_neigh",
 	11: "pass_stack",
 	12: "redirect_tunnel",
+	13: "decap",
+	14: "encap",
 	16: "drop_malformed",
 	17: "drop_fragment",
 	18: "drop_unsupported",

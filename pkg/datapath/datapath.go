@@ -77,6 +77,12 @@ type Config struct {
 	CTSize uint32
 	// Timeouts for conntrack GC; zero fields take the defaults.
 	Timeouts Timeouts
+	// VXLANPort and VXLANVNI identify the overlay's packets. With a port
+	// set, the uplink's ingress decapsulates those for local pods itself
+	// and hands them straight to the pod (see bpf/lib/tunnel.h); zero
+	// leaves every VXLAN packet to the vxlan device.
+	VXLANPort uint16
+	VXLANVNI  uint32
 }
 
 func (c *Config) setDefaults() {
@@ -101,6 +107,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid port range %d-%d", c.PortMin, c.PortMax)
 	case c.CTSize < 2:
 		return fmt.Errorf("conntrack size %d is too small", c.CTSize)
+	case c.VXLANVNI >= 1<<24:
+		return fmt.Errorf("VXLAN VNI %d does not fit in 24 bits", c.VXLANVNI)
 	}
 	for _, p := range append(append([]netip.Prefix(nil), c.ClusterCIDRs...), c.NonMasqCIDRs...) {
 		if !p.IsValid() || !p.Addr().Is4() {
@@ -181,9 +189,12 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		return fmt.Errorf("load datapath spec: %w", err)
 	}
 	vars := map[string]any{
-		"node_ip":  be32(cfg.NodeIP),
-		"port_min": cfg.PortMin,
-		"port_max": cfg.PortMax,
+		"node_ip":        be32(cfg.NodeIP),
+		"port_min":       cfg.PortMin,
+		"port_max":       cfg.PortMax,
+		"vxlan_port":     cfg.VXLANPort,
+		"vxlan_vni":      cfg.VXLANVNI,
+		"uplink_ifindex": uint32(cfg.UplinkIfindex),
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {
@@ -191,7 +202,9 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		}
 	}
 	spec.Maps["sb_ct"].MaxEntries = cfg.CTSize
-	return bpffs.LoadPinned(spec, objs, pinDir, "datapath")
+	// The prefix and endpoint maps are rewritten by the agent after every
+	// load; conntrack and counters are kept.
+	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints")
 }
 
 // attachTCX makes the pinned tcx link at path run prog on ifindex: an

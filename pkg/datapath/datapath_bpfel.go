@@ -59,6 +59,7 @@ type datapathRemoteCidr struct {
 	Ifindex uint32
 	DstMac  [6]uint8
 	SrcMac  [6]uint8
+	VtepIp  uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -76,6 +77,9 @@ const (
 	datapathVarNodeIp        = "node_ip"
 	datapathVarPortMax       = "port_max"
 	datapathVarPortMin       = "port_min"
+	datapathVarUplinkIfindex = "uplink_ifindex"
+	datapathVarVxlanPort     = "vxlan_port"
+	datapathVarVxlanVni      = "vxlan_vni"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -140,9 +144,12 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	NodeIp  *ebpf.VariableSpec `ebpf:"node_ip"`
-	PortMax *ebpf.VariableSpec `ebpf:"port_max"`
-	PortMin *ebpf.VariableSpec `ebpf:"port_min"`
+	NodeIp        *ebpf.VariableSpec `ebpf:"node_ip"`
+	PortMax       *ebpf.VariableSpec `ebpf:"port_max"`
+	PortMin       *ebpf.VariableSpec `ebpf:"port_min"`
+	UplinkIfindex *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
+	VxlanPort     *ebpf.VariableSpec `ebpf:"vxlan_port"`
+	VxlanVni      *ebpf.VariableSpec `ebpf:"vxlan_vni"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -186,9 +193,12 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	NodeIp  *ebpf.Variable `ebpf:"node_ip"`
-	PortMax *ebpf.Variable `ebpf:"port_max"`
-	PortMin *ebpf.Variable `ebpf:"port_min"`
+	NodeIp        *ebpf.Variable `ebpf:"node_ip"`
+	PortMax       *ebpf.Variable `ebpf:"port_max"`
+	PortMin       *ebpf.Variable `ebpf:"port_min"`
+	UplinkIfindex *ebpf.Variable `ebpf:"uplink_ifindex"`
+	VxlanPort     *ebpf.Variable `ebpf:"vxlan_port"`
+	VxlanVni      *ebpf.Variable `ebpf:"vxlan_vni"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

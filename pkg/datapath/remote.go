@@ -23,6 +23,11 @@ type Remote struct {
 	PeerMAC net.HardwareAddr
 	// LocalMAC is the source: the local vxlan device's MAC.
 	LocalMAC net.HardwareAddr
+	// VTEP is the other node's underlay address. With it (and a VXLAN
+	// port configured) single packets are encapsulated in eBPF and sent
+	// straight out of the uplink; without it everything goes through the
+	// vxlan device.
+	VTEP netip.Addr
 }
 
 func (r Remote) value() (datapathRemoteCidr, error) {
@@ -31,7 +36,13 @@ func (r Remote) value() (datapathRemoteCidr, error) {
 		return v, fmt.Errorf("invalid remote prefix %v (ifindex %d, peer MAC %v, local MAC %v): want IPv4, an ifindex and two MACs",
 			r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC)
 	}
+	if r.VTEP.IsValid() && !r.VTEP.Is4() {
+		return v, fmt.Errorf("remote prefix %v: VTEP %v is not IPv4", r.Prefix, r.VTEP)
+	}
 	v.Ifindex = uint32(r.Ifindex)
+	if r.VTEP.IsValid() {
+		v.VtepIp = be32(r.VTEP)
+	}
 	copy(v.DstMac[:], r.PeerMAC)
 	copy(v.SrcMac[:], r.LocalMAC)
 	return v, nil
@@ -77,12 +88,17 @@ func (d *Datapath) SetRemotes(want []Remote) error {
 
 // MarshalJSON writes MACs as text rather than base64 bytes.
 func (r Remote) MarshalJSON() ([]byte, error) {
+	vtep := ""
+	if r.VTEP.IsValid() {
+		vtep = r.VTEP.String()
+	}
 	return json.Marshal(struct {
 		Prefix   netip.Prefix `json:"prefix"`
 		Ifindex  int          `json:"ifindex"`
 		PeerMAC  string       `json:"peerMAC"`
 		LocalMAC string       `json:"localMAC"`
-	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String()})
+		VTEP     string       `json:"vtep,omitempty"`
+	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String(), vtep})
 }
 
 // Remotes lists the remote pod prefixes, sorted.
@@ -96,12 +112,16 @@ func Remotes(m *ebpf.Map) ([]Remote, error) {
 	}
 	out := make([]Remote, 0, len(have))
 	for p, v := range have {
-		out = append(out, Remote{
+		r := Remote{
 			Prefix:   p,
 			Ifindex:  int(v.Ifindex),
 			PeerMAC:  net.HardwareAddr(slices.Clone(v.DstMac[:])),
 			LocalMAC: net.HardwareAddr(slices.Clone(v.SrcMac[:])),
-		})
+		}
+		if v.VtepIp != 0 {
+			r.VTEP = addrFromBE32(v.VtepIp)
+		}
+		out = append(out, r)
 	}
 	slices.SortFunc(out, func(a, b Remote) int {
 		if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {

@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -16,8 +17,19 @@ import (
 // reached over VXLAN, as pkg/overlay wires nodes, except that the node has
 // neither forwarding nor a route to the peer's pods: only host routing can
 // carry the pod's packets to the vxlan device (sb_remote_cidrs) and the
-// decapsulated replies back to the pod (host_route on the vxlan ingress).
+// replies back to the pod. With eBPF tunnelling (decap=true) the pod's
+// packets are encapsulated by host_route and sent out of the uplink, and
+// the replies decapsulated by the uplink's program; the peer is the
+// kernel's vxlan device either way, so this also proves the headers
+// interoperate. Without it the node's vxlan device does both, and
+// host_route on its ingress hands the replies on.
 func TestHostRoutingToRemoteNode(t *testing.T) {
+	for _, decap := range []bool{false, true} {
+		t.Run(fmt.Sprintf("decap=%v", decap), func(t *testing.T) { testHostRoutingToRemoteNode(t, decap) })
+	}
+}
+
+func testHostRoutingToRemoteNode(t *testing.T, decap bool) {
 	if _, err := exec.LookPath("bridge"); err != nil {
 		t.Skip("needs iproute2's bridge for the VXLAN forwarding entries")
 	}
@@ -45,7 +57,11 @@ func TestHostRoutingToRemoteNode(t *testing.T) {
 	bridgeCmd(t, "-n", peer, "fdb", "append", nodeMAC.String(), "dev", "sb.vxlan", "dst", topoNode.String())
 	topo.setForwarding(t, false)
 
-	d := topo.load(t, topo.config(t))
+	cfg := topo.config(t)
+	if decap {
+		cfg.VXLANPort, cfg.VXLANVNI = 8472, 1
+	}
+	d := topo.load(t, cfg)
 	defer d.Close()
 	vxlanIndex := in(t, topo.node, func() (int, error) {
 		i, err := net.InterfaceByName("sb.vxlan")
@@ -72,7 +88,7 @@ func TestHostRoutingToRemoteNode(t *testing.T) {
 		t.Fatal("the peer's pod was reached without a route or host routing")
 	}
 
-	remote := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: vxlanIndex, PeerMAC: peerMAC, LocalMAC: nodeMAC}
+	remote := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: vxlanIndex, PeerMAC: peerMAC, LocalMAC: nodeMAC, VTEP: topoExt}
 	if err := d.SetRemotes([]Remote{remote}); err != nil {
 		t.Fatal(err)
 	}
@@ -94,9 +110,20 @@ func TestHostRoutingToRemoteNode(t *testing.T) {
 		n[c.Program+"/"+c.Reason] = c.Packets
 	}
 	t.Logf("counters: %v", n)
-	if n["host_route/redirect_tunnel"] < 3 || n["host_route/redirect_local"] < 2 {
-		t.Errorf("host_route redirect_tunnel = %d, redirect_local = %d; want >= 3 and >= 2",
-			n["host_route/redirect_tunnel"], n["host_route/redirect_local"])
+	// Replies: at least SYN-ACK and the echo.
+	back := "host_route/redirect_local"
+	if decap {
+		back = "masq_ingress/redirect_local"
+		if n["masq_ingress/decap"] < 2 || n["host_route/encap"] < 3 {
+			t.Errorf("masq_ingress decap = %d, host_route encap = %d; want >= 2 and >= 3",
+				n["masq_ingress/decap"], n["host_route/encap"])
+		}
+	} else if n["host_route/encap"] != 0 {
+		t.Errorf("host_route encap = %d without a VXLAN port", n["host_route/encap"])
+	}
+	if n["host_route/redirect_tunnel"] < 3 || n[back] < 2 {
+		t.Errorf("host_route redirect_tunnel = %d, %s = %d; want >= 3 and >= 2",
+			n["host_route/redirect_tunnel"], back, n[back])
 	}
 
 	// Without the prefix the packets go to the stack, which has no route.
