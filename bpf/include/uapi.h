@@ -54,6 +54,7 @@ typedef _Bool bool;
 #define TC_ACT_REDIRECT 7
 /* bpf_skb_adjust_room modes and flags. */
 #define BPF_ADJ_ROOM_MAC 1
+#define BPF_F_ADJ_ROOM_FIXED_GSO (1ULL << 0)
 #define BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 (1ULL << 1)
 #define BPF_F_ADJ_ROOM_ENCAP_L4_UDP (1ULL << 4)
 #define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)

@@ -9,10 +9,13 @@
  * the extra softirq pass of its GRO cells the other way, the bulk of what
  * a request/response across nodes pays over the underlay.
  *
- * Only single packets take these paths. GSO packets (aggregated bulk) are
- * left to the vxlan device, whose segmentation and GRO handle them. The
- * headers written are the ones the kernel's vxlan device (learning off,
- * no UDP checksum, TTL 64) writes, so either end may use either path.
+ * GSO packets (aggregated bulk) take them too, keeping their segment size
+ * (BPF_F_ADJ_ROOM_FIXED_GSO: the pod MTU already leaves room for the
+ * headers): were they left to the vxlan device, whose GRO cells queue
+ * them for a later softirq pass, the single packets of the same flow
+ * sent here directly would overtake them, and TCP would see reordering.
+ * The headers written are the ones the kernel's vxlan device (learning
+ * off, no UDP checksum, TTL 64) writes, so either end may use either path.
  */
 #ifndef SINABRO_TUNNEL_H
 #define SINABRO_TUNNEL_H
@@ -45,14 +48,14 @@ struct vxlan_encap {
 #define VXLAN_ENCAP_LEN ((__s32)sizeof(struct vxlan_encap))
 
 /* vxlan_inner reports whether the packet, whose outer IPv4 header is
- * outer, is a single (non-GSO) VXLAN packet of ours carrying IPv4, and
- * loads the inner IPv4 header. */
+ * outer, is a VXLAN packet of ours carrying IPv4, and loads the inner
+ * IPv4 header. */
 static __always_inline bool vxlan_inner(struct __sk_buff *skb, const struct iphdr *outer, struct iphdr *inner)
 {
 	struct vxlan_encap h;
 
 	if (!vxlan_port || outer->protocol != IPPROTO_UDP || outer->ihl != 5 ||
-	    (outer->frag_off & bpf_htons(IP_MF | IP_OFFSET)) || skb->gso_size)
+	    (outer->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return false;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &h, sizeof(h)) ||
 	    h.dport != bpf_htons(vxlan_port) || h.vx_flags != bpf_htonl(VXLAN_FLAG_VNI) ||
@@ -68,7 +71,8 @@ static __always_inline bool vxlan_inner(struct __sk_buff *skb, const struct iphd
  * rewrite. */
 static __always_inline int vxlan_decap(struct __sk_buff *skb)
 {
-	return bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+	return bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				   BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO);
 }
 
 /* vxlan_encap wraps the IPv4 packet behind the Ethernet header in VXLAN
@@ -77,14 +81,17 @@ static __always_inline int vxlan_decap(struct __sk_buff *skb)
 static __always_inline int vxlan_encap(struct __sk_buff *skb, __be32 vtep, const __u8 *dst, const __u8 *src)
 {
 	const __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
-			    BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
+			    BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN) |
+			    BPF_F_ADJ_ROOM_FIXED_GSO;
 	__u32 inner_len = skb->len - ETH_HLEN;
 	struct vxlan_encap h = {};
 	struct iphdr ip = {};
 	__u16 *w = (__u16 *)&ip;
 	__u32 sum = 0;
 
-	if (!vxlan_port || !vtep || skb->gso_size)
+	/* A GSO packet too big for one outer IPv4 header (BIG TCP) goes
+	 * through the vxlan device. */
+	if (!vxlan_port || !vtep || inner_len > 0xffff - VXLAN_ENCAP_LEN)
 		return -1;
 	ip.version = 4;
 	ip.ihl = 5;

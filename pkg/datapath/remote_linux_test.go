@@ -2,7 +2,10 @@ package datapath
 
 import (
 	"bufio"
+	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -17,19 +20,19 @@ import (
 // reached over VXLAN, as pkg/overlay wires nodes, except that the node has
 // neither forwarding nor a route to the peer's pods: only host routing can
 // carry the pod's packets to the vxlan device (sb_remote_cidrs) and the
-// replies back to the pod. With eBPF tunnelling (decap=true) the pod's
+// replies back to the pod. With eBPF tunnelling (tunnel=true) the pod's
 // packets are encapsulated by host_route and sent out of the uplink, and
 // the replies decapsulated by the uplink's program; the peer is the
 // kernel's vxlan device either way, so this also proves the headers
 // interoperate. Without it the node's vxlan device does both, and
 // host_route on its ingress hands the replies on.
 func TestHostRoutingToRemoteNode(t *testing.T) {
-	for _, decap := range []bool{false, true} {
-		t.Run(fmt.Sprintf("decap=%v", decap), func(t *testing.T) { testHostRoutingToRemoteNode(t, decap) })
+	for _, tunnel := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ebpf-tunnel=%v", tunnel), func(t *testing.T) { testHostRoutingToRemoteNode(t, tunnel) })
 	}
 }
 
-func testHostRoutingToRemoteNode(t *testing.T, decap bool) {
+func testHostRoutingToRemoteNode(t *testing.T, tunnel bool) {
 	if _, err := exec.LookPath("bridge"); err != nil {
 		t.Skip("needs iproute2's bridge for the VXLAN forwarding entries")
 	}
@@ -58,7 +61,7 @@ func testHostRoutingToRemoteNode(t *testing.T, decap bool) {
 	topo.setForwarding(t, false)
 
 	cfg := topo.config(t)
-	if decap {
+	if tunnel {
 		cfg.VXLANPort, cfg.VXLANVNI = 8472, 1
 	}
 	d := topo.load(t, cfg)
@@ -101,6 +104,8 @@ func testHostRoutingToRemoteNode(t *testing.T, decap bool) {
 	if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoPod {
 		t.Errorf("the peer saw %s, want the unmasqueraded %v", from, topoPod)
 	}
+	bulkExchange(t, topo.pod, topo.ext, peerPod, 32<<20)
+	bulkExchange(t, topo.ext, topo.pod, topoPod, 32<<20)
 	counters, err := Counters(d.objs.SbCounters)
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +117,7 @@ func testHostRoutingToRemoteNode(t *testing.T, decap bool) {
 	t.Logf("counters: %v", n)
 	// Replies: at least SYN-ACK and the echo.
 	back := "host_route/redirect_local"
-	if decap {
+	if tunnel {
 		back = "masq_ingress/redirect_local"
 		if n["masq_ingress/decap"] < 2 || n["host_route/encap"] < 3 {
 			t.Errorf("masq_ingress decap = %d, host_route encap = %d; want >= 2 and >= 3",
@@ -140,5 +145,38 @@ func bridgeCmd(t *testing.T, args ...string) {
 	t.Helper()
 	if out, err := exec.Command("bridge", args...).CombinedOutput(); err != nil {
 		t.Fatalf("bridge %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// bulkExchange sends n random bytes from namespace from to a server on
+// addr in namespace to, which answers with their SHA-256: large writes
+// make GSO packets, which take the same paths as single ones.
+func bulkExchange(t *testing.T, from, to string, addr netip.Addr, n int) {
+	t.Helper()
+	ln := in(t, to, func() (net.Listener, error) { return net.Listen("tcp4", addr.String()+":8081") })
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, c); err == nil {
+			fmt.Fprintf(c, "%x", h.Sum(nil))
+		}
+	}()
+	c := in(t, from, func() (net.Conn, error) { return net.DialTimeout("tcp4", addr.String()+":8081", time.Second) })
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	data := make([]byte, n)
+	rand.Read(data)
+	if _, err := c.Write(data); err != nil {
+		t.Fatalf("bulk write: %v", err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if want := fmt.Sprintf("%x", sha256.Sum256(data)); err != nil || string(got) != want {
+		t.Fatalf("bulk transfer of %d bytes: digest %q, %v; want %s", n, got, err, want)
 	}
 }
