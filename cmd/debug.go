@@ -191,9 +191,13 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 			return writeJSON(w, remotes)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PREFIX\tIFINDEX\tPEER MAC\tLOCAL MAC")
+		fmt.Fprintln(tw, "PREFIX\tIFINDEX\tPEER MAC\tLOCAL MAC\tVTEP")
 		for _, r := range remotes {
-			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\n", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC)
+			vtep := "- (vxlan device only)"
+			if r.VTEP.IsValid() {
+				vtep = r.VTEP.String()
+			}
+			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\t%s\n", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC, vtep)
 		}
 		return tw.Flush()
 	}

@@ -4,10 +4,13 @@
  * veth (packets leaving the pod). A packet for another pod on this node is
  * routed here: TTL decremented, MACs rewritten, and handed straight to the
  * destination pod's eth0 with bpf_redirect_peer, skipping the host stack.
- * A packet for a pod of another node (a prefix of sb_remote_cidrs) gets the
- * same rewrite towards that node's VTEP and is handed to the egress of the
- * vxlan device, whose FDB maps the destination MAC to the peer's underlay
- * address: what the stack's route, neighbour and forwarding would do.
+ * A packet for a pod of another node (a prefix of sb_remote_cidrs) is
+ * encapsulated in VXLAN to that node's underlay address and sent out of
+ * the uplink (lib/tunnel.h); when that cannot be done (no VTEP address
+ * known, tunnelling off) it gets the same rewrite towards the node's VTEP
+ * MAC and is handed to the egress of the vxlan device, whose FDB maps it
+ * to the peer: what the stack's route, neighbour and forwarding would do.
+ * decap_local, run by the uplink's ingress program, is the other end.
  * Everything else (the outside, the node itself) is left to the kernel's
  * routing, which the uplink's masquerading then sees.
  */

@@ -60,11 +60,13 @@ func TestLab(t *testing.T) {
 		if err != nil || !regexp.MustCompile(`message\s+redirect\s+[1-9]`).Match(dbg) {
 			t.Errorf("debug maps sb_sock_counters shows no redirected messages (%v):\n%s", err, dbg)
 		}
-		// Cross-node pod traffic left node-1 through the eBPF shortcut to
-		// the vxlan device, one remote prefix per other node.
+		// Cross-node pod traffic left node-1 encapsulated in eBPF, and
+		// came back decapsulated in eBPF, one remote prefix per other node.
 		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_counters").CombinedOutput()
-		if err != nil || !regexp.MustCompile(`host_route\s+redirect_tunnel\s+[1-9]`).Match(dbg) {
-			t.Errorf("debug maps sb_counters shows no packets redirected to the vxlan device (%v):\n%s", err, dbg)
+		for _, re := range []string{`host_route\s+redirect_tunnel\s+[1-9]`, `host_route\s+encap\s+[1-9]`, `masq_ingress\s+decap\s+[1-9]`} {
+			if err != nil || !regexp.MustCompile(re).Match(dbg) {
+				t.Errorf("debug maps sb_counters has no %q: cross-node traffic missed the eBPF tunnel (%v):\n%s", re, err, dbg)
+			}
 		}
 		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_remote_cidrs").CombinedOutput()
 		if err != nil || len(regexp.MustCompile(`(?m)^10\.`).FindAll(dbg, -1)) != 2 {
