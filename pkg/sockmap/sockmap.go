@@ -189,7 +189,10 @@ func loadObjects(objs *sockopsObjects, pinDir string) error {
 	if err != nil {
 		return fmt.Errorf("load sockops spec: %w", err)
 	}
-	return bpffs.LoadPinned(spec, objs, pinDir, "sockops")
+	// Connection state of an older layout is dropped on upgrade: its
+	// sockets then pass through TCP (never redirect again, which keeps
+	// their streams in order) and stay in the sockhash until closed.
+	return bpffs.LoadPinned(spec, objs, pinDir, "sockops", "sb_sock_conns")
 }
 
 // attachSockOps makes the pinned cgroup link at path run prog on cgroup:
