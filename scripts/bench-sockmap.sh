@@ -22,11 +22,12 @@
 #   --iperf-len L   iperf3 write size (-l), e.g. 4K (default iperf3's 128K)
 #   --download MB   download size, 0 to skip (default 100)
 #   --window BYTES  Config.Window (default 4 MiB)
+#   --server S      wrk's HTTP server: go (net/http, default) or nginx
 #   --quick         --rounds 2 --wrk 50:3,500:3 --iperf 3
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-rounds=3 wrk=50:10,500:30 iperf=10 iperflen= window= download=100
+rounds=3 wrk=50:10,500:30 iperf=10 iperflen= window= download=100 server=go
 while [ $# -gt 0 ]; do
 	case $1 in
 	--rounds) rounds=$2; shift 2 ;;
@@ -35,6 +36,7 @@ while [ $# -gt 0 ]; do
 	--iperf-len) iperflen=$2; shift 2 ;;
 	--window) window=$2; shift 2 ;;
 	--download) download=$2; shift 2 ;;
+	--server) server=$2; shift 2 ;;
 	--quick) rounds=2 wrk=50:3,500:3 iperf=3; shift ;;
 	-h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument $1" >&2; exit 2 ;;
@@ -56,8 +58,8 @@ total=0
 IFS=, read -ra runs <<<"$wrk"
 for r in "${runs[@]}"; do total=$((total + ${r#*:} + 5)); done
 total=$(( (total + iperf + 10) * 2 * rounds + 120 ))
-echo "sockmap bench: $rounds rounds, wrk $wrk, iperf3 ${iperf}s${iperflen:+ -l $iperflen}, about ${total}s"
+echo "sockmap bench: $rounds rounds, wrk $wrk against $server, iperf3 ${iperf}s${iperflen:+ -l $iperflen}, about ${total}s"
 cd "$root/pkg/sockmap"
 SOCKMAP_BENCH=1 SOCKMAP_BENCH_ROUNDS=$rounds SOCKMAP_BENCH_WRK=$wrk SOCKMAP_BENCH_IPERF=$iperf \
-SOCKMAP_BENCH_IPERF_LEN=$iperflen SOCKMAP_WINDOW=$window SOCKMAP_BENCH_DOWNLOAD_MB=$download \
+SOCKMAP_BENCH_IPERF_LEN=$iperflen SOCKMAP_WINDOW=$window SOCKMAP_BENCH_DOWNLOAD_MB=$download SOCKMAP_BENCH_SERVER=$server \
 	"$test_bin" -test.run '^TestBenchSockmap$' -test.v -test.timeout "$((total * 2))s"

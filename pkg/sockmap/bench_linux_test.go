@@ -22,6 +22,8 @@ import (
 // SOCKMAP_BENCH_DOWNLOAD_MB (a request, then a one-way download from the
 // test server; 0 to skip), SOCKMAP_BENCH_IPERF (seconds, 0 to skip), SOCKMAP_BENCH_IPERF_LEN (iperf3
 // -l, write size), SOCKMAP_MSG_THRESHOLD and SOCKMAP_WINDOW tune it.
+// SOCKMAP_BENCH_SERVER picks wrk's HTTP server: "go" (net/http, default)
+// or "nginx" (one worker answering from memory).
 func TestBenchSockmap(t *testing.T) {
 	if os.Getenv("SOCKMAP_BENCH") == "" {
 		t.Skip("benchmark: set SOCKMAP_BENCH=1 (scripts/bench-sockmap.sh)")
@@ -41,9 +43,16 @@ func TestBenchSockmap(t *testing.T) {
 
 	tb := newTestbed(t, map[string]string{"a": "10.244.7.2", "b": "10.244.7.3"})
 	tb.server("b")
-	srv := tb.start("b", true, "SOCKMAP_HELPER=http", "SOCKMAP_ADDR=10.244.7.3:8080")
-	if got := srv.line(t, 10*time.Second); got != "ready" {
-		t.Fatalf("http server: %q", got)
+	switch server := os.Getenv("SOCKMAP_BENCH_SERVER"); server {
+	case "", "go":
+		srv := tb.start("b", true, "SOCKMAP_HELPER=http", "SOCKMAP_ADDR=10.244.7.3:8080")
+		if got := srv.line(t, 10*time.Second); got != "ready" {
+			t.Fatalf("http server: %q", got)
+		}
+	case "nginx":
+		tb.nginx("10.244.7.3:8080")
+	default:
+		t.Fatalf("SOCKMAP_BENCH_SERVER=%q: want go or nginx", server)
 	}
 	setMode := func(on bool) {
 		if on {
@@ -209,6 +218,61 @@ func (tb *testbed) wrk(conns, secs int, url string) [3]float64 {
 	s[0], _ = strconv.ParseFloat(m1[1], 64)
 	s[1], s[2] = toMs(m2[1], m2[2]), toMs(m3[1], m3[2])
 	return s
+}
+
+// nginx runs nginx in pod b (its netns and the pods' cgroup) on addr: one
+// worker, answering every request from memory with the same 64-byte body
+// as the Go server, keep-alive without a request limit, no logs.
+func (tb *testbed) nginx(addr string) {
+	tb.t.Helper()
+	if _, err := exec.LookPath("nginx"); err != nil {
+		tb.t.Skipf("needs nginx (apt-get install nginx-light): %v", err)
+	}
+	dir := tb.t.TempDir()
+	conf := fmt.Sprintf(`daemon off;
+master_process off;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 4096; }
+http {
+	access_log off;
+	client_body_temp_path %[1]s; proxy_temp_path %[1]s; fastcgi_temp_path %[1]s;
+	uwsgi_temp_path %[1]s; scgi_temp_path %[1]s;
+	keepalive_requests 1000000;
+	server {
+		listen %[2]s reuseport;
+		location / { default_type text/plain; return 200 "hello, world
+"; }
+	}
+}
+`, dir, addr, strings.Repeat("x", 64))
+	path := dir + "/nginx.conf"
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		tb.t.Fatal(err)
+	}
+	cg, err := os.Open(tb.cgroup)
+	if err != nil {
+		tb.t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command("ip", "netns", "exec", tb.pods["b"].name, "nginx", "-c", path, "-p", dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	if err := cmd.Start(); err != nil {
+		tb.t.Fatal(err)
+	}
+	tb.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for try := 0; ; try++ {
+		out, err := exec.Command("ip", "netns", "exec", tb.pods["a"].name, "wrk", "-t1", "-c1", "-d1s", "http://"+addr+"/").CombinedOutput()
+		if err == nil && strings.Contains(string(out), "Requests/sec") && !strings.Contains(string(out), "Non-2xx") {
+			return
+		}
+		if try == 20 {
+			log, _ := os.ReadFile(dir + "/error.log")
+			tb.t.Fatalf("nginx did not answer: %v\n%s\n%s", err, out, log)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }
 
 // iperf returns single-stream throughput in Gbit/s, a → b.
