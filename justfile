@@ -47,9 +47,10 @@ deploy-kind:
 bench-overlay: build kube-bins
     SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchOverlay|TestBenchAgentMemory' -timeout 20m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
 
-# Same-node TCP acceleration on vs off: wrk (50 and 500 connections) and iperf3.
-bench-sockmap: build
-    scripts/bench-sockmap.sh
+# Same-node TCP acceleration on vs off: wrk (50 and 500 connections), iperf3, a download.
+# Arguments go to scripts/bench-sockmap.sh, e.g. `just bench-sockmap --server nginx`.
+bench-sockmap *ARGS: build
+    scripts/bench-sockmap.sh {{ARGS}}
 
 # eBPF datapath: host routing on/off, masquerade connection rate eBPF vs nftables.
 bench-datapath:

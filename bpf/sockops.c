@@ -17,7 +17,9 @@
  * Kernel behaviour this relies on (checked on 6.18): a TCP socket stays in
  * the sockhash until close(), even past TCP_CLOSE; taking a socket out of
  * the sockhash drops data redirected to it and not read yet; redirected
- * data has no flow control; splice(2) reads do not see redirected data.
+ * data has no flow control; splice(2) reads do not see redirected data;
+ * a socket's unread redirected data is its psock's ingress_msg list (read
+ * through BTF: sk_user_data points to the psock).
  */
 #include "lib/sockops.h"
 #include <bpf/bpf_helpers.h>
@@ -93,12 +95,14 @@ enum sock_mode {
  * no redirect of the peer in progress. sk_msg cannot delete from a
  * sockhash: it marks the socket, and sock_ops deletes it at a later
  * callback (an ACK's RTT sample). */
+#define EVICT_CB_FLAGS \
+	(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
 enum evict_state {
 	EVICT_UNKNOWN = 0,
 	EVICT_PENDING = 1, /* delete at the next callback */
-	EVICT_NEVER = 2,   /* unused; kept for pinned state of older versions */
+	EVICT_DRAIN = 2,   /* delete once the redirected data is read */
 	EVICT_DONE = 3,
-	EVICT_DRAIN = 4,   /* delete once the redirected data is read */
 };
 
 /* Shared state of a connection, keyed by its tuple in canonical order
@@ -274,9 +278,12 @@ static __always_inline int established(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_ADD_FAILED, 0);
 		return 1;
 	}
-	/* STATE: count closes and drop the connection state. RTT: a callback
-	 * per ACK to carry out evictions. */
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+	/* STATE: count closes and drop the connection state. RTT and
+	 * PARSE_ALL_HDR_OPT: a callback per ACK and per received packet, to
+	 * carry out evictions on the sending and on the receiving side. An
+	 * accelerated connection sees hardly any packets (its data does not
+	 * travel as packets); once a side is decided they stop. */
+	bpf_sock_ops_cb_flags_set(skops, EVICT_CB_FLAGS);
 	count(CNT_SOCK_ADDED, 0);
 	return 1;
 }
@@ -331,6 +338,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_CLOSED, 0);
 		return 1;
 	case BPF_SOCK_OPS_RTT_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		sock_ops_key(skops, &key);
 		side = conn_key(&key, &ck) & 1;
 		cs = bpf_map_lookup_elem(&sb_sock_conns, &ck);
@@ -371,11 +379,15 @@ static __always_inline void try_evict(struct conn_state *cs, __u32 side)
 	pm = __sync_val_compare_and_swap(&cs->mode[peer], MODE_UNDECIDED, MODE_PASS);
 	if (pm == MODE_UNDECIDED || pm == MODE_PASS) {
 		cs->evict[side] = EVICT_PENDING;
-		return;
+	} else {
+		if (pm == MODE_REDIRECT)
+			__sync_val_compare_and_swap(&cs->mode[peer], MODE_REDIRECT, MODE_PASS_AFTER);
+		cs->evict[side] = EVICT_DRAIN;
 	}
-	if (pm == MODE_REDIRECT)
-		__sync_val_compare_and_swap(&cs->mode[peer], MODE_REDIRECT, MODE_PASS_AFTER);
-	cs->evict[side] = EVICT_DRAIN;
+	/* Both sides are on TCP for good now: the peer leaves too, once it
+	 * has read what we redirected to it (a one-way stream's receiver, a
+	 * download's client), which its received packets' callbacks see. */
+	__sync_val_compare_and_swap(&cs->evict[peer], EVICT_UNKNOWN, EVICT_DRAIN);
 }
 
 static __always_inline int to_pass(struct conn_state *cs, __u32 side, __u32 mode, __u32 why, __u64 size)
