@@ -114,7 +114,7 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 		return TCX_DROP;
 	}
 	count(skb, prog, REASON_REDIRECT_TUNNEL);
-	ret = vxlan_encap(skb, rc->vtep_ip, rc->dst_mac, rc->src_mac);
+	ret = vxlan_encap(skb, ip->tos, rc->vtep_ip, rc->dst_mac, rc->src_mac);
 	if (ret == 0) {
 		count(skb, prog, REASON_ENCAP);
 		/* The outer MACs come from the underlay's neighbour table. */
@@ -139,12 +139,20 @@ static __always_inline int decap_local(struct __sk_buff *skb, const struct iphdr
 {
 	struct endpoint *ep;
 	struct iphdr inner;
+	int ret;
 
 	if (!vxlan_inner(skb, outer, &inner) || inner.ttl <= 1)
 		return -1;
 	ep = bpf_map_lookup_elem(&sb_endpoints, &inner.daddr);
-	if (!ep || !(ep->flags & EP_LOCAL) || vxlan_decap(skb))
+	if (!ep || !(ep->flags & EP_LOCAL))
 		return -1;
+	ret = vxlan_decap(skb, outer, &inner);
+	if (ret == -1)
+		return -1;
+	if (ret < -1) {
+		count(skb, prog, REASON_DROP_REWRITE);
+		return TCX_DROP;
+	}
 	count(skb, prog, REASON_DECAP);
 	return route_local(skb, &inner, prog);
 }

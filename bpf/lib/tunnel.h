@@ -66,19 +66,43 @@ static __always_inline bool vxlan_inner(struct __sk_buff *skb, const struct iphd
 	return inner->version == 4 && inner->ihl >= 5;
 }
 
+#define ECN_MASK 0x3
+#define ECN_ECT_0 0x2
+#define ECN_CE 0x3
+
 /* vxlan_decap removes the outer IPv4, UDP and VXLAN headers and the inner
  * Ethernet header; the outer Ethernet header stays for the caller to
- * rewrite. */
-static __always_inline int vxlan_decap(struct __sk_buff *skb)
+ * rewrite. Congestion the underlay marked on the outer header (CE) is
+ * carried to an ECN-capable inner header, as the kernel's tunnels do
+ * (RFC 6040); inner is updated to match. */
+static __always_inline int vxlan_decap(struct __sk_buff *skb, const struct iphdr *outer, struct iphdr *inner)
 {
-	return bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				   BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO);
+	if (bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO))
+		return -1;
+	if ((outer->tos & ECN_MASK) == ECN_CE && (inner->tos & ECN_MASK) &&
+	    (inner->tos & ECN_MASK) != ECN_CE) {
+		/* TOS shares a 16-bit checksum word with version/IHL. */
+		__u8 tos = inner->tos | ECN_CE;
+		__be16 old = bpf_htons((__u16)(0x40 | inner->ihl) << 8 | inner->tos);
+		__be16 new = bpf_htons((__u16)(0x40 | inner->ihl) << 8 | tos);
+
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old, new, 2) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + 1, &tos, 1, 0))
+			return -2;
+		inner->tos = tos;
+	}
+	return 0;
 }
 
-/* vxlan_encap wraps the IPv4 packet behind the Ethernet header in VXLAN
- * to vtep, with inner MACs dst and src, leaving the packet untouched on
- * failure. The outer Ethernet addresses are left to bpf_redirect_neigh. */
-static __always_inline int vxlan_encap(struct __sk_buff *skb, __be32 vtep, const __u8 *dst, const __u8 *src)
+/* vxlan_encap wraps the IPv4 packet behind the Ethernet header, whose TOS
+ * is tos, in VXLAN to vtep, with inner MACs dst and src. The outer header
+ * carries the inner ECN field (CE as ECT(0), RFC 6040's normal mode, as
+ * the kernel's tunnels do); its Ethernet addresses are left to
+ * bpf_redirect_neigh. Returns 0, -1 (packet untouched) or -2 (half
+ * built: drop it). */
+static __always_inline int vxlan_encap(struct __sk_buff *skb, __u8 tos, __be32 vtep, const __u8 *dst,
+				       const __u8 *src)
 {
 	const __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
 			    BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN) |
@@ -95,6 +119,7 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, __be32 vtep, const
 		return -1;
 	ip.version = 4;
 	ip.ihl = 5;
+	ip.tos = (tos & ECN_MASK) == ECN_CE ? ECN_ECT_0 : tos & ECN_MASK;
 	ip.tot_len = bpf_htons(inner_len + VXLAN_ENCAP_LEN);
 	ip.id = (__be16)bpf_get_prandom_u32();
 	ip.ttl = 64;

@@ -199,3 +199,66 @@ func TestVXLANEncap(t *testing.T) {
 		t.Errorf("encap = %d after a packet without VTEP, want 1", n)
 	}
 }
+
+// TestVXLANECN checks that ECN crosses the tunnel as the kernel's tunnels
+// carry it (RFC 6040 normal mode): the inner field is copied out (CE as
+// ECT(0)), and congestion marked on the outer header reaches an
+// ECN-capable inner header.
+func TestVXLANECN(t *testing.T) {
+	cfg := testConfig()
+	cfg.VXLANPort, cfg.VXLANVNI = 4789, 7
+	objs := newTestObjects(t, cfg)
+	d := &Datapath{cfg: cfg, objs: *objs}
+	peer := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: 42,
+		PeerMAC: net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 2}, LocalMAC: net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 1},
+		VTEP: netip.MustParseAddr("192.168.0.9")}
+	local := Endpoint{IP: netip.MustParseAddr("10.244.1.7"), Ifindex: 43,
+		PodMAC: net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 7}, HostMAC: net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 7}, Local: true}
+	if err := d.SetRemotes([]Remote{peer}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.UpsertEndpoint(local); err != nil {
+		t.Fatal(err)
+	}
+	withTOS := func(b []byte, off int, tos byte) []byte {
+		b[off+1] = tos
+		b[off+10], b[off+11] = 0, 0
+		c := ^csum(0, b[off:off+20])
+		b[off+10], b[off+11] = byte(c>>8), byte(c)
+		return b
+	}
+	runOut := func(prog *ebpf.Program, in []byte) (uint32, []byte) {
+		out := make([]byte, len(in)+256)
+		opts := ebpf.RunOptions{Data: in, DataOut: out}
+		ret, err := prog.Run(&opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ret, opts.DataOut
+	}
+	for _, tt := range []struct{ inner, outer byte }{{0, 0}, {1, 1}, {2, 2}, {3, 2}} {
+		in := withTOS(pkt{proto: layers.IPProtocolTCP, src: testPod, dst: netip.MustParseAddr("10.244.2.9"), sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, tt.inner)
+		ret, out := runOut(objs.HostRoute, in)
+		if ret != verdictRedirect || len(out) != len(in)+50 {
+			t.Fatalf("encap of ECN %d: verdict %d, length %d", tt.inner, int32(ret), len(out))
+		}
+		if got := out[15] & 3; got != tt.outer {
+			t.Errorf("inner ECN %d: outer ECN %d, want %d", tt.inner, got, tt.outer)
+		}
+		if sum := csum(0, out[14:34]); sum != 0xffff {
+			t.Errorf("inner ECN %d: outer IPv4 checksum invalid", tt.inner)
+		}
+	}
+	for _, tt := range []struct{ outer, inner, want byte }{{3, 2, 3}, {3, 1, 3}, {3, 0, 0}, {2, 1, 1}, {0, 2, 2}} {
+		inner := withTOS(pkt{proto: layers.IPProtocolTCP, src: netip.MustParseAddr("10.244.2.9"), dst: local.IP, sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, tt.inner)
+		frame := withTOS(vxlanFrame(t, inner, 4789, 7), 14, tt.outer)
+		ret, out := runOut(objs.MasqIngress, frame)
+		if ret != verdictRedirect || len(out) != len(frame)-50 {
+			t.Fatalf("decap of outer ECN %d: verdict %d, length %d", tt.outer, int32(ret), len(out))
+		}
+		if got := out[15] & 3; got != tt.want {
+			t.Errorf("outer ECN %d, inner %d: inner now %d, want %d", tt.outer, tt.inner, got, tt.want)
+		}
+		parse(t, out) // checksums still valid
+	}
+}
