@@ -191,13 +191,16 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 			return writeJSON(w, remotes)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PREFIX\tIFINDEX\tPEER MAC\tLOCAL MAC\tVTEP")
+		fmt.Fprintln(tw, "PREFIX\tIFINDEX\tPEER MAC\tLOCAL MAC\tVTEP\tNEXT HOP")
 		for _, r := range remotes {
-			vtep := "- (vxlan device only)"
+			vtep, nh := "- (vxlan device only)", "- (route lookup)"
 			if r.VTEP.IsValid() {
 				vtep = r.VTEP.String()
 			}
-			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\t%s\n", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC, vtep)
+			if r.NextHop.IsValid() {
+				nh = r.NextHop.String()
+			}
+			fmt.Fprintf(tw, "%v\t%d\t%v\t%v\t%s\t%s\n", r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC, vtep, nh)
 		}
 		return tw.Flush()
 	}

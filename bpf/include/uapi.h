@@ -138,6 +138,17 @@ struct __sk_buff {
 	__u64 hwtstamp;
 };
 
+#define AF_INET 2
+
+/* Next hop for bpf_redirect_neigh. */
+struct bpf_redir_neigh {
+	__u32 nh_family;
+	union {
+		__be32 ipv4_nh;
+		__u32 ipv6_nh[4];
+	};
+};
+
 struct ethhdr {
 	__u8 h_dest[ETH_ALEN];
 	__u8 h_source[ETH_ALEN];

@@ -44,6 +44,7 @@ struct remote_cidr {
 	__u8 dst_mac[ETH_ALEN];   /* the peer's VTEP (vxlan device) MAC */
 	__u8 src_mac[ETH_ALEN];   /* the local vxlan device's MAC */
 	__be32 vtep_ip;           /* the peer's underlay address; 0: unknown */
+	__be32 nexthop;           /* the underlay's next hop to it; 0: route lookup */
 };
 
 struct {
@@ -117,7 +118,14 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 	ret = vxlan_encap(skb, ip->tos, rc->vtep_ip, rc->dst_mac, rc->src_mac);
 	if (ret == 0) {
 		count(skb, prog, REASON_ENCAP);
-		/* The outer MACs come from the underlay's neighbour table. */
+		/* The outer MACs come from the underlay's neighbour table, for
+		 * the next hop the agent found in the routing table (saving a
+		 * route lookup per packet) or, without one, by a lookup. */
+		if (rc->nexthop) {
+			struct bpf_redir_neigh nh = {.nh_family = AF_INET, .ipv4_nh = rc->nexthop};
+
+			return bpf_redirect_neigh(uplink_ifindex, &nh, sizeof(nh), 0);
+		}
 		return bpf_redirect_neigh(uplink_ifindex, NULL, 0, 0);
 	}
 	if (ret < -1) {

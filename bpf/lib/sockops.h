@@ -12,7 +12,6 @@
 
 #define BPF_MAP_TYPE_SOCKHASH 18
 
-#define AF_INET 2
 #define AF_INET6 10
 
 /* sk_msg / sk_skb verdicts */

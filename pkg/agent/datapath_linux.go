@@ -75,21 +75,27 @@ func compactPrefixes(ps []netip.Prefix) []netip.Prefix {
 }
 
 // datapathRemotes returns the peers' pod prefixes that host routing hands
-// straight to the vxlan device dev, with the MACs the overlay's routes and
+// straight to the vxlan device dev (or encapsulates itself and sends out
+// of the underlay device under), with the MACs the overlay's routes and
 // neighbour entries would give them; none without host routing.
-func (a *Agent) datapathRemotes(dev overlay.Link, sel Selection) []datapath.Remote {
+func (a *Agent) datapathRemotes(dev, under overlay.Link, sel Selection) []datapath.Remote {
 	if !a.cfg.HostRouting || dev.Index == 0 || len(dev.MAC) != 6 {
 		return nil
 	}
 	var out []datapath.Remote
 	for _, peer := range sel.Peers {
-		var vtep netip.Addr // eBPF encapsulation needs an IPv4 underlay
+		var vtep, nh netip.Addr // eBPF encapsulation needs an IPv4 underlay
 		if peer.Underlay.Is4() {
 			vtep = peer.Underlay
+			var err error
+			if nh, err = a.overlay.NextHop(vtep, under.Index); err != nil {
+				// Still encapsulated; each packet then takes a route lookup.
+				a.log.Debug("no next hop for eBPF encapsulation", "node", peer.Name, "underlay", vtep, "err", err)
+			}
 		}
 		for _, p := range peer.PodCIDRs {
 			if p.Addr().Is4() {
-				out = append(out, datapath.Remote{Prefix: p.Masked(), Ifindex: int(dev.Index), PeerMAC: peer.MAC, LocalMAC: dev.MAC, VTEP: vtep})
+				out = append(out, datapath.Remote{Prefix: p.Masked(), Ifindex: int(dev.Index), PeerMAC: peer.MAC, LocalMAC: dev.MAC, VTEP: vtep, NextHop: nh})
 			}
 		}
 	}
@@ -126,7 +132,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 		return nil
 	}
 	cluster, nonMasq := a.datapathCIDRs(sel)
-	remotes := a.datapathRemotes(dev, sel)
+	remotes := a.datapathRemotes(dev, under, sel)
 
 	a.dpMu.Lock()
 	defer a.dpMu.Unlock()

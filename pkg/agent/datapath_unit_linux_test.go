@@ -133,7 +133,7 @@ func TestDatapathRemotes(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a := &Agent{cfg: tt.cfg}
-			if got := str(a.datapathRemotes(tt.dev, sel)); !slices.Equal(got, tt.want) {
+			if got := str(a.datapathRemotes(tt.dev, overlay.Link{}, sel)); !slices.Equal(got, tt.want) {
 				t.Errorf("datapathRemotes = %q, want %q", got, tt.want)
 			}
 		})

@@ -60,6 +60,7 @@ type datapathRemoteCidr struct {
 	DstMac  [6]uint8
 	SrcMac  [6]uint8
 	VtepIp  uint32
+	Nexthop uint32
 }
 
 // Names of all BPF objects in the ELF.

@@ -28,6 +28,11 @@ type Remote struct {
 	// straight out of the uplink; without it everything goes through the
 	// vxlan device.
 	VTEP netip.Addr
+	// NextHop is the underlay's next hop towards VTEP (VTEP itself when on
+	// link), from the node's routing table: the encapsulated packet is
+	// handed to its neighbour entry directly. Unset, every packet takes a
+	// route lookup.
+	NextHop netip.Addr
 }
 
 func (r Remote) value() (datapathRemoteCidr, error) {
@@ -36,12 +41,15 @@ func (r Remote) value() (datapathRemoteCidr, error) {
 		return v, fmt.Errorf("invalid remote prefix %v (ifindex %d, peer MAC %v, local MAC %v): want IPv4, an ifindex and two MACs",
 			r.Prefix, r.Ifindex, r.PeerMAC, r.LocalMAC)
 	}
-	if r.VTEP.IsValid() && !r.VTEP.Is4() {
-		return v, fmt.Errorf("remote prefix %v: VTEP %v is not IPv4", r.Prefix, r.VTEP)
+	if r.VTEP.IsValid() && !r.VTEP.Is4() || r.NextHop.IsValid() && (!r.NextHop.Is4() || !r.VTEP.IsValid()) {
+		return v, fmt.Errorf("remote prefix %v: VTEP %v, next hop %v: want IPv4, and a next hop only with a VTEP", r.Prefix, r.VTEP, r.NextHop)
 	}
 	v.Ifindex = uint32(r.Ifindex)
 	if r.VTEP.IsValid() {
 		v.VtepIp = be32(r.VTEP)
+	}
+	if r.NextHop.IsValid() {
+		v.Nexthop = be32(r.NextHop)
 	}
 	copy(v.DstMac[:], r.PeerMAC)
 	copy(v.SrcMac[:], r.LocalMAC)
@@ -87,18 +95,14 @@ func (d *Datapath) SetRemotes(want []Remote) error {
 }
 
 // MarshalJSON writes MACs as text rather than base64 bytes.
-func (r Remote) MarshalJSON() ([]byte, error) {
-	vtep := ""
-	if r.VTEP.IsValid() {
-		vtep = r.VTEP.String()
-	}
-	return json.Marshal(struct {
+func (r Remote) MarshalJSON() ([]byte, error) {	return json.Marshal(struct {
 		Prefix   netip.Prefix `json:"prefix"`
 		Ifindex  int          `json:"ifindex"`
 		PeerMAC  string       `json:"peerMAC"`
 		LocalMAC string       `json:"localMAC"`
 		VTEP     string       `json:"vtep,omitempty"`
-	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String(), vtep})
+		NextHop  string       `json:"nextHop,omitempty"`
+	}{r.Prefix, r.Ifindex, r.PeerMAC.String(), r.LocalMAC.String(), addrString(r.VTEP), addrString(r.NextHop)})
 }
 
 // Remotes lists the remote pod prefixes, sorted.
@@ -120,6 +124,9 @@ func Remotes(m *ebpf.Map) ([]Remote, error) {
 		}
 		if v.VtepIp != 0 {
 			r.VTEP = addrFromBE32(v.VtepIp)
+		}
+		if v.Nexthop != 0 {
+			r.NextHop = addrFromBE32(v.Nexthop)
 		}
 		out = append(out, r)
 	}
@@ -146,4 +153,12 @@ func remoteEntries(m *ebpf.Map) (map[netip.Prefix]datapathRemoteCidr, error) {
 		return nil, fmt.Errorf("list remote CIDRs: %w", err)
 	}
 	return out, nil
+}
+
+// addrString is a's text, or "" for the zero Addr.
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }

@@ -91,7 +91,7 @@ func testHostRoutingToRemoteNode(t *testing.T, tunnel bool) {
 		t.Fatal("the peer's pod was reached without a route or host routing")
 	}
 
-	remote := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: vxlanIndex, PeerMAC: peerMAC, LocalMAC: nodeMAC, VTEP: topoExt}
+	remote := Remote{Prefix: netip.MustParsePrefix("10.244.2.0/24"), Ifindex: vxlanIndex, PeerMAC: peerMAC, LocalMAC: nodeMAC, VTEP: topoExt, NextHop: topoExt}
 	if err := d.SetRemotes([]Remote{remote}); err != nil {
 		t.Fatal(err)
 	}

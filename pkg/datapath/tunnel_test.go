@@ -130,11 +130,17 @@ func TestVXLANEncap(t *testing.T) {
 	}
 	noVTEP := peer
 	noVTEP.Prefix, noVTEP.VTEP = netip.MustParsePrefix("10.244.3.0/24"), netip.Addr{}
-	if err := d.SetRemotes([]Remote{peer, noVTEP}); err != nil {
+	routed := peer // next hop known: no route lookup per packet
+	routed.Prefix, routed.NextHop = netip.MustParsePrefix("10.244.4.0/24"), netip.MustParseAddr("192.168.0.1")
+	if err := d.SetRemotes([]Remote{peer, noVTEP, routed}); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := d.Remotes(); err != nil || len(got) != 2 || got[0].VTEP != peer.VTEP || got[1].VTEP.IsValid() {
-		t.Fatalf("Remotes() = %v, %v; want the VTEP kept", got, err)
+	if got, err := d.Remotes(); err != nil || len(got) != 3 || got[0].VTEP != peer.VTEP || got[1].VTEP.IsValid() ||
+		got[2].NextHop != routed.NextHop || got[0].NextHop.IsValid() {
+		t.Fatalf("Remotes() = %v, %v; want the VTEPs and next hop kept", got, err)
+	}
+	if err := d.SetRemotes([]Remote{peer, noVTEP, {Prefix: routed.Prefix, Ifindex: 42, PeerMAC: peer.PeerMAC, LocalMAC: peer.LocalMAC, NextHop: routed.NextHop}}); err == nil {
+		t.Errorf("SetRemotes with a next hop but no VTEP: no error")
 	}
 	payload := []byte("to another node")
 	dst := netip.MustParseAddr("10.244.2.9")

@@ -71,6 +71,33 @@ func (m *Manager) LinkByAddr(addr netip.Addr) (Link, error) {
 	return Link{}, fmt.Errorf("no interface holds %s", addr)
 }
 
+// NextHop asks the kernel's routing for the next hop towards dst, an IPv4
+// underlay address: the gateway of the route, or dst itself when it is on
+// link. The route must leave through interface oif (the underlay device).
+func (m *Manager) NextHop(dst netip.Addr, oif uint32) (netip.Addr, error) {
+	if !dst.Is4() {
+		return netip.Addr{}, fmt.Errorf("next hop to %v: not IPv4", dst)
+	}
+	routes, err := m.rt.Route.Get(&rtnetlink.RouteMessage{
+		Family:     unix.AF_INET,
+		DstLength:  32,
+		Attributes: rtnetlink.RouteAttributes{Dst: dst.AsSlice()},
+	})
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("route to %v: %w", dst, err)
+	}
+	for _, r := range routes {
+		if r.Type != unix.RTN_UNICAST || r.Attributes.OutIface != oif {
+			continue
+		}
+		if gw, ok := netip.AddrFromSlice(r.Attributes.Gateway); ok && gw.Unmap().Is4() {
+			return gw.Unmap(), nil
+		}
+		return dst, nil
+	}
+	return netip.Addr{}, fmt.Errorf("no unicast route to %v through interface %d", dst, oif)
+}
+
 func (m *Manager) linkByIndex(index uint32) (Link, error) {
 	msg, err := m.rt.Link.Get(index)
 	if err != nil {

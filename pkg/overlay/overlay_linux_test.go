@@ -344,3 +344,39 @@ func TestTwoNodeConnectivity(t *testing.T) {
 	// The only route between 10.244.1.0/24 and 10.244.2.0/24 is the overlay,
 	// so the exchange above went through both vxlan devices.
 }
+
+func TestNextHop(t *testing.T) {
+	ns, fd := testNS(t)
+	m := openManager(t, fd)
+	ip(t, ns, "link", "add", "under0", "type", "veth", "peer", "name", "under1")
+	ip(t, ns, "link", "add", "other0", "type", "veth", "peer", "name", "other1")
+	ip(t, ns, "addr", "add", "10.9.0.1/24", "dev", "under0")
+	ip(t, ns, "addr", "add", "10.8.0.1/24", "dev", "other0")
+	for _, l := range []string{"under0", "under1", "other0", "other1"} {
+		ip(t, ns, "link", "set", l, "up")
+	}
+	ip(t, ns, "route", "add", "10.10.0.0/16", "via", "10.9.0.254")
+	under, err := m.LinkByAddr(netip.MustParseAddr("10.9.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		dst, want string // want "": an error
+	}{
+		{"10.9.0.7", "10.9.0.7"},    // on link
+		{"10.10.3.4", "10.9.0.254"}, // routed
+		{"10.8.0.7", ""},            // through another interface
+		{"192.0.2.1", ""},           // no route at all
+	} {
+		got, err := m.NextHop(netip.MustParseAddr(tt.dst), under.Index)
+		if tt.want == "" {
+			if err == nil {
+				t.Errorf("NextHop(%s) = %v, want an error", tt.dst, got)
+			}
+			continue
+		}
+		if err != nil || got != netip.MustParseAddr(tt.want) {
+			t.Errorf("NextHop(%s) = %v, %v; want %s", tt.dst, got, err, tt.want)
+		}
+	}
+}
