@@ -149,6 +149,30 @@ struct bpf_redir_neigh {
 	};
 };
 
+/* bpf_fib_lookup parameters and results. */
+#define BPF_FIB_LKUP_RET_SUCCESS 0
+#define BPF_FIB_LKUP_RET_NO_NEIGH 7
+
+struct bpf_fib_lookup {
+	__u8 family;
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	__u16 tot_len; /* in: 0 skips the MTU check; out: mtu_result */
+	__u32 ifindex; /* in: ingress device; out: egress device */
+	union {
+		__u8 tos;
+		__u32 rt_metric;
+	};
+	__be32 ipv4_src;
+	__u32 ipv6_src_rest[3];
+	__be32 ipv4_dst; /* out: the next hop */
+	__u32 ipv6_dst_rest[3];
+	__u32 tbid;
+	__u8 smac[ETH_ALEN];
+	__u8 dmac[ETH_ALEN];
+};
+
 struct ethhdr {
 	__u8 h_dest[ETH_ALEN];
 	__u8 h_source[ETH_ALEN];

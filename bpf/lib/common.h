@@ -11,6 +11,10 @@
 volatile const __be32 node_ip = 0;
 volatile const __u16 port_min = 61000;
 volatile const __u16 port_max = 65535;
+/* Host routing hands pod traffic for the outside straight to the uplink
+ * (set when masquerading, if any, happens in eBPF on the uplink: an
+ * nftables masquerade in the stack would be skipped). */
+volatile const bool route_out_enabled = false;
 
 /* Programs, the first index of the counters map. Keep in step with
  * pkg/datapath/counters.go. */
@@ -35,7 +39,7 @@ enum reason {
 	REASON_RNAT = 7,             /* ingress: destination translated back */
 	REASON_ICMP_ERROR_NAT = 8,   /* an ICMP error carrying a NATed flow was translated */
 	REASON_REDIRECT_LOCAL = 9,   /* host routing: redirected to a local pod */
-	REASON_REDIRECT_NEIGH = 10,  /* host routing: redirected to the uplink via neighbour */
+	REASON_REDIRECT_NEIGH = 10,  /* host routing: pod traffic for the outside sent out of the uplink */
 	REASON_PASS_STACK = 11,      /* host routing: left to the kernel stack */
 	REASON_REDIRECT_TUNNEL = 12, /* host routing: redirected to the vxlan device (another node's pod) */
 	REASON_DECAP = 13,           /* ingress: VXLAN for a local pod decapsulated in eBPF */

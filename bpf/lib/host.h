@@ -11,8 +11,10 @@
  * MAC and is handed to the egress of the vxlan device, whose FDB maps it
  * to the peer: what the stack's route, neighbour and forwarding would do.
  * decap_local, run by the uplink's ingress program, is the other end.
- * Everything else (the outside, the node itself) is left to the kernel's
- * routing, which the uplink's masquerading then sees.
+ * A packet for the outside that the kernel's FIB routes through the uplink
+ * is sent out of it directly (route_out; the uplink's masquerading still
+ * translates it). Everything else (the node itself, other interfaces) is
+ * left to the kernel's routing.
  */
 #ifndef SINABRO_HOST_H
 #define SINABRO_HOST_H
@@ -140,6 +142,51 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 	return bpf_redirect(rc->ifindex, 0);
 }
 
+/* route_out sends a pod's IPv4 packet for the outside (or another node's
+ * address) out of the uplink, as the stack's forwarding would: the route
+ * comes from the kernel's FIB, the MACs from its neighbour table, and the
+ * uplink's masq_egress then translates it. Returns -1 to leave it to the
+ * stack: anything not routed through the uplink (the node's own
+ * addresses, other interfaces), unreachable destinations, expiring TTLs. */
+static __always_inline int route_out(struct __sk_buff *skb, const struct iphdr *ip, __u32 prog)
+{
+	struct bpf_fib_lookup fib = {};
+	long ret;
+
+	if (!route_out_enabled || !uplink_ifindex || ip->ttl <= 1)
+		return -1;
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	/* tot_len 0: no MTU check (the pod MTU is below the uplink's, and
+	 * GSO packets are segmented to it). */
+	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if ((ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex != uplink_ifindex)
+		return -1;
+	if (decrement_ttl(skb, ip)) {
+		count(skb, prog, REASON_DROP_REWRITE);
+		return TCX_DROP;
+	}
+	count(skb, prog, REASON_REDIRECT_NEIGH);
+	if (ret == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
+			count(skb, prog, REASON_DROP_REWRITE);
+			return TCX_DROP;
+		}
+		return bpf_redirect(uplink_ifindex, 0);
+	}
+	/* No neighbour entry yet: the kernel resolves it (and queues). */
+	{
+		struct bpf_redir_neigh nh = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
+
+		return bpf_redirect_neigh(uplink_ifindex, &nh, sizeof(nh), 0);
+	}
+}
+
 /* decap_local delivers a VXLAN packet for a pod on this node straight to
  * it, or returns -1 (packet untouched) to leave it to the vxlan device.
  * outer is the packet's header, already loaded. */
@@ -183,6 +230,9 @@ int host_route(struct __sk_buff *skb)
 	if (ret >= 0)
 		return ret;
 	ret = route_remote(skb, &ip, PROG_HOST_ROUTE);
+	if (ret >= 0)
+		return ret;
+	ret = route_out(skb, &ip, PROG_HOST_ROUTE);
 	if (ret >= 0)
 		return ret;
 	count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);

@@ -159,6 +159,9 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	}
 	if a.cfg.HostRouting { // decapsulation hands packets straight to pods
 		cfg.VXLANPort, cfg.VXLANVNI = a.cfg.VXLANPort, a.cfg.VXLANVNI
+		// Straight out of the uplink only where no nftables masquerade
+		// in the stack would be skipped.
+		cfg.RouteOut = !a.cfg.Masquerade || a.cfg.MasqueradeBackend == BackendEBPF
 	}
 	var d *datapath.Datapath
 	if err := a.inNetNS(func() (err error) {

@@ -128,13 +128,23 @@ func TestConnRateBenchmark(t *testing.T) {
 
 	rates := map[string][]float64{}
 	for r := range rounds {
-		for _, mode := range []string{"ebpf", "ebpf-full", "nft"} {
+		for _, mode := range []string{"ebpf", "ebpf-full", "ebpf+hr", "nft"} {
 			var stop func()
 			switch mode {
-			case "ebpf", "ebpf-full":
-				d := topo.load(t, cfg)
+			case "ebpf", "ebpf-full", "ebpf+hr":
+				c := cfg
+				c.RouteOut = mode == "ebpf+hr"
+				d := topo.load(t, c)
 				if mode == "ebpf-full" {
 					fillConntrack(t, d, int(cfg.CTSize)*9/10)
+				}
+				if mode == "ebpf+hr" { // the agent's default: host routing too
+					if err := d.UpsertEndpoint(topo.podEndpoint); err != nil {
+						t.Fatal(err)
+					}
+					if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(topo.podEndpoint.Ifindex) }); err != nil {
+						t.Fatal(err)
+					}
 				}
 				ctx, cancel := context.WithCancel(context.Background())
 				done := make(chan struct{})
@@ -169,9 +179,9 @@ func TestConnRateBenchmark(t *testing.T) {
 		}
 		return s / float64(len(v))
 	}
-	e, f, n := mean(rates["ebpf"]), mean(rates["ebpf-full"]), mean(rates["nft"])
-	t.Logf("mean: ebpf %.0f conn/s, ebpf with the conntrack table 90%% full %.0f conn/s, nft masquerade %.0f conn/s; ratio ebpf/nft %.2f, full/empty %.2f",
-		e, f, n, e/n, f/e)
+	e, f, h, n := mean(rates["ebpf"]), mean(rates["ebpf-full"]), mean(rates["ebpf+hr"]), mean(rates["nft"])
+	t.Logf("mean: ebpf %.0f conn/s, ebpf with the conntrack table 90%% full %.0f conn/s, ebpf with host routing %.0f conn/s, nft masquerade %.0f conn/s; ratio ebpf/nft %.2f, ebpf+host routing/nft %.2f, full/empty %.2f",
+		e, f, h, n, e/n, h/n, f/e)
 }
 
 // fillConntrack puts n live-looking flows into the conntrack table, so a

@@ -83,6 +83,12 @@ type Config struct {
 	// leaves every VXLAN packet to the vxlan device.
 	VXLANPort uint16
 	VXLANVNI  uint32
+	// RouteOut lets host routing send pod traffic for the outside straight
+	// out of the uplink (FIB and neighbour lookups in eBPF) instead of
+	// through the node's IP forwarding. Only with masquerading done here
+	// or not at all: it skips the stack's netfilter hooks, nftables
+	// masquerade included.
+	RouteOut bool
 }
 
 func (c *Config) setDefaults() {
@@ -189,12 +195,13 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		return fmt.Errorf("load datapath spec: %w", err)
 	}
 	vars := map[string]any{
-		"node_ip":        be32(cfg.NodeIP),
-		"port_min":       cfg.PortMin,
-		"port_max":       cfg.PortMax,
-		"vxlan_port":     cfg.VXLANPort,
-		"vxlan_vni":      cfg.VXLANVNI,
-		"uplink_ifindex": uint32(cfg.UplinkIfindex),
+		"node_ip":           be32(cfg.NodeIP),
+		"port_min":          cfg.PortMin,
+		"port_max":          cfg.PortMax,
+		"vxlan_port":        cfg.VXLANPort,
+		"vxlan_vni":         cfg.VXLANVNI,
+		"uplink_ifindex":    uint32(cfg.UplinkIfindex),
+		"route_out_enabled": cfg.RouteOut,
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {

@@ -67,20 +67,21 @@ type datapathRemoteCidr struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapSbCounters    = "sb_counters"
-	datapathMapSbCt          = "sb_ct"
-	datapathMapSbEndpoints   = "sb_endpoints"
-	datapathMapSbMasqCidrs   = "sb_masq_cidrs"
-	datapathMapSbRemoteCidrs = "sb_remote_cidrs"
-	datapathProgHostRoute    = "host_route"
-	datapathProgMasqEgress   = "masq_egress"
-	datapathProgMasqIngress  = "masq_ingress"
-	datapathVarNodeIp        = "node_ip"
-	datapathVarPortMax       = "port_max"
-	datapathVarPortMin       = "port_min"
-	datapathVarUplinkIfindex = "uplink_ifindex"
-	datapathVarVxlanPort     = "vxlan_port"
-	datapathVarVxlanVni      = "vxlan_vni"
+	datapathMapSbCounters      = "sb_counters"
+	datapathMapSbCt            = "sb_ct"
+	datapathMapSbEndpoints     = "sb_endpoints"
+	datapathMapSbMasqCidrs     = "sb_masq_cidrs"
+	datapathMapSbRemoteCidrs   = "sb_remote_cidrs"
+	datapathProgHostRoute      = "host_route"
+	datapathProgMasqEgress     = "masq_egress"
+	datapathProgMasqIngress    = "masq_ingress"
+	datapathVarNodeIp          = "node_ip"
+	datapathVarPortMax         = "port_max"
+	datapathVarPortMin         = "port_min"
+	datapathVarRouteOutEnabled = "route_out_enabled"
+	datapathVarUplinkIfindex   = "uplink_ifindex"
+	datapathVarVxlanPort       = "vxlan_port"
+	datapathVarVxlanVni        = "vxlan_vni"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -145,12 +146,13 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	NodeIp        *ebpf.VariableSpec `ebpf:"node_ip"`
-	PortMax       *ebpf.VariableSpec `ebpf:"port_max"`
-	PortMin       *ebpf.VariableSpec `ebpf:"port_min"`
-	UplinkIfindex *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
-	VxlanPort     *ebpf.VariableSpec `ebpf:"vxlan_port"`
-	VxlanVni      *ebpf.VariableSpec `ebpf:"vxlan_vni"`
+	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
+	PortMax         *ebpf.VariableSpec `ebpf:"port_max"`
+	PortMin         *ebpf.VariableSpec `ebpf:"port_min"`
+	RouteOutEnabled *ebpf.VariableSpec `ebpf:"route_out_enabled"`
+	UplinkIfindex   *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
+	VxlanPort       *ebpf.VariableSpec `ebpf:"vxlan_port"`
+	VxlanVni        *ebpf.VariableSpec `ebpf:"vxlan_vni"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -194,12 +196,13 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	NodeIp        *ebpf.Variable `ebpf:"node_ip"`
-	PortMax       *ebpf.Variable `ebpf:"port_max"`
-	PortMin       *ebpf.Variable `ebpf:"port_min"`
-	UplinkIfindex *ebpf.Variable `ebpf:"uplink_ifindex"`
-	VxlanPort     *ebpf.Variable `ebpf:"vxlan_port"`
-	VxlanVni      *ebpf.Variable `ebpf:"vxlan_vni"`
+	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
+	PortMax         *ebpf.Variable `ebpf:"port_max"`
+	PortMin         *ebpf.Variable `ebpf:"port_min"`
+	RouteOutEnabled *ebpf.Variable `ebpf:"route_out_enabled"`
+	UplinkIfindex   *ebpf.Variable `ebpf:"uplink_ifindex"`
+	VxlanPort       *ebpf.Variable `ebpf:"vxlan_port"`
+	VxlanVni        *ebpf.Variable `ebpf:"vxlan_vni"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

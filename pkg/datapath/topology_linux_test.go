@@ -573,3 +573,78 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 		})
 	}
 }
+
+// TestHostRoutingToOutside sends a pod's traffic for the outside straight
+// out of the uplink (route_out): a FORWARD rule in the node that drops pod
+// traffic does not see it, the uplink still masquerades it, and without
+// RouteOut the same rule stops it (the test can fail).
+func TestHostRoutingToOutside(t *testing.T) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft for the FORWARD rule")
+	}
+	topo := newTopology(t)
+	topo.setForwarding(t, true)
+	node := topo.base + "-node"
+	nft := exec.Command("ip", "netns", "exec", node, "nft", "-f", "-")
+	nft.Stdin = strings.NewReader(`table ip sbfwd {
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		ip saddr 10.244.0.0/16 counter drop
+	}
+}`)
+	if out, err := nft.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	extLn := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", topoExt.String()+":8080") })
+	defer extLn.Close()
+	echoServer(t, extLn)
+	dial := func() (net.Conn, error) { return net.DialTimeout("tcp4", topoExt.String()+":8080", time.Second) }
+
+	for _, routeOut := range []bool{true, false} {
+		cfg := topo.config(t)
+		cfg.RouteOut = routeOut
+		d := topo.load(t, cfg)
+		if err := d.UpsertEndpoint(topo.podEndpoint); err != nil {
+			t.Fatal(err)
+		}
+		if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(topo.podEndpoint.Ifindex) }); err != nil {
+			t.Fatal(err)
+		}
+		conn, err := dialIn(topo.pod, dial)
+		if !routeOut {
+			if err == nil {
+				conn.Close()
+				t.Error("without RouteOut the pod's traffic skipped the node's FORWARD drop rule")
+			}
+			d.Close()
+			continue
+		}
+		if err != nil {
+			t.Fatalf("pod to outside with RouteOut: %v", err)
+		}
+		got, err := roundTrip(conn, bufio.NewReader(conn), "out")
+		conn.Close()
+		if err != nil {
+			t.Fatalf("pod to outside with RouteOut: %v", err)
+		}
+		if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoNode {
+			t.Errorf("the outside saw %s, want the node address %v", from, topoNode)
+		}
+		counters, err := Counters(d.objs.SbCounters)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := map[string]uint64{}
+		for _, c := range counters {
+			n[c.Program+"/"+c.Reason] = c.Packets
+		}
+		if n["host_route/redirect_neigh"] < 3 || n["masq_egress/snat"] < 3 {
+			t.Errorf("counters %v: want host_route redirect_neigh and masq_egress snat >= 3", n)
+		}
+		if err := netns.Do(topo.node, func() error { return d.DetachHostVeth(topo.podEndpoint.Ifindex) }); err != nil {
+			t.Fatal(err)
+		}
+		d.Close()
+		Cleanup(cfg.BPFRoot)
+	}
+}
