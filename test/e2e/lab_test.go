@@ -61,9 +61,10 @@ func TestLab(t *testing.T) {
 			t.Errorf("debug maps sb_sock_counters shows no redirected messages (%v):\n%s", err, dbg)
 		}
 		// Cross-node pod traffic left node-1 encapsulated in eBPF, and
-		// came back decapsulated in eBPF, one remote prefix per other node.
+		// came back decapsulated in eBPF, one remote prefix per other node;
+		// traffic for the external host left through the uplink directly.
 		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_counters").CombinedOutput()
-		for _, re := range []string{`host_route\s+redirect_tunnel\s+[1-9]`, `host_route\s+encap\s+[1-9]`, `masq_ingress\s+decap\s+[1-9]`} {
+		for _, re := range []string{`host_route\s+redirect_tunnel\s+[1-9]`, `host_route\s+encap\s+[1-9]`, `masq_ingress\s+decap\s+[1-9]`, `host_route\s+redirect_neigh\s+[1-9]`} {
 			if err != nil || !regexp.MustCompile(re).Match(dbg) {
 				t.Errorf("debug maps sb_counters has no %q: cross-node traffic missed the eBPF tunnel (%v):\n%s", re, err, dbg)
 			}
