@@ -95,7 +95,8 @@ func (d *Datapath) SetRemotes(want []Remote) error {
 }
 
 // MarshalJSON writes MACs as text rather than base64 bytes.
-func (r Remote) MarshalJSON() ([]byte, error) {	return json.Marshal(struct {
+func (r Remote) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
 		Prefix   netip.Prefix `json:"prefix"`
 		Ifindex  int          `json:"ifindex"`
 		PeerMAC  string       `json:"peerMAC"`
