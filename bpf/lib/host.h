@@ -161,8 +161,10 @@ static __always_inline int route_out(struct __sk_buff *skb, const struct iphdr *
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ingress_ifindex;
-	/* tot_len 0: no MTU check (the pod MTU is below the uplink's, and
-	 * GSO packets are segmented to it). */
+	/* The MTU check (a packet too big goes to the stack, which fragments
+	 * or answers "fragmentation needed") is for single packets: GSO ones
+	 * are segmented to the pod's MTU. */
+	fib.tot_len = skb->gso_size ? 0 : bpf_ntohs(ip->tot_len);
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex != uplink_ifindex)
 		return -1;

@@ -117,6 +117,16 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, __u8 tos, __be32 v
 	 * through the vxlan device. */
 	if (!vxlan_port || !vtep || inner_len > 0xffff - VXLAN_ENCAP_LEN)
 		return -1;
+	/* A single packet that would not fit the uplink once encapsulated (a
+	 * pod MTU above the underlay's minus 50) goes through the vxlan
+	 * device, which fragments the outer packet. GSO packets pass: their
+	 * segments are sized by the pod MTU. */
+	{
+		__u32 mtu = 0;
+
+		if (bpf_check_mtu(skb, uplink_ifindex, &mtu, VXLAN_ENCAP_LEN, 0))
+			return -1;
+	}
 	ip.version = 4;
 	ip.ihl = 5;
 	ip.tos = (tos & ECN_MASK) == ECN_CE ? ECN_ECT_0 : tos & ECN_MASK;

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -103,6 +104,13 @@ func testHostRoutingToRemoteNode(t *testing.T, tunnel bool) {
 	}
 	if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoPod {
 		t.Errorf("the peer saw %s, want the unmasqueraded %v", from, topoPod)
+	}
+	// A datagram that fits the pod's MTU (1500 here) but not the uplink's
+	// once encapsulated still arrives (the vxlan device fragments it).
+	for _, size := range []string{"1400", "1472"} {
+		if out, err := exec.Command("ip", "netns", "exec", filepath.Base(topo.pod), "ping", "-c", "1", "-W", "2", "-M", "dont", "-s", size, peerPod.String()).CombinedOutput(); err != nil {
+			t.Errorf("ping -s %s from the pod to the peer's pod: %v\n%s", size, err, out)
+		}
 	}
 	bulkExchange(t, topo.pod, topo.ext, peerPod, 32<<20)
 	bulkExchange(t, topo.ext, topo.pod, topoPod, 32<<20)
