@@ -17,33 +17,13 @@
  * Kernel behaviour this relies on (checked on 6.18): a TCP socket stays in
  * the sockhash until close(), even past TCP_CLOSE; taking a socket out of
  * the sockhash drops data redirected to it and not read yet; redirected
- * data has no flow control; splice(2) reads do not see redirected data;
- * a socket's unread redirected data is its psock's ingress_msg list (read
- * through BTF: sk_user_data points to the psock).
+ * data has no flow control; splice(2) reads do not see redirected data.
  */
 #include "lib/sockops.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 char __license[] SEC("license") = "Dual BSD/GPL";
-
-/* Kernel-internal structures, read through BTF with CO-RE relocations
- * (offsets come from the running kernel's BTF at load time): only to see
- * whether a socket still holds redirected data it has not read. */
-struct list_head {
-	struct list_head *next, *prev;
-} __attribute__((preserve_access_index));
-
-struct sock {
-	void *sk_user_data;
-} __attribute__((preserve_access_index));
-
-struct sk_psock {
-	struct list_head ingress_msg; /* redirected data not read yet */
-} __attribute__((preserve_access_index));
-
-/* Tag bits of sk_user_data (include/net/sock.h). */
-#define SK_USER_DATA_PTRMASK (~7UL)
 
 struct sock_key {
 	__be32 sip; /* this socket's address */
@@ -87,21 +67,14 @@ enum sock_mode {
  * through tcp_bpf even when its sends pass (bulk streams lose about a
  * third of their throughput), but leaving it drops whatever was
  * redirected to it and not read yet. So a PASS socket leaves only when its
- * peer will never redirect again and nothing the peer redirected is left
- * unread: at once if the peer never redirected (the peer is made PASS
- * atomically, racing the peer's own first send), otherwise after the peer
- * is made PASS_AFTER (TCP for good too: a download that outgrew the
- * window) and this socket's queue of redirected data is seen empty with
- * no redirect of the peer in progress. sk_msg cannot delete from a
- * sockhash: it marks the socket, and sock_ops deletes it at a later
- * callback (an ACK's RTT sample). */
-#define EVICT_CB_FLAGS \
-	(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
-
+ * peer never redirected and never will (the peer is made PASS atomically,
+ * racing the peer's own first send). sk_msg cannot delete from a sockhash:
+ * it marks the socket, and sock_ops deletes it at its next callback (an
+ * ACK's RTT sample). */
 enum evict_state {
 	EVICT_UNKNOWN = 0,
-	EVICT_PENDING = 1, /* delete at the next callback */
-	EVICT_DRAIN = 2,   /* delete once the redirected data is read */
+	EVICT_PENDING = 1,
+	EVICT_NEVER = 2,
 	EVICT_DONE = 3,
 };
 
@@ -113,8 +86,6 @@ struct conn_state {
 	__u32 evict[2];
 	/* Bytes each side redirected since the other side last sent. */
 	__u64 unanswered[2];
-	/* Redirects of each side in progress (see EVICT_DRAIN). */
-	__u32 busy[2];
 };
 
 struct {
@@ -155,7 +126,6 @@ enum sock_counter {
 	CNT_SOCK_ADD_FAILED = 9,   /* sockhash or state map refused the socket */
 	CNT_SOCK_CLOSED = 10,      /* accelerated socket reached TCP_CLOSE */
 	CNT_SOCK_EVICTED = 11,     /* PASS socket taken out of the sockhash */
-	CNT_SOCK_DRAINED = 12,     /* of which after reading its peer's redirected data */
 	CNT_MAX = 16,
 };
 
@@ -278,39 +248,11 @@ static __always_inline int established(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_ADD_FAILED, 0);
 		return 1;
 	}
-	/* STATE: count closes and drop the connection state. RTT and
-	 * PARSE_ALL_HDR_OPT: a callback per ACK and per received packet, to
-	 * carry out evictions on the sending and on the receiving side. An
-	 * accelerated connection sees hardly any packets (its data does not
-	 * travel as packets); once a side is decided they stop. */
-	bpf_sock_ops_cb_flags_set(skops, EVICT_CB_FLAGS);
+	/* STATE: count closes and drop the connection state. RTT: a callback
+	 * per ACK to carry out evictions. */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
 	count(CNT_SOCK_ADDED, 0);
 	return 1;
-}
-
-/* ingress_empty reports whether the socket's psock holds no redirected
- * data waiting to be read. Unsure (no BTF access, no psock) means no. */
-static __always_inline bool ingress_empty(struct bpf_sock_ops *skops)
-{
-	struct bpf_sock *bs = skops->sk;
-	struct sock *sk;
-	struct list_head head;
-	unsigned long psock;
-	void *ud;
-
-	if (!bs)
-		return false;
-	sk = (struct sock *)bpf_skc_to_tcp_sock(bs);
-	if (!sk)
-		return false;
-	if (bpf_probe_read_kernel(&ud, sizeof(ud), &sk->sk_user_data))
-		return false;
-	psock = (unsigned long)ud & SK_USER_DATA_PTRMASK;
-	if (!psock)
-		return false;
-	if (bpf_probe_read_kernel(&head, sizeof(head), &((struct sk_psock *)psock)->ingress_msg))
-		return false;
-	return head.next == &((struct sk_psock *)psock)->ingress_msg;
 }
 
 SEC("sockops")
@@ -338,27 +280,16 @@ int sock_ops(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_CLOSED, 0);
 		return 1;
 	case BPF_SOCK_OPS_RTT_CB:
-	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		sock_ops_key(skops, &key);
-		side = conn_key(&key, &ck) & 1;
+		side = conn_key(&key, &ck);
 		cs = bpf_map_lookup_elem(&sb_sock_conns, &ck);
-		if (cs && cs->evict[side] == EVICT_UNKNOWN)
+		if (cs && cs->evict[side & 1] == EVICT_UNKNOWN)
 			return 1;
-		if (cs && cs->evict[side] == EVICT_DRAIN) {
-			/* Keep the callbacks until the queue is read. The
-			 * peer's mode changed before its busy count is read
-			 * here, and the peer raises busy before reading its
-			 * mode: a redirect that missed the change is seen. */
-			if (cs->busy[side ^ 1] || !ingress_empty(skops))
-				return 1;
-			count(CNT_SOCK_DRAINED, 0);
-		} else if (!cs || cs->evict[side] != EVICT_PENDING) {
-			/* Decided (or state gone): no more callbacks per ACK. */
-			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-			return 1;
-		}
+		/* Decided (or state gone): no more callbacks per ACK. */
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		cs->evict[side] = EVICT_DONE;
+		if (!cs || cs->evict[side & 1] != EVICT_PENDING)
+			return 1;
+		cs->evict[side & 1] = EVICT_DONE;
 		if (bpf_map_delete_elem(&sb_sock_hash, &key) == 0)
 			count(CNT_SOCK_EVICTED, 0);
 		return 1;
@@ -366,9 +297,8 @@ int sock_ops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* try_evict decides once how a PASS socket leaves the sockhash: at once if
- * its peer never redirected to it (and now never will), or once it has
- * read what the peer redirected, the peer being moved to TCP for good. */
+/* try_evict decides once whether a PASS socket may leave the sockhash:
+ * only if its peer never redirected to it and now never will. */
 static __always_inline void try_evict(struct conn_state *cs, __u32 side)
 {
 	__u32 peer = (side ^ 1) & 1, pm;
@@ -377,17 +307,10 @@ static __always_inline void try_evict(struct conn_state *cs, __u32 side)
 	if (cs->evict[side] != EVICT_UNKNOWN)
 		return;
 	pm = __sync_val_compare_and_swap(&cs->mode[peer], MODE_UNDECIDED, MODE_PASS);
-	if (pm == MODE_UNDECIDED || pm == MODE_PASS) {
+	if (pm == MODE_UNDECIDED || pm == MODE_PASS)
 		cs->evict[side] = EVICT_PENDING;
-	} else {
-		if (pm == MODE_REDIRECT)
-			__sync_val_compare_and_swap(&cs->mode[peer], MODE_REDIRECT, MODE_PASS_AFTER);
-		cs->evict[side] = EVICT_DRAIN;
-	}
-	/* Both sides are on TCP for good now: the peer leaves too, once it
-	 * has read what we redirected to it (a one-way stream's receiver, a
-	 * download's client), which its received packets' callbacks see. */
-	__sync_val_compare_and_swap(&cs->evict[peer], EVICT_UNKNOWN, EVICT_DRAIN);
+	else
+		cs->evict[side] = EVICT_NEVER;
 }
 
 static __always_inline int to_pass(struct conn_state *cs, __u32 side, __u32 mode, __u32 why, __u64 size)
@@ -398,64 +321,14 @@ static __always_inline int to_pass(struct conn_state *cs, __u32 side, __u32 mode
 	return SK_PASS;
 }
 
-/* redirect sends the message of a side not yet on TCP for good: to the
- * peer socket, or through TCP (for good) when it should or must. */
-static __always_inline int redirect(struct sk_msg_md *msg, struct conn_state *cs, __u32 side,
-				    const struct sock_key *self, __u64 size)
-{
-	struct sock_key peer = {};
-	struct sock_cfg *cfg;
-	__u32 mode = cs->mode[side];
-
-	if (mode == MODE_PASS || mode == MODE_PASS_AFTER) {
-		count(CNT_PASS, size);
-		try_evict(cs, side);
-		return SK_PASS;
-	}
-	cfg = config();
-	if (!cfg || !cfg->enabled)
-		return to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
-	/* Redirected data has no flow control: it queues at the peer however
-	 * slowly the peer reads. TCP's window bounds that; ours is the bytes
-	 * sent since the peer last sent anything (request/response flows
-	 * never reach it, a one-way stream or a stalled reader does). Past
-	 * it, or for a send over the size threshold, TCP for good. */
-	if ((cfg->msg_threshold && size >= cfg->msg_threshold) ||
-	    (cfg->window && cs->unanswered[side] + size > cfg->window))
-		return to_pass(cs, side, mode, CNT_FALLBACK_BULK, size);
-	/* Claim REDIRECT before redirecting: the peer may be making us PASS
-	 * right now to leave the sockhash itself. */
-	if (mode == MODE_UNDECIDED &&
-	    __sync_val_compare_and_swap(&cs->mode[side], MODE_UNDECIDED, MODE_REDIRECT) != MODE_UNDECIDED) {
-		count(CNT_PASS, size);
-		try_evict(cs, side);
-		return SK_PASS;
-	}
-
-	peer.sip = self->dip;
-	peer.dip = self->sip;
-	peer.sport = self->dport;
-	peer.dport = self->sport;
-	if (bpf_msg_redirect_hash(msg, &sb_sock_hash, &peer, BPF_F_INGRESS) != SK_PASS) {
-		/* No peer socket: not ours, not yet added, or closed. Once
-		 * anything went through TCP we may never redirect again. */
-		if (mode == MODE_UNDECIDED)
-			return to_pass(cs, side, MODE_UNDECIDED, CNT_FALLBACK_NO_PEER, size);
-		return to_pass(cs, side, MODE_REDIRECT, CNT_FALLBACK_PEER_GONE, size);
-	}
-	cs->unanswered[side] += size;
-	count(CNT_REDIRECT, size);
-	return SK_PASS;
-}
-
 SEC("sk_msg")
 int sock_redirect(struct sk_msg_md *msg)
 {
-	struct sock_key self = {}, ck;
+	struct sock_key self = {}, peer = {}, ck;
 	__u64 size = msg->size;
 	struct conn_state *cs;
+	struct sock_cfg *cfg;
 	__u32 side, mode;
-	int ret;
 
 	{
 		/* Fixed-offset reads, then a choice (see sock_ops_key). */
@@ -482,11 +355,38 @@ int sock_redirect(struct sk_msg_md *msg)
 		try_evict(cs, side);
 		return SK_PASS;
 	}
-	/* A redirect is in progress from here until it is queued at the peer
-	 * (the peer may be waiting for its queue to drain; see EVICT_DRAIN);
-	 * then the mode is read again, as the peer may have just changed it. */
-	__sync_fetch_and_add(&cs->busy[side], 1);
-	ret = redirect(msg, cs, side, &self, size);
-	__sync_fetch_and_sub(&cs->busy[side], 1);
-	return ret;
+	cfg = config();
+	if (!cfg || !cfg->enabled)
+		return to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
+	/* Redirected data has no flow control: it queues at the peer however
+	 * slowly the peer reads. TCP's window bounds that; ours is the bytes
+	 * sent since the peer last sent anything (request/response flows
+	 * never reach it, a one-way stream or a stalled reader does). Past
+	 * it, or for a send over the size threshold, TCP for good. */
+	if ((cfg->msg_threshold && size >= cfg->msg_threshold) ||
+	    (cfg->window && cs->unanswered[side] + size > cfg->window))
+		return to_pass(cs, side, mode, CNT_FALLBACK_BULK, size);
+	/* Claim REDIRECT before redirecting: the peer may be making us PASS
+	 * right now to leave the sockhash itself. */
+	if (mode == MODE_UNDECIDED &&
+	    __sync_val_compare_and_swap(&cs->mode[side], MODE_UNDECIDED, MODE_REDIRECT) != MODE_UNDECIDED) {
+		count(CNT_PASS, size);
+		try_evict(cs, side);
+		return SK_PASS;
+	}
+
+	peer.sip = self.dip;
+	peer.dip = self.sip;
+	peer.sport = self.dport;
+	peer.dport = self.sport;
+	if (bpf_msg_redirect_hash(msg, &sb_sock_hash, &peer, BPF_F_INGRESS) != SK_PASS) {
+		/* No peer socket: not ours, not yet added, or closed. Once
+		 * anything went through TCP we may never redirect again. */
+		if (mode == MODE_UNDECIDED)
+			return to_pass(cs, side, MODE_UNDECIDED, CNT_FALLBACK_NO_PEER, size);
+		return to_pass(cs, side, MODE_REDIRECT, CNT_FALLBACK_PEER_GONE, size);
+	}
+	cs->unanswered[side] += size;
+	count(CNT_REDIRECT, size);
+	return SK_PASS;
 }

@@ -33,12 +33,12 @@
 //     without hearing back moves to TCP, which bounds what a stalled
 //     reader can queue. A TCP-bound socket leaves the sockhash (and its
 //     tcp_bpf send path, which costs bulk streams a third of their
-//     throughput) when nothing was or can be redirected to it: at once
-//     if its peer never redirected; otherwise its peer is moved to TCP
-//     too and it leaves once its queue of redirected data is empty
-//     (sock_ops reads the psock's queue through kernel BTF, CO-RE) and no
-//     redirect of the peer is in flight. A download after a redirected
-//     request is the case this serves.
+//     throughput) when nothing was or can be redirected to it. One that
+//     received redirected data stays until closed: a redirect is queued
+//     at the receiver after the sk_msg program returns, so no program can
+//     tell that none is in flight, and leaving drops what arrives (tried:
+//     evicting once the queue looked empty lost data under a threshold
+//     fallback racing small redirected writes).
 //   - A socket that reads with splice(2) (Go's io.Copy between two TCP
 //     connections) never sees redirected data: the kernel (6.18) queues
 //     it where splice does not look. Pods doing that must be left out of

@@ -18,7 +18,6 @@ type sockopsConnState struct {
 	Mode       [2]uint32
 	Evict      [2]uint32
 	Unanswered [2]uint64
-	Busy       [2]uint32
 }
 
 type sockopsCounter struct {
