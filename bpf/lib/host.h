@@ -73,6 +73,12 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb, const struct iph
 	return 0;
 }
 
+/* set_macs writes the Ethernet destination and source addresses. */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, const __u8 *src)
+{
+	return bpf_skb_store_bytes(skb, 0, dst, ETH_ALEN, 0) || bpf_skb_store_bytes(skb, ETH_ALEN, src, ETH_ALEN, 0);
+}
+
 /* route_local delivers an IPv4 packet to a pod on this node, or returns
  * -1 to leave it to the stack. ip is the packet's header, already loaded. */
 static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr *ip, __u32 prog)
@@ -86,9 +92,7 @@ static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr
 	if (ip->ttl <= 1)
 		return -1;
 
-	if (decrement_ttl(skb, ip) ||
-	    bpf_skb_store_bytes(skb, 0, ep->pod_mac, ETH_ALEN, 0) ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->host_mac, ETH_ALEN, 0)) {
+	if (decrement_ttl(skb, ip) || set_macs(skb, ep->pod_mac, ep->host_mac)) {
 		count(skb, prog, REASON_DROP_REWRITE);
 		return TCX_DROP;
 	}
@@ -134,8 +138,7 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 		count(skb, prog, REASON_DROP_REWRITE);
 		return TCX_DROP;
 	}
-	if (bpf_skb_store_bytes(skb, 0, rc->dst_mac, ETH_ALEN, 0) ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, rc->src_mac, ETH_ALEN, 0)) {
+	if (set_macs(skb, rc->dst_mac, rc->src_mac)) {
 		count(skb, prog, REASON_DROP_REWRITE);
 		return TCX_DROP;
 	}
@@ -174,8 +177,7 @@ static __always_inline int route_out(struct __sk_buff *skb, const struct iphdr *
 	}
 	count(skb, prog, REASON_REDIRECT_NEIGH);
 	if (ret == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
+		if (set_macs(skb, fib.dmac, fib.smac)) {
 			count(skb, prog, REASON_DROP_REWRITE);
 			return TCX_DROP;
 		}

@@ -49,12 +49,7 @@ func TestHostRoute(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			in := pkt{proto: layers.IPProtocolTCP, src: testPod, dst: tt.dst, sport: 1234, dport: 80, tcpFlags: "S", options: 4}.bytes(t)
-			in[14+8] = tt.ttl
-			in[14+10], in[14+11] = 0, 0
-			ihl := int(in[14]&0xf) * 4
-			c := ^csum(0, in[14:14+ihl])
-			in[14+10], in[14+11] = byte(c>>8), byte(c)
+			in := setIPv4Byte(pkt{proto: layers.IPProtocolTCP, src: testPod, dst: tt.dst, sport: 1234, dport: 80, tcpFlags: "S", options: 4}.bytes(t), 14, 8, tt.ttl)
 
 			ret, out := run(t, objs.HostRoute, in)
 			if ret != tt.want {

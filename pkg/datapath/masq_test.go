@@ -137,14 +137,26 @@ func quote(frame []byte, n int) []byte {
 	return append([]byte(nil), ip[:ihl+n]...)
 }
 
+// run runs prog on the frame in and returns its verdict and the frame it
+// left (shorter or longer when it removed or added headers).
 func run(t *testing.T, prog *ebpf.Program, in []byte) (uint32, []byte) {
 	t.Helper()
-	out := make([]byte, len(in)+256)
-	ret, err := prog.Run(&ebpf.RunOptions{Data: in, DataOut: out})
+	opts := ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256)}
+	ret, err := prog.Run(&opts)
 	if err != nil {
 		t.Fatalf("run %v: %v", prog, err)
 	}
-	return ret, out[:len(in)]
+	return ret, opts.DataOut
+}
+
+// setIPv4Byte sets byte i of the IPv4 header at off in frame b (8: TTL,
+// 1: TOS) and recomputes the header checksum; it returns b.
+func setIPv4Byte(b []byte, off, i int, v byte) []byte {
+	b[off+i] = v
+	b[off+10], b[off+11] = 0, 0
+	c := ^csum(0, b[off:off+int(b[off]&0xf)*4])
+	b[off+10], b[off+11] = byte(c>>8), byte(c)
+	return b
 }
 
 // parsed holds the fields tests check in a rewritten packet.

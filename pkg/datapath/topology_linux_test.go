@@ -630,16 +630,8 @@ func TestHostRoutingToOutside(t *testing.T) {
 		if from, _, _ := strings.Cut(got, " "); netip.MustParseAddrPort(from).Addr() != topoNode {
 			t.Errorf("the outside saw %s, want the node address %v", from, topoNode)
 		}
-		counters, err := Counters(d.objs.SbCounters)
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := map[string]uint64{}
-		for _, c := range counters {
-			n[c.Program+"/"+c.Reason] = c.Packets
-		}
-		if n["host_route/redirect_neigh"] < 3 || n["masq_egress/snat"] < 3 {
-			t.Errorf("counters %v: want host_route redirect_neigh and masq_egress snat >= 3", n)
+		if out, snat := counter(t, &d.objs, "host_route", "redirect_neigh"), counter(t, &d.objs, "masq_egress", "snat"); out < 3 || snat < 3 {
+			t.Errorf("host_route redirect_neigh = %d, masq_egress snat = %d; want >= 3 each", out, snat)
 		}
 		if err := netns.Do(topo.node, func() error { return d.DetachHostVeth(topo.podEndpoint.Ifindex) }); err != nil {
 			t.Fatal(err)

@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 )
@@ -41,12 +40,7 @@ func TestVXLANDecap(t *testing.T) {
 	remotePod := netip.MustParseAddr("10.244.2.9")
 	payload := []byte("across the overlay")
 	inner := func(dst netip.Addr, ttl uint8) []byte {
-		b := pkt{proto: layers.IPProtocolTCP, src: remotePod, dst: dst, sport: 1234, dport: 80, tcpFlags: "A", payload: payload}.bytes(t)
-		b[14+8] = ttl
-		b[14+10], b[14+11] = 0, 0
-		c := ^csum(0, b[14:34])
-		b[14+10], b[14+11] = byte(c>>8), byte(c)
-		return b
+		return setIPv4Byte(pkt{proto: layers.IPProtocolTCP, src: remotePod, dst: dst, sport: 1234, dport: 80, tcpFlags: "A", payload: payload}.bytes(t), 14, 8, ttl)
 	}
 
 	tests := []struct {
@@ -62,13 +56,7 @@ func TestVXLANDecap(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			out := make([]byte, len(tt.frame)+256)
-			opts := ebpf.RunOptions{Data: tt.frame, DataOut: out}
-			ret, err := objs.MasqIngress.Run(&opts)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out = opts.DataOut
+			ret, out := run(t, objs.MasqIngress, tt.frame)
 			if ret != tt.want {
 				t.Fatalf("verdict = %d, want %d", int32(ret), tt.want)
 			}
@@ -145,13 +133,7 @@ func TestVXLANEncap(t *testing.T) {
 	payload := []byte("to another node")
 	dst := netip.MustParseAddr("10.244.2.9")
 	in := pkt{proto: layers.IPProtocolTCP, src: testPod, dst: dst, sport: 1234, dport: 80, tcpFlags: "A", payload: payload}.bytes(t)
-	out := make([]byte, len(in)+256)
-	opts := ebpf.RunOptions{Data: in, DataOut: out}
-	ret, err := objs.HostRoute.Run(&opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out = opts.DataOut
+	ret, out := run(t, objs.HostRoute, in)
 	if ret != verdictRedirect {
 		t.Fatalf("verdict = %d, want %d", int32(ret), verdictRedirect)
 	}
@@ -226,25 +208,9 @@ func TestVXLANECN(t *testing.T) {
 	if err := d.UpsertEndpoint(local); err != nil {
 		t.Fatal(err)
 	}
-	withTOS := func(b []byte, off int, tos byte) []byte {
-		b[off+1] = tos
-		b[off+10], b[off+11] = 0, 0
-		c := ^csum(0, b[off:off+20])
-		b[off+10], b[off+11] = byte(c>>8), byte(c)
-		return b
-	}
-	runOut := func(prog *ebpf.Program, in []byte) (uint32, []byte) {
-		out := make([]byte, len(in)+256)
-		opts := ebpf.RunOptions{Data: in, DataOut: out}
-		ret, err := prog.Run(&opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ret, opts.DataOut
-	}
 	for _, tt := range []struct{ inner, outer byte }{{0, 0}, {1, 1}, {2, 2}, {3, 2}} {
-		in := withTOS(pkt{proto: layers.IPProtocolTCP, src: testPod, dst: netip.MustParseAddr("10.244.2.9"), sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, tt.inner)
-		ret, out := runOut(objs.HostRoute, in)
+		in := setIPv4Byte(pkt{proto: layers.IPProtocolTCP, src: testPod, dst: netip.MustParseAddr("10.244.2.9"), sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, 1, tt.inner)
+		ret, out := run(t, objs.HostRoute, in)
 		if ret != verdictRedirect || len(out) != len(in)+50 {
 			t.Fatalf("encap of ECN %d: verdict %d, length %d", tt.inner, int32(ret), len(out))
 		}
@@ -256,9 +222,9 @@ func TestVXLANECN(t *testing.T) {
 		}
 	}
 	for _, tt := range []struct{ outer, inner, want byte }{{3, 2, 3}, {3, 1, 3}, {3, 0, 0}, {2, 1, 1}, {0, 2, 2}} {
-		inner := withTOS(pkt{proto: layers.IPProtocolTCP, src: netip.MustParseAddr("10.244.2.9"), dst: local.IP, sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, tt.inner)
-		frame := withTOS(vxlanFrame(t, inner, 4789, 7), 14, tt.outer)
-		ret, out := runOut(objs.MasqIngress, frame)
+		inner := setIPv4Byte(pkt{proto: layers.IPProtocolTCP, src: netip.MustParseAddr("10.244.2.9"), dst: local.IP, sport: 1, dport: 2, tcpFlags: "A"}.bytes(t), 14, 1, tt.inner)
+		frame := setIPv4Byte(vxlanFrame(t, inner, 4789, 7), 14, 1, tt.outer)
+		ret, out := run(t, objs.MasqIngress, frame)
 		if ret != verdictRedirect || len(out) != len(frame)-50 {
 			t.Fatalf("decap of outer ECN %d: verdict %d, length %d", tt.outer, int32(ret), len(out))
 		}
