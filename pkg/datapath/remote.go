@@ -24,9 +24,9 @@ type Remote struct {
 	// LocalMAC is the source: the local vxlan device's MAC.
 	LocalMAC net.HardwareAddr
 	// VTEP is the other node's underlay address. With it (and a VXLAN
-	// port configured) single packets are encapsulated in eBPF and sent
-	// straight out of the uplink; without it everything goes through the
-	// vxlan device.
+	// port configured) packets are encapsulated in eBPF and sent straight
+	// out of the uplink; without it everything goes through the vxlan
+	// device.
 	VTEP netip.Addr
 	// NextHop is the underlay's next hop towards VTEP (VTEP itself when on
 	// link), from the node's routing table: the encapsulated packet is
