@@ -17,13 +17,47 @@
  * Kernel behaviour this relies on (checked on 6.18): a TCP socket stays in
  * the sockhash until close(), even past TCP_CLOSE; taking a socket out of
  * the sockhash drops data redirected to it and not read yet; redirected
- * data has no flow control; splice(2) reads do not see redirected data.
+ * data has no flow control; splice(2) reads do not see redirected data;
+ * a socket's unread redirected data is its psock's ingress_msg list (read
+ * through BTF: sk_user_data points to the psock); a redirect queues the
+ * data at the peer after the sk_msg program returned, with the sender's
+ * socket lock released, but inside the sender's tcp_bpf_sendmsg(), which
+ * holds a reference on the sender's psock from start to end (as each
+ * recvmsg does, and each sockhash the socket is in).
  */
 #include "lib/sockops.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Kernel-internal structures, read through BTF with CO-RE relocations
+ * (offsets come from the running kernel's BTF at load time): only to see
+ * whether a socket still holds redirected data it has not read, and
+ * whether any send, receive or redirect is in progress on it. */
+struct list_head {
+	struct list_head *next, *prev;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	int counter;
+} atomic_t;
+
+struct refcount_struct {
+	atomic_t refs;
+} __attribute__((preserve_access_index));
+
+struct sk_psock {
+	struct list_head ingress_msg; /* redirected data not read yet */
+	struct refcount_struct refcnt; /* one per sockhash, per send/recvmsg in progress */
+} __attribute__((preserve_access_index));
+
+/* Tag bits of sk_user_data (include/net/sock.h). */
+#define SK_USER_DATA_PTRMASK (~7UL)
 
 struct sock_key {
 	__be32 sip; /* this socket's address */
@@ -67,14 +101,21 @@ enum sock_mode {
  * through tcp_bpf even when its sends pass (bulk streams lose about a
  * third of their throughput), but leaving it drops whatever was
  * redirected to it and not read yet. So a PASS socket leaves only when its
- * peer never redirected and never will (the peer is made PASS atomically,
- * racing the peer's own first send). sk_msg cannot delete from a sockhash:
- * it marks the socket, and sock_ops deletes it at its next callback (an
- * ACK's RTT sample). */
+ * peer will never redirect again and nothing the peer redirected is left
+ * unread: at once if the peer never redirected (the peer is made PASS
+ * atomically, racing the peer's own first send), otherwise after the peer
+ * is made PASS_AFTER (TCP for good too: a download that outgrew the
+ * window) and this socket's queue of redirected data is seen empty with
+ * no redirect of the peer in progress (quiet, below). sk_msg cannot delete from a
+ * sockhash: it marks the socket, and sock_ops deletes it at a later
+ * callback (an ACK's RTT sample). */
+#define EVICT_CB_FLAGS \
+	(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
 enum evict_state {
 	EVICT_UNKNOWN = 0,
-	EVICT_PENDING = 1,
-	EVICT_NEVER = 2,
+	EVICT_PENDING = 1, /* delete at the next callback */
+	EVICT_DRAIN = 2,   /* delete once the redirected data is read */
 	EVICT_DONE = 3,
 };
 
@@ -86,6 +127,13 @@ struct conn_state {
 	__u32 evict[2];
 	/* Bytes each side redirected since the other side last sent. */
 	__u64 unanswered[2];
+	/* Set once a side on TCP for good was seen with no send in progress:
+	 * every redirect it made is queued at the peer by then, and it makes
+	 * no new ones. A redirect runs inside the sender's sendmsg, which
+	 * holds a psock reference throughout, so "no send in progress" is
+	 * the psock's reference count being what the sockhash (and the
+	 * program's own sendmsg) hold. See EVICT_DRAIN. */
+	__u32 quiet[2];
 };
 
 struct {
@@ -126,6 +174,7 @@ enum sock_counter {
 	CNT_SOCK_ADD_FAILED = 9,   /* sockhash or state map refused the socket */
 	CNT_SOCK_CLOSED = 10,      /* accelerated socket reached TCP_CLOSE */
 	CNT_SOCK_EVICTED = 11,     /* PASS socket taken out of the sockhash */
+	CNT_SOCK_DRAINED = 12,     /* of which after reading its peer's redirected data */
 	CNT_MAX = 16,
 };
 
@@ -248,11 +297,111 @@ static __always_inline int established(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_ADD_FAILED, 0);
 		return 1;
 	}
-	/* STATE: count closes and drop the connection state. RTT: a callback
-	 * per ACK to carry out evictions. */
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+	/* STATE: count closes and drop the connection state. RTT and
+	 * PARSE_ALL_HDR_OPT: a callback per ACK and per received packet, to
+	 * carry out evictions on the sending and on the receiving side. An
+	 * accelerated connection sees hardly any packets (its data does not
+	 * travel as packets); once a side is decided they stop. */
+	bpf_sock_ops_cb_flags_set(skops, EVICT_CB_FLAGS);
 	count(CNT_SOCK_ADDED, 0);
 	return 1;
+}
+
+/* psock_of reads the socket's psock (sk_user_data) through BTF into
+ * *psock (0: none). False if it cannot be read. */
+static __always_inline bool psock_of(struct bpf_sock *bs, unsigned long *psock)
+{
+	struct sock *sk;
+	void *ud;
+
+	if (!bs)
+		return false;
+	sk = (struct sock *)bpf_skc_to_tcp_sock(bs);
+	if (!sk)
+		return false;
+	if (bpf_probe_read_kernel(&ud, sizeof(ud), &sk->sk_user_data))
+		return false;
+	*psock = (unsigned long)ud & SK_USER_DATA_PTRMASK;
+	return true;
+}
+
+/* ingress_empty reports whether the socket's psock holds no redirected
+ * data waiting to be read. Unsure (no BTF access, no psock) means no. */
+static __always_inline bool ingress_empty(struct bpf_sock *bs)
+{
+	unsigned long psock = 0;
+	struct list_head head;
+
+	if (!psock_of(bs, &psock) || !psock)
+		return false;
+	if (bpf_probe_read_kernel(&head, sizeof(head), &((struct sk_psock *)psock)->ingress_msg))
+		return false;
+	return head.next == &((struct sk_psock *)psock)->ingress_msg;
+}
+
+/* psock_refs is the socket's psock reference count: 0 without a psock
+ * (it left the sockhash and every holder let go), -1 if unreadable. */
+static __always_inline int psock_refs(struct bpf_sock *bs)
+{
+	unsigned long psock = 0;
+	int refs;
+
+	if (!psock_of(bs, &psock))
+		return -1;
+	if (!psock)
+		return 0;
+	if (bpf_probe_read_kernel(&refs, sizeof(refs), &((struct sk_psock *)psock)->refcnt.refs.counter))
+		return -1;
+	return refs;
+}
+
+/* note_quiet sets quiet[side] once the side is on TCP for good and, if it
+ * ever redirected, its psock holds no more references than the sockhash
+ * (none once evicted) plus own_send (the sendmsg an sk_msg program runs
+ * in), or there is no psock at all. The mode is read first: a redirect
+ * decided before it changed is queued already or inside a sendmsg that
+ * still holds its reference. Both callers run under the socket's lock,
+ * as evictions do, so evict[side] tells whether the sockhash holds one. */
+static __always_inline void note_quiet(struct conn_state *cs, __u32 side, struct bpf_sock *bs, int own_send)
+{
+	__u32 mode;
+	int refs;
+
+	side &= 1;
+	mode = cs->mode[side];
+	if (cs->quiet[side] || (mode != MODE_PASS && mode != MODE_PASS_AFTER))
+		return;
+	if (mode == MODE_PASS_AFTER) {
+		refs = psock_refs(bs);
+		if (refs < 0)
+			return;
+		if (refs && refs != (cs->evict[side] == EVICT_DONE ? 0 : 1) + own_send)
+			return;
+	}
+	__sync_val_compare_and_swap(&cs->quiet[side], 0, 1);
+}
+
+/* maybe_evict takes a socket decided to leave the sockhash out of it, at
+ * once (PENDING) or once its queue is read and its peer quiet (DRAIN). */
+static __always_inline void maybe_evict(struct conn_state *cs, __u32 side, struct bpf_sock_ops *skops,
+					struct sock_key *key)
+{
+	side &= 1;
+	switch (cs->evict[side]) {
+	case EVICT_PENDING:
+		break;
+	case EVICT_DRAIN:
+		/* The atomic read orders the queue read after it. */
+		if (!__sync_fetch_and_add(&cs->quiet[side ^ 1], 0) || !ingress_empty(skops->sk))
+			return;
+		count(CNT_SOCK_DRAINED, 0);
+		break;
+	default:
+		return;
+	}
+	cs->evict[side] = EVICT_DONE;
+	if (bpf_map_delete_elem(&sb_sock_hash, key) == 0)
+		count(CNT_SOCK_EVICTED, 0);
 }
 
 SEC("sockops")
@@ -280,25 +429,28 @@ int sock_ops(struct bpf_sock_ops *skops)
 		count(CNT_SOCK_CLOSED, 0);
 		return 1;
 	case BPF_SOCK_OPS_RTT_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		sock_ops_key(skops, &key);
-		side = conn_key(&key, &ck);
+		side = conn_key(&key, &ck) & 1;
 		cs = bpf_map_lookup_elem(&sb_sock_conns, &ck);
-		if (cs && cs->evict[side & 1] == EVICT_UNKNOWN)
+		if (!cs) {
+			/* State gone (closing): no more callbacks per packet. */
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 			return 1;
-		/* Decided (or state gone): no more callbacks per ACK. */
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		if (!cs || cs->evict[side & 1] != EVICT_PENDING)
-			return 1;
-		cs->evict[side & 1] = EVICT_DONE;
-		if (bpf_map_delete_elem(&sb_sock_hash, &key) == 0)
-			count(CNT_SOCK_EVICTED, 0);
+		}
+		maybe_evict(cs, side, skops, &key);
+		/* The peer may be waiting for this side to be quiet. */
+		note_quiet(cs, side, skops->sk, 0);
+		if (cs->evict[side] == EVICT_DONE && cs->quiet[side])
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
 	}
 	return 1;
 }
 
-/* try_evict decides once whether a PASS socket may leave the sockhash:
- * only if its peer never redirected to it and now never will. */
+/* try_evict decides once how a PASS socket leaves the sockhash: at once if
+ * its peer never redirected to it (and now never will), or once it has
+ * read what the peer redirected, the peer being moved to TCP for good. */
 static __always_inline void try_evict(struct conn_state *cs, __u32 side)
 {
 	__u32 peer = (side ^ 1) & 1, pm;
@@ -307,27 +459,88 @@ static __always_inline void try_evict(struct conn_state *cs, __u32 side)
 	if (cs->evict[side] != EVICT_UNKNOWN)
 		return;
 	pm = __sync_val_compare_and_swap(&cs->mode[peer], MODE_UNDECIDED, MODE_PASS);
-	if (pm == MODE_UNDECIDED || pm == MODE_PASS)
+	if (pm == MODE_UNDECIDED || pm == MODE_PASS) {
 		cs->evict[side] = EVICT_PENDING;
-	else
-		cs->evict[side] = EVICT_NEVER;
+	} else {
+		if (pm == MODE_REDIRECT)
+			__sync_val_compare_and_swap(&cs->mode[peer], MODE_REDIRECT, MODE_PASS_AFTER);
+		cs->evict[side] = EVICT_DRAIN;
+	}
+	/* Both sides are on TCP for good now: the peer leaves too, once it
+	 * has read what we redirected to it (a one-way stream's receiver, a
+	 * download's client), which its received packets' callbacks see. */
+	__sync_val_compare_and_swap(&cs->evict[peer], EVICT_UNKNOWN, EVICT_DRAIN);
 }
 
-static __always_inline int to_pass(struct conn_state *cs, __u32 side, __u32 mode, __u32 why, __u64 size)
+static __always_inline void to_pass(struct conn_state *cs, __u32 side, __u32 mode, __u32 why, __u64 size)
 {
 	cs->mode[side & 1] = mode == MODE_UNDECIDED ? MODE_PASS : MODE_PASS_AFTER;
 	count(why, size);
 	try_evict(cs, side);
-	return SK_PASS;
+}
+
+/* redirect sends the message of a side not yet on TCP for good: to the
+ * peer socket (true), or through TCP (for good) when it should or must. */
+static __always_inline bool redirect(struct sk_msg_md *msg, struct conn_state *cs, __u32 side,
+				    const struct sock_key *self, __u64 size)
+{
+	struct sock_key peer = {};
+	struct sock_cfg *cfg;
+	__u32 mode = cs->mode[side];
+
+	if (mode == MODE_PASS || mode == MODE_PASS_AFTER) {
+		count(CNT_PASS, size);
+		try_evict(cs, side);
+		return false;
+	}
+	cfg = config();
+	if (!cfg || !cfg->enabled) {
+		to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
+		return false;
+	}
+	/* Redirected data has no flow control: it queues at the peer however
+	 * slowly the peer reads. TCP's window bounds that; ours is the bytes
+	 * sent since the peer last sent anything (request/response flows
+	 * never reach it, a one-way stream or a stalled reader does). Past
+	 * it, or for a send over the size threshold, TCP for good. */
+	if ((cfg->msg_threshold && size >= cfg->msg_threshold) ||
+	    (cfg->window && cs->unanswered[side] + size > cfg->window)) {
+		to_pass(cs, side, mode, CNT_FALLBACK_BULK, size);
+		return false;
+	}
+	/* Claim REDIRECT before redirecting: the peer may be making us PASS
+	 * right now to leave the sockhash itself. */
+	if (mode == MODE_UNDECIDED &&
+	    __sync_val_compare_and_swap(&cs->mode[side], MODE_UNDECIDED, MODE_REDIRECT) != MODE_UNDECIDED) {
+		count(CNT_PASS, size);
+		try_evict(cs, side);
+		return false;
+	}
+
+	peer.sip = self->dip;
+	peer.dip = self->sip;
+	peer.sport = self->dport;
+	peer.dport = self->sport;
+	if (bpf_msg_redirect_hash(msg, &sb_sock_hash, &peer, BPF_F_INGRESS) != SK_PASS) {
+		/* No peer socket: not ours, not yet added, or closed. Once
+		 * anything went through TCP we may never redirect again. */
+		if (mode == MODE_UNDECIDED)
+			to_pass(cs, side, MODE_UNDECIDED, CNT_FALLBACK_NO_PEER, size);
+		else
+			to_pass(cs, side, MODE_REDIRECT, CNT_FALLBACK_PEER_GONE, size);
+		return false;
+	}
+	cs->unanswered[side] += size;
+	count(CNT_REDIRECT, size);
+	return true;
 }
 
 SEC("sk_msg")
 int sock_redirect(struct sk_msg_md *msg)
 {
-	struct sock_key self = {}, peer = {}, ck;
+	struct sock_key self = {}, ck;
 	__u64 size = msg->size;
 	struct conn_state *cs;
-	struct sock_cfg *cfg;
 	__u32 side, mode;
 
 	{
@@ -353,40 +566,10 @@ int sock_redirect(struct sk_msg_md *msg)
 	if (mode == MODE_PASS || mode == MODE_PASS_AFTER) {
 		count(CNT_PASS, size);
 		try_evict(cs, side);
+		note_quiet(cs, side, msg->sk, 1);
 		return SK_PASS;
 	}
-	cfg = config();
-	if (!cfg || !cfg->enabled)
-		return to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
-	/* Redirected data has no flow control: it queues at the peer however
-	 * slowly the peer reads. TCP's window bounds that; ours is the bytes
-	 * sent since the peer last sent anything (request/response flows
-	 * never reach it, a one-way stream or a stalled reader does). Past
-	 * it, or for a send over the size threshold, TCP for good. */
-	if ((cfg->msg_threshold && size >= cfg->msg_threshold) ||
-	    (cfg->window && cs->unanswered[side] + size > cfg->window))
-		return to_pass(cs, side, mode, CNT_FALLBACK_BULK, size);
-	/* Claim REDIRECT before redirecting: the peer may be making us PASS
-	 * right now to leave the sockhash itself. */
-	if (mode == MODE_UNDECIDED &&
-	    __sync_val_compare_and_swap(&cs->mode[side], MODE_UNDECIDED, MODE_REDIRECT) != MODE_UNDECIDED) {
-		count(CNT_PASS, size);
-		try_evict(cs, side);
-		return SK_PASS;
-	}
-
-	peer.sip = self.dip;
-	peer.dip = self.sip;
-	peer.sport = self.dport;
-	peer.dport = self.sport;
-	if (bpf_msg_redirect_hash(msg, &sb_sock_hash, &peer, BPF_F_INGRESS) != SK_PASS) {
-		/* No peer socket: not ours, not yet added, or closed. Once
-		 * anything went through TCP we may never redirect again. */
-		if (mode == MODE_UNDECIDED)
-			return to_pass(cs, side, MODE_UNDECIDED, CNT_FALLBACK_NO_PEER, size);
-		return to_pass(cs, side, MODE_REDIRECT, CNT_FALLBACK_PEER_GONE, size);
-	}
-	cs->unanswered[side] += size;
-	count(CNT_REDIRECT, size);
+	if (!redirect(msg, cs, side, &self, size))
+		note_quiet(cs, side, msg->sk, 1);
 	return SK_PASS;
 }

@@ -23,10 +23,12 @@
 #define BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB 5
 #define BPF_SOCK_OPS_STATE_CB 10
 #define BPF_SOCK_OPS_RTT_CB 12
+#define BPF_SOCK_OPS_PARSE_HDR_OPT_CB 13
 
 /* bpf_sock_ops_cb_flags */
 #define BPF_SOCK_OPS_STATE_CB_FLAG (1 << 2)
 #define BPF_SOCK_OPS_RTT_CB_FLAG (1 << 3)
+#define BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG (1 << 4)
 
 /* BPF_TCP_* states */
 #define BPF_TCP_CLOSE 7

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
@@ -11,6 +12,9 @@ import (
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/sockmap"
 )
+
+// kernelBTF is where the running kernel describes its types (CONFIG_DEBUG_INFO_BTF).
+const kernelBTF = "/sys/kernel/btf/vmlinux"
 
 // ensureAcceleration keeps same-node TCP acceleration (pkg/sockmap) in line
 // with the configuration: enabled for this node's IPv4 pod CIDRs, or
@@ -42,6 +46,15 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 	excluded := a.accelerationExcluded()
 	if a.accel != nil {
 		return a.accel.SetPods(prefixes, excluded)
+	}
+	// The programs read socket internals through the kernel's BTF: without
+	// it the node runs unaccelerated (an optimisation, not a failure).
+	if _, err := os.Stat(kernelBTF); err != nil {
+		if !a.accelNoBTF {
+			a.accelNoBTF = true
+			a.log.Warn("TCP acceleration needs kernel BTF; running without it", "btf", kernelBTF, "err", err)
+		}
+		return nil
 	}
 	cg := a.cfg.PodCgroup
 	if cg == "" {

@@ -142,6 +142,7 @@ type Agent struct {
 	pods           cache.Store // this node's Pods
 	accelCollector prometheus.Collector
 	accelOff       bool
+	accelNoBTF     bool // warned once that the kernel lacks BTF
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
 	// to attach host routing to traffic arriving from other nodes.
 	vxlanIndex atomic.Int32

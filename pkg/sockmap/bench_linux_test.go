@@ -98,9 +98,9 @@ func TestBenchSockmap(t *testing.T) {
 			}
 			if dl := envInt("SOCKMAP_BENCH_DOWNLOAD_MB", 100); dl > 0 {
 				// A small request (redirected), then a one-way stream past
-				// the window: the server falls back to TCP but stays in
-				// the sockhash (what the client sent may be in flight).
-				// Ten downloads per sample: one takes ~50 ms.
+				// the window: the server falls back to TCP and leaves the
+				// sockhash once it has read the request (drain). Ten
+				// downloads per sample: one takes ~50 ms.
 				setMode(on)
 				var secs float64
 				const downloads = 10

@@ -21,6 +21,7 @@ const (
 	cntSockAddFailed
 	cntSockClosed
 	cntSockEvicted
+	cntSockDrained
 	cntSlots = 16
 )
 
@@ -43,6 +44,7 @@ var socketEvents = map[uint32]string{
 	cntSockAddFailed: "add_failed",
 	cntSockClosed:    "closed",
 	cntSockEvicted:   "evicted",
+	cntSockDrained:   "drained",
 }
 
 // Stat is one counter summed over CPUs: messages (or sockets) and bytes.
@@ -110,7 +112,7 @@ func NewCollector(counters, hash *ebpf.Map) *Collector {
 		hash:        hash,
 		messages:    prometheus.NewDesc("sinabro_sockmap_messages_total", "TCP sends seen by the sockmap acceleration, by result (redirect: handed to the peer socket; pass: normal TCP; fallback_*: the flow moved to normal TCP).", []string{"result"}, nil),
 		bytes:       prometheus.NewDesc("sinabro_sockmap_bytes_total", "Bytes of TCP sends seen by the sockmap acceleration, by result.", []string{"result"}, nil),
-		sockets:     prometheus.NewDesc("sinabro_sockmap_sockets_total", "Established pod sockets seen by sock_ops, by event (added to the sockhash, skipped, add_failed, closed, evicted: a TCP-bound socket taken out of the sockhash).", []string{"event"}, nil),
+		sockets:     prometheus.NewDesc("sinabro_sockmap_sockets_total", "Established pod sockets seen by sock_ops, by event (added to the sockhash, skipped, add_failed, closed, evicted: a TCP-bound socket taken out of the sockhash, drained: evicted after reading what its peer redirected).", []string{"event"}, nil),
 		accelerated: prometheus.NewDesc("sinabro_sockmap_accelerated_sockets", "Sockets currently in the sockhash.", nil, nil),
 		errors:      prometheus.NewDesc("sinabro_sockmap_read_errors_total", "Failed reads of the sockmap maps.", nil, nil),
 	}

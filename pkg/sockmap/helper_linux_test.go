@@ -269,6 +269,8 @@ func runScenario(addr, scenario string) result {
 				}
 			}
 			return nil
+		case "parallel": // parallel:n:<scenario> — n copies at once
+			return parallel(addr, &r, int(num(1)), strings.Join(parts[2:], ":"))
 		case "rst":
 			return rst(addr, &r)
 		case "download": // download:size — transport speed, no hashing
@@ -287,6 +289,26 @@ func runScenario(addr, scenario string) result {
 	}
 	r.Nanos = time.Since(start).Nanoseconds()
 	return r
+}
+
+// parallel runs n copies of scenario concurrently (each checks its own
+// bytes) and adds up what they sent and received.
+func parallel(addr string, r *result, n int, scenario string) error {
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() { results[i] = runScenario(addr, scenario) })
+	}
+	wg.Wait()
+	var errs []error
+	for i, c := range results {
+		r.Sent += c.Sent
+		r.Received += c.Received
+		if !c.OK {
+			errs = append(errs, fmt.Errorf("copy %d: %s", i, c.Err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func pingpong(addr string, r *result, rounds, size int, op byte) error {

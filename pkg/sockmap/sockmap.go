@@ -33,12 +33,19 @@
 //     without hearing back moves to TCP, which bounds what a stalled
 //     reader can queue. A TCP-bound socket leaves the sockhash (and its
 //     tcp_bpf send path, which costs bulk streams a third of their
-//     throughput) when nothing was or can be redirected to it. One that
-//     received redirected data stays until closed: a redirect is queued
-//     at the receiver after the sk_msg program returns, so no program can
-//     tell that none is in flight, and leaving drops what arrives (tried:
-//     evicting once the queue looked empty lost data under a threshold
-//     fallback racing small redirected writes).
+//     throughput) when nothing was or can be redirected to it: at once
+//     if its peer never redirected; otherwise its peer is moved to TCP
+//     too and it leaves once its queue of redirected data is empty
+//     (sock_ops reads the psock's queue through kernel BTF, CO-RE) and no
+//     redirect of the peer is in flight. A download after a redirected
+//     request is the case this serves. "In flight" is the subtle part: the
+//     kernel queues a redirect at the receiver after the sk_msg program
+//     returned, with the sender's lock released, so a count kept by the
+//     program cannot see it (an earlier attempt lost data that way). What
+//     does cover it is the sender's sendmsg, which holds a reference on
+//     the sender's psock from start to end: a side on TCP for good whose
+//     psock holds only the sockhash's reference (and, seen from its own
+//     sk_msg, its own sendmsg's) has nothing in flight and never will.
 //   - A socket that reads with splice(2) (Go's io.Copy between two TCP
 //     connections) never sees redirected data: the kernel (6.18) queues
 //     it where splice does not look. Pods doing that must be left out of

@@ -22,19 +22,26 @@ var scenarios = []struct {
 	conns    uint64 // connections opened, for the host veth packet bound
 	bulk     bool   // has sends of 16 KiB or more
 	oneway   bool   // sends more than DefaultWindow without an answer
+	// drains: with the defaults, a side that received redirected data
+	// then outgrew the window leaves the sockhash once it read that data.
+	drains bool
 }{
-	{"small echo", "pingpong:200:100:b", 1, false, false},
-	{"64KiB echo", "pingpong:50:65536:b", 1, true, false},
-	{"1MiB echo stream then half-close", "stream:1048576:16384:b", 1, true, false},
-	{"1MiB echo stream small writes", "stream:1048576:1024:b", 1, true, false}, // the echo writes up to 32 KiB
-	{"1MiB half-close sink", "sink:1048576:4096", 1, false, false},
-	{"1MiB source", "source:1048576:65536", 1, true, false},
-	{"100MiB echo stream then half-close", "stream:104857600:65536:b", 1, true, false},
-	{"128MiB half-close sink small writes", "sink:134217728:4096", 1, false, true},
-	{"100MiB source", "source:104857600:65536", 1, true, true},
-	{"8MiB written with splice from unix socket", "unixsplice:8388608", 1, true, true},
-	{"many short connections", "many:200", 200, false, false},
-	{"reset both ways", "rst", 3, false, false},
+	{"small echo", "pingpong:200:100:b", 1, false, false, false},
+	{"64KiB echo", "pingpong:50:65536:b", 1, true, false, false},
+	{"1MiB echo stream then half-close", "stream:1048576:16384:b", 1, true, false, false},
+	{"1MiB echo stream small writes", "stream:1048576:1024:b", 1, true, false, false}, // the echo writes up to 32 KiB
+	// With a send threshold the echo falls back mid-stream while the
+	// client still redirects: both sides drain while the client's last
+	// redirects may be in flight (lost data here is the race to catch).
+	{"16 parallel 1MiB echo streams small writes", "parallel:16:stream:1048576:1024:b", 16, true, false, false},
+	{"1MiB half-close sink", "sink:1048576:4096", 1, false, false, false},
+	{"1MiB source", "source:1048576:65536", 1, true, false, false},
+	{"100MiB echo stream then half-close", "stream:104857600:65536:b", 1, true, false, false},
+	{"128MiB half-close sink small writes", "sink:134217728:4096", 1, false, true, false},
+	{"100MiB source", "source:104857600:65536", 1, true, true, true},
+	{"8MiB written with splice from unix socket", "unixsplice:8388608", 1, true, true, false},
+	{"many short connections", "many:200", 200, false, false, false},
+	{"reset both ways", "rst", 3, false, false, false},
 }
 
 func TestSameNode(t *testing.T) {
@@ -78,8 +85,9 @@ func TestSameNode(t *testing.T) {
 					redirected := after.Message("redirect").Bytes - before.Message("redirect").Bytes
 					bulk := after.Message("fallback_bulk").Count - before.Message("fallback_bulk").Count
 					evicted := after.Sockets["evicted"].Count - before.Sockets["evicted"].Count
-					t.Logf("%s: %v, sent %d received %d, redirected %d bytes, fallbacks %d, evicted %d, host veth packets %d %s",
-						sc.scenario, took.Round(time.Millisecond), r.Sent, r.Received, redirected, bulk, evicted, veth, r.Note)
+					drained := after.Sockets["drained"].Count - before.Sockets["drained"].Count
+					t.Logf("%s: %v, sent %d received %d, redirected %d bytes, fallbacks %d, evicted %d (drained %d), host veth packets %d %s",
+						sc.scenario, took.Round(time.Millisecond), r.Sent, r.Received, redirected, bulk, evicted, drained, veth, r.Note)
 					// A connection whose first send beats the peer's
 					// establishment (the ACK is still in a softirq
 					// queue) is left to TCP: rare, allowed.
@@ -100,13 +108,18 @@ func TestSameNode(t *testing.T) {
 							t.Errorf("host veth saw %d packets, want at most %d (traffic bypassing the redirect)", veth, max)
 						}
 					case mode.cfg.MsgThreshold != 0 && sc.bulk, sc.oneway:
-						if bulk == 0 {
+						// (An echo that kept up never wrote a large
+						// chunk: everything redirected is fine too.)
+						if bulk == 0 && (sc.oneway || redirected < uint64(r.Sent)) {
 							t.Errorf("no side fell back to TCP")
 						}
 					default:
 						if redirected < uint64(r.Sent) && lost == 0 {
 							t.Errorf("redirected %d bytes, want at least the %d sent", redirected, r.Sent)
 						}
+					}
+					if mode.name == "defaults" && sc.drains && drained == 0 {
+						t.Errorf("the bulk sender did not leave the sockhash after reading its peer's request (drained %d, evicted %d)", drained, evicted)
 					}
 					if lost > sc.conns/10+1 {
 						t.Errorf("%d of %d connections were not accelerated (first send before the peer was added)", lost, sc.conns)
@@ -320,8 +333,10 @@ func TestDisableLive(t *testing.T) {
 	}
 	pkts := tb.vethPackets("a")
 	msgs, _ = statsDelta(t, tb.root, func() { conn.rounds(t, 100, 1000) })
-	if msgs["redirect"].Count != 0 || msgs["fallback_disabled"].Count != 2 {
-		t.Errorf("after disable: redirect %d fallback_disabled %d, want 0 and 2 (one per side)", msgs["redirect"].Count, msgs["fallback_disabled"].Count)
+	// The first side to send falls back, and moves its peer to TCP too.
+	if msgs["redirect"].Count != 0 || msgs["fallback_disabled"].Count != 1 || msgs["pass"].Count < 199 {
+		t.Errorf("after disable: redirect %d fallback_disabled %d pass %d, want 0, 1 and the rest",
+			msgs["redirect"].Count, msgs["fallback_disabled"].Count, msgs["pass"].Count)
 	}
 	if d := tb.vethPackets("a") - pkts; d < 200 {
 		t.Errorf("after disable: host veth saw %d packets, want the 200 messages on the wire", d)

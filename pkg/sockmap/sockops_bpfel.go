@@ -18,6 +18,7 @@ type sockopsConnState struct {
 	Mode       [2]uint32
 	Evict      [2]uint32
 	Unanswered [2]uint64
+	Quiet      [2]uint32
 }
 
 type sockopsCounter struct {
