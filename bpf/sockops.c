@@ -106,9 +106,9 @@ enum sock_mode {
  * atomically, racing the peer's own first send), otherwise after the peer
  * is made PASS_AFTER (TCP for good too: a download that outgrew the
  * window) and this socket's queue of redirected data is seen empty with
- * no redirect of the peer in progress (quiet, below). sk_msg cannot delete from a
- * sockhash: it marks the socket, and sock_ops deletes it at a later
- * callback (an ACK's RTT sample). */
+ * no redirect of the peer in progress (quiet, below). sk_msg cannot
+ * delete from a sockhash: it marks the socket, and sock_ops deletes it at
+ * a later callback (an ACK's RTT sample, a received packet). */
 #define EVICT_CB_FLAGS \
 	(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 
@@ -132,7 +132,7 @@ struct conn_state {
 	 * no new ones. A redirect runs inside the sender's sendmsg, which
 	 * holds a psock reference throughout, so "no send in progress" is
 	 * the psock's reference count being what the sockhash (and the
-	 * program's own sendmsg) hold. See EVICT_DRAIN. */
+	 * program's own sendmsg) hold. See EVICT_DRAIN and note_quiet. */
 	__u32 quiet[2];
 };
 
@@ -361,7 +361,9 @@ static __always_inline int psock_refs(struct bpf_sock *bs)
  * in), or there is no psock at all. The mode is read first: a redirect
  * decided before it changed is queued already or inside a sendmsg that
  * still holds its reference. Both callers run under the socket's lock,
- * as evictions do, so evict[side] tells whether the sockhash holds one. */
+ * as evictions do, so evict[side] tells whether the sockhash holds one
+ * (a close() racing another thread's send could mislead it; the kernel
+ * takes a closed socket out of the sockhash itself). */
 static __always_inline void note_quiet(struct conn_state *cs, __u32 side, struct bpf_sock *bs, int own_send)
 {
 	__u32 mode;
