@@ -33,7 +33,7 @@ var scenarios = []struct {
 	// With a send threshold the echo falls back mid-stream while the
 	// client still redirects: both sides drain while the client's last
 	// redirects may be in flight (lost data here is the race to catch).
-	{"16 parallel 1MiB echo streams small writes", "parallel:16:stream:1048576:1024:b", 16, true, false, false},
+	{"64 parallel 1MiB echo streams small writes", "parallel:64:stream:1048576:1024:b", 64, true, false, false},
 	{"1MiB half-close sink", "sink:1048576:4096", 1, false, false, false},
 	{"1MiB source", "source:1048576:65536", 1, true, false, false},
 	{"100MiB echo stream then half-close", "stream:104857600:65536:b", 1, true, false, false},
