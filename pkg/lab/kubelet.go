@@ -435,7 +435,7 @@ func serverProcName(sb *sandbox) string { return "pod-" + sb.Namespace + "-" + s
 func (k *kubelet) startServer(ctx context.Context, sb *sandbox) error {
 	exe := k.cfg.Executable
 	return k.procs.start(ctx, procSpec{
-		name: serverProcName(sb), netns: sb.Netns, restart: true, cgroup: k.cfg.nodePodCgroup(k.node),
+		name: serverProcName(sb), netns: sb.Netns, restart: true, cgroup: k.cfg.NodePodCgroup(k.node),
 		argv: []string{exe, "lab", "serve", "--name", sb.Namespace + "/" + sb.Name},
 	})
 }

@@ -160,18 +160,17 @@ const (
 
 func nodeNetns(node string) string { return NetnsPrefix + node }
 
-// podNetns names a pod's namespace after its UID so a recreated pod of the
-// same name never reuses its predecessor's namespace.
-// PodNetns names the network namespace of the pod with this UID.
+// PodNetns names the network namespace of the pod with this UID: after the
+// UID, so a recreated pod of the same name never reuses its predecessor's.
 func PodNetns(uid string) string {
 	return NetnsPrefix + "pod-" + strings.ReplaceAll(uid, "-", "")[:16]
 }
 
 func (c *Config) nodeBPFRoot(node string) string { return filepath.Join(c.BPFRoot, node) }
 
-// nodePodCgroup is the cgroup v2 directory of a node's pod processes, where
+// NodePodCgroup is the cgroup v2 directory of a node's pod processes, where
 // the node's agent attaches TCP acceleration; "" without a lab cgroup.
-func (c *Config) nodePodCgroup(node string) string {
+func (c *Config) NodePodCgroup(node string) string {
 	if c.CgroupPath == "" {
 		return ""
 	}

@@ -69,7 +69,7 @@ func (c *Config) probeShortcut(ctx context.Context, exe string, p *ShortcutProbe
 	cmd.Stdout, cmd.Stderr = &out, &out
 	// The client runs as a pod process would: in the pod's namespace and in
 	// the node's pod cgroup, where the agent attached its sock_ops program.
-	if cg := c.nodePodCgroup(p.Node); cg != "" {
+	if cg := c.NodePodCgroup(p.Node); cg != "" {
 		f, err := os.Open(cg)
 		if err != nil {
 			p.Err = err.Error()

@@ -315,7 +315,7 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 
 	s.progress.step(fmt.Sprintf("%s: starting sinabro agent (bpf root %s), waiting for it to write %s", name,
 		s.cfg.nodeBPFRoot(name), filepath.Join(l.NodeCNIConf(name), "10-sinabro.conflist")))
-	if cg := s.cfg.nodePodCgroup(name); cg != "" {
+	if cg := s.cfg.NodePodCgroup(name); cg != "" {
 		if err := os.MkdirAll(cg, 0o755); err != nil {
 			return fmt.Errorf("create pod cgroup of %s: %w", name, err)
 		}
@@ -344,7 +344,7 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 			"--cluster-cidr", s.cfg.ClusterCIDR,
 		},
 	}
-	if cg := s.cfg.nodePodCgroup(name); cg != "" {
+	if cg := s.cfg.NodePodCgroup(name); cg != "" {
 		spec.argv = append(spec.argv, "--pod-cgroup", cg)
 	}
 	return spec
