@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sinabro-io/sinabro/internal/tcpload"
 )
 
 // scenarios run from pod a against the test server in pod b. Every one
@@ -152,7 +153,7 @@ func TestSpliceReader(t *testing.T) {
 			t.Errorf("%s to a pod outside the set: %d messages redirected", sc, d)
 		}
 	}
-	r := tb.client("a", "b", "pingpong:5:100:e", time.Minute, "SOCKMAP_DEADLINE=3")
+	r := tb.client("a", "b", "pingpong:5:100:e", time.Minute, "TCPLOAD_DEADLINE=3")
 	if r.OK {
 		t.Logf("splice reader in an accelerated pod works on this kernel: the limitation is gone")
 	} else {
@@ -200,18 +201,18 @@ func TestNotAccelerated(t *testing.T) {
 	tb.server("remote")
 	for _, tc := range []struct {
 		name    string
-		run     func() result
+		run     func() tcpload.Result
 		skipped bool // sock_ops saw it and skipped it
 	}{
-		{"peer outside the pod set (another node, external)", func() result {
+		{"peer outside the pod set (another node, external)", func() tcpload.Result {
 			return tb.client("a", "remote", "pingpong:100:100:b", time.Minute)
 		}, true},
-		{"pod talking to its own address", func() result {
+		{"pod talking to its own address", func() tcpload.Result {
 			return tb.client("b", "b", "pingpong:100:100:b", time.Minute)
 		}, true},
-		{"client process outside the pod cgroup", func() result {
+		{"client process outside the pod cgroup", func() tcpload.Result {
 			p := tb.start("a", false, "SOCKMAP_HELPER=client", "SOCKMAP_ADDR=10.244.7.3:7000", "SOCKMAP_SCENARIO=pingpong:100:100:b")
-			var r result
+			var r tcpload.Result
 			if err := json.Unmarshal([]byte(p.line(t, time.Minute)), &r); err != nil {
 				t.Fatal(err)
 			}
@@ -248,7 +249,7 @@ func (tb *testbed) startInteractive() *proc {
 func (p *proc) rounds(t *testing.T, n, size int) {
 	t.Helper()
 	fmt.Fprintf(p.stdin, "%d %d\n", n, size)
-	var r result
+	var r tcpload.Result
 	if err := json.Unmarshal([]byte(p.line(t, 30*time.Second)), &r); err != nil || !r.OK {
 		t.Fatalf("round trips: %v %s", err, r.Err)
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/sinabro-io/sinabro/internal/tcpload"
 )
 
 // The testbed wires a node like the CNI does: a node netns, pod netns with
@@ -271,11 +272,11 @@ func (tb *testbed) server(podName string) {
 }
 
 // client runs one client scenario (see helper_linux_test.go) from a pod
-// against a pod's test server and returns its result line.
-func (tb *testbed) client(from, to, scenario string, timeout time.Duration, env ...string) result {
+// against a pod's test server and returns its tcpload.Result line.
+func (tb *testbed) client(from, to, scenario string, timeout time.Duration, env ...string) tcpload.Result {
 	tb.t.Helper()
 	p := tb.start(from, true, append(env, "SOCKMAP_HELPER=client", "SOCKMAP_ADDR="+tb.pods[to].ip.String()+":7000", "SOCKMAP_SCENARIO="+scenario)...)
-	var r result
+	var r tcpload.Result
 	line := p.line(tb.t, timeout)
 	if err := json.Unmarshal([]byte(line), &r); err != nil {
 		tb.t.Fatalf("client %s: %v: %q (stderr: %s)", scenario, err, line, p.stderr.String())

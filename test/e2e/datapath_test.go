@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
@@ -52,9 +53,10 @@ type datapathLab struct {
 	bpfRoot  string
 }
 
-func newDatapathLab(t *testing.T, l *testLab, node string) *datapathLab {
+// labBasics opens an API client and the configuration of lab l and finds
+// its external host.
+func labBasics(t *testing.T, l *testLab) (*kube.Client, *lab.Config, netip.Addr) {
 	t.Helper()
-	ctx := context.Background()
 	cs, err := lab.AdminClient(l.dir)
 	if err != nil {
 		t.Fatal(err)
@@ -66,10 +68,17 @@ func newDatapathLab(t *testing.T, l *testLab, node string) *datapathLab {
 	// The external host is .254 on the underlay (see pkg/lab/lab.go).
 	ext := netip.MustParsePrefix(cfg.Underlay).Addr().As4()
 	ext[3] = 254
+	return cs, cfg, netip.AddrFrom4(ext)
+}
+
+func newDatapathLab(t *testing.T, l *testLab, node string) *datapathLab {
+	t.Helper()
+	ctx := context.Background()
+	cs, cfg, ext := labBasics(t, l)
 	d := &datapathLab{
 		l:       l,
 		node:    node,
-		ext:     netip.AddrPortFrom(netip.AddrFrom4(ext), lab.ServeTCPPort),
+		ext:     netip.AddrPortFrom(ext, lab.ServeTCPPort),
 		bpfRoot: filepath.Join(cfg.BPFRoot, node),
 	}
 	n, err := cs.Nodes().Get(ctx, node, metav1.GetOptions{})
