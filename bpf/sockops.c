@@ -481,20 +481,15 @@ static __always_inline void to_pass(struct conn_state *cs, __u32 side, __u32 mod
 	try_evict(cs, side);
 }
 
-/* redirect sends the message of a side not yet on TCP for good: to the
- * peer socket (true), or through TCP (for good) when it should or must. */
-static __always_inline bool redirect(struct sk_msg_md *msg, struct conn_state *cs, __u32 side,
+/* redirect sends the message of a side not yet on TCP for good (mode
+ * UNDECIDED or REDIRECT): to the peer socket (true), or through TCP (for
+ * good) when it should or must. */
+static __always_inline bool redirect(struct sk_msg_md *msg, struct conn_state *cs, __u32 side, __u32 mode,
 				    const struct sock_key *self, __u64 size)
 {
 	struct sock_key peer = {};
 	struct sock_cfg *cfg;
-	__u32 mode = cs->mode[side];
 
-	if (mode == MODE_PASS || mode == MODE_PASS_AFTER) {
-		count(CNT_PASS, size);
-		try_evict(cs, side);
-		return false;
-	}
 	cfg = config();
 	if (!cfg || !cfg->enabled) {
 		to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
@@ -571,7 +566,7 @@ int sock_redirect(struct sk_msg_md *msg)
 		note_quiet(cs, side, msg->sk, 1);
 		return SK_PASS;
 	}
-	if (!redirect(msg, cs, side, &self, size))
+	if (!redirect(msg, cs, side, mode, &self, size))
 		note_quiet(cs, side, msg->sk, 1);
 	return SK_PASS;
 }
