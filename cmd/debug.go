@@ -83,7 +83,7 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 				fmt.Fprintf(w, "tcp %v → %v (peer socket gone)\n", p.A.Local, p.A.Remote)
 				continue
 			}
-			fmt.Fprintf(w, "tcp %v ⇄ %v accelerated\n", p.A.Local, p.A.Remote)
+			fmt.Fprintf(w, "tcp %v ⇄ %v accelerated, sends: %s / %s\n", p.A.Local, p.A.Remote, p.A.Send, p.B.Send)
 		}
 		return nil
 	case "sb_sock_counters":

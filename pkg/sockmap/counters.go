@@ -146,7 +146,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range s.Sockets {
 		ch <- prometheus.MustNewConstMetric(c.sockets, prometheus.CounterValue, float64(v.Count), name)
 	}
-	socks, err := listSockets(c.hash)
+	socks, err := listSockets(c.hash, nil)
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(c.errors, err)
 		return

@@ -14,13 +14,25 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-// Socket is one accelerated socket: its own and its peer's address, and
-// the kernel's socket cookie.
+// Socket is one accelerated socket: its own and its peer's address, the
+// kernel's socket cookie and how its sends go (Send*, from the connection
+// state; empty when there is none).
 type Socket struct {
 	Local  netip.AddrPort `json:"local"`
 	Remote netip.AddrPort `json:"remote"`
 	Cookie uint64         `json:"cookie"`
+	Send   string         `json:"send,omitempty"`
 }
+
+// A socket's send path, as struct conn_state's mode in bpf/sockops.c.
+const (
+	SendUndecided = "undecided"          // nothing sent yet
+	SendRedirect  = "redirect"           // every send so far went to the peer socket
+	SendTCP       = "tcp"                // TCP for good, nothing redirected
+	SendTCPAfter  = "tcp after redirect" // TCP for good after redirecting (leaves the sockhash once drained)
+)
+
+var sendModes = []string{SendUndecided, SendRedirect, SendTCP, SendTCPAfter}
 
 // Pair is an accelerated connection: both sockets are in the sockhash
 // (B is invalid when only A is, e.g. while the other end closes).
@@ -30,7 +42,9 @@ type Pair struct {
 }
 
 // Sockets lists the sockets in this accelerator's sockhash.
-func (a *Accelerator) Sockets() ([]Socket, error) { return listSockets(a.objs.SbSockHash) }
+func (a *Accelerator) Sockets() ([]Socket, error) {
+	return listSockets(a.objs.SbSockHash, a.objs.SbSockConns)
+}
 
 // Pairs lists this accelerator's accelerated connections.
 func (a *Accelerator) Pairs() ([]Pair, error) {
@@ -53,7 +67,12 @@ func ListPairs(root string) ([]Pair, error) {
 		return nil, fmt.Errorf("load %s: %w", path, err)
 	}
 	defer m.Close()
-	s, err := listSockets(m)
+	// The connection state only adds each socket's send path.
+	conns, _ := ebpf.LoadPinnedMap(filepath.Join(mapsDir(root), "sb_sock_conns"), nil)
+	if conns != nil {
+		defer conns.Close()
+	}
+	s, err := listSockets(m, conns)
 	if err != nil {
 		return nil, err
 	}
@@ -111,11 +130,11 @@ func writeStatus(w io.Writer, enabled string, stats Stats, p []Pair) error {
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "\nACCELERATED CONNECTIONS: %d\n", len(p))
 	for _, c := range p {
-		b := "(peer not in the sockhash)"
+		b, sends := "(peer not in the sockhash)", c.A.Send
 		if c.B != nil {
-			b = c.B.Local.String()
+			b, sends = c.B.Local.String(), c.A.Send+" / "+c.B.Send
 		}
-		fmt.Fprintf(tw, "%s\t<->\t%s\n", c.A.Local, b)
+		fmt.Fprintf(tw, "%s\t<->\t%s\t%s\n", c.A.Local, b, sends)
 	}
 	return tw.Flush()
 }
@@ -129,22 +148,42 @@ func sortedKeys(m map[string]Stat) []string {
 	return keys
 }
 
-func listSockets(m *ebpf.Map) ([]Socket, error) {
+// listSockets reads the sockhash and, if conns is not nil, each socket's
+// send path from the connection state.
+func listSockets(m, conns *ebpf.Map) ([]Socket, error) {
 	var out []Socket
 	var k sockopsSockKey
 	var cookie uint64
 	it := m.Iterate()
 	for it.Next(&k, &cookie) {
-		out = append(out, Socket{
+		s := Socket{
 			Local:  netip.AddrPortFrom(addrFromNative(k.Sip), portFromNative(k.Sport)),
 			Remote: netip.AddrPortFrom(addrFromNative(k.Dip), portFromNative(k.Dport)),
 			Cookie: cookie,
-		})
+		}
+		if conns != nil {
+			ck, side := connKey(k)
+			var st sockopsConnState
+			if conns.Lookup(ck, &st) == nil && int(st.Mode[side]) < len(sendModes) {
+				s.Send = sendModes[st.Mode[side]]
+			}
+		}
+		out = append(out, s)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list sockhash: %w", err)
 	}
 	return out, nil
+}
+
+// connKey is conn_key in bpf/sockops.c: the tuple with the lower
+// address:port first, and the side k is on.
+func connKey(k sockopsSockKey) (sockopsSockKey, int) {
+	l, r := addrFromNative(k.Sip), addrFromNative(k.Dip)
+	if c := l.Compare(r); c < 0 || c == 0 && portFromNative(k.Sport) < portFromNative(k.Dport) {
+		return k, 0
+	}
+	return sockopsSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport}, 1
 }
 
 // pairs matches each socket with its peer (the reversed tuple), sorted.

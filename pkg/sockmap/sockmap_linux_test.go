@@ -296,6 +296,9 @@ func TestDisableLive(t *testing.T) {
 	if len(pairs) != 1 || pairs[0].B == nil || pairs[0].A.Local != netip.MustParseAddrPort("10.244.7.3:7000") {
 		t.Fatalf("pairs = %+v, want one pair with the server end first", pairs)
 	}
+	if pairs[0].A.Send != SendRedirect || pairs[0].B.Send != SendRedirect {
+		t.Errorf("sends %q / %q, want both %q", pairs[0].A.Send, pairs[0].B.Send, SendRedirect)
+	}
 	var status strings.Builder
 	if err := WriteStatus(&status, tb.root); err != nil {
 		t.Fatal(err)

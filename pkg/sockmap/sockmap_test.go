@@ -2,6 +2,7 @@ package sockmap
 
 import (
 	"context"
+	"encoding/binary"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -157,5 +158,31 @@ func TestWriteStatus(t *testing.T) {
 	b.Reset()
 	if err := WriteStatus(&b, t.TempDir()); err != nil || !strings.Contains(b.String(), "not set up") {
 		t.Errorf("WriteStatus on an empty root = %v, %q", err, b.String())
+	}
+}
+
+// TestConnKey: both sockets of a connection find one state entry, on
+// opposite sides, as conn_key in bpf/sockops.c orders them (lower
+// address, then lower port, first).
+func TestConnKey(t *testing.T) {
+	key := func(local, remote string) sockopsSockKey {
+		l, r := netip.MustParseAddrPort(local), netip.MustParseAddrPort(remote)
+		var lp, rp [2]byte
+		binary.BigEndian.PutUint16(lp[:], l.Port())
+		binary.BigEndian.PutUint16(rp[:], r.Port())
+		return sockopsSockKey{Sip: nativeFromBytes(l.Addr().As4()), Dip: nativeFromBytes(r.Addr().As4()),
+			Sport: binary.NativeEndian.Uint16(lp[:]), Dport: binary.NativeEndian.Uint16(rp[:])}
+	}
+	for _, c := range []struct{ a, b string }{
+		{"10.244.1.2:7000", "10.244.1.3:40000"},  // lower address first
+		{"10.244.1.2:40000", "10.244.1.3:7000"},  // address decides before port
+		{"10.244.1.2:7000", "10.244.1.2:40000"},  // same address: lower port
+		{"10.244.1.9:7000", "10.244.1.10:40000"}, // numeric, not textual, order
+	} {
+		ka, sa := connKey(key(c.a, c.b))
+		kb, sb := connKey(key(c.b, c.a))
+		if ka != kb || sa != 0 || sb != 1 || ka != key(c.a, c.b) {
+			t.Errorf("%s ⇄ %s: keys %+v/%+v sides %d/%d, want one key (the first socket's) and sides 0/1", c.a, c.b, ka, kb, sa, sb)
+		}
 	}
 }
