@@ -10,6 +10,9 @@ go vet ./...
 unformatted=$(gofmt -l $(git ls-files '*.go'))
 if [ -n "$unformatted" ]; then echo "gofmt needed:"; echo "$unformatted"; exit 1; fi
 
+echo "== go.mod and go.sum tidy"
+if ! go mod tidy -diff; then echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit"; exit 1; fi
+
 echo "== static binary without vishvananda"
 CGO_ENABLED=0 go build -o bin/sinabro .
 file bin/sinabro | grep -q 'statically linked' || { echo "bin/sinabro is not statically linked"; exit 1; }
