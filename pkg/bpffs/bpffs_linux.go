@@ -10,13 +10,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// LockFile serialises mounting bpffs. It lives in the agent's default
+// state directory, on the host (a hostPath in the DaemonSet), so every
+// agent on the kernel takes the same lock — /tmp is private to each
+// container and writable by anyone. It is not each agent's --state-dir:
+// agents sharing a kernel (the lab) have distinct ones.
+const LockFile = "/var/lib/sinabro/bpffs.lock"
+
 // Ensure makes sure root will be on a bpffs, mounting /sys/fs/bpf when
 // it is not mounted yet (it is not at boot on our hosts). Agents starting
-// together (the lab) serialise on a lock file so none stacks a second bpffs
+// together (the lab) serialise on LockFile so none stacks a second bpffs
 // over pins another has just made.
 // It then creates dirs (pin directories under root).
 func Ensure(root string, dirs ...string) error {
-	if err := ensureMounted(root); err != nil {
+	if err := ensureMounted(root, LockFile); err != nil {
 		return err
 	}
 	for _, d := range dirs {
@@ -27,7 +34,7 @@ func Ensure(root string, dirs ...string) error {
 	return nil
 }
 
-func ensureMounted(root string) error {
+func ensureMounted(root, lockFile string) error {
 	if On(root) {
 		return nil
 	}
@@ -36,7 +43,10 @@ func ensureMounted(root string) error {
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
 		return fmt.Errorf("bpf root %s is not on a bpffs", root)
 	}
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "sinabro-bpffs.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err := os.MkdirAll(filepath.Dir(lockFile), 0o700); err != nil {
+		return fmt.Errorf("create bpffs mount lock dir: %w", err)
+	}
+	lock, err := os.OpenFile(lockFile, os.O_CREATE|os.O_RDWR|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("open bpffs mount lock: %w", err)
 	}
