@@ -278,47 +278,46 @@ func cmdStatus(args *cmdArgs) error {
 	return nil
 }
 
+// cmdGC removes the attachments of this network that are not in
+// cni.dev/valid-attachments: their host veths and addresses. A network's
+// attachments are those its IPAM state records (ADD records the address
+// before it creates the veth, DEL releases it only after deleting the veth),
+// so GC of one network never touches the veths of another network served
+// by the same plugin — the veth's name and alias do not say which network
+// it belongs to.
 func cmdGC(args *cmdArgs) error {
 	conf, err := parseConf(args.StdinData)
 	if err != nil {
 		return err
 	}
 	valid := map[ipam.Attachment]bool{}
-	validVeths := map[string]bool{}
 	for _, a := range conf.ValidAttachments {
 		valid[ipam.Attachment{ContainerID: a.ContainerID, IfName: a.IfName}] = true
-		validVeths[HostVethName(a.ContainerID, a.IfName)] = true
+	}
+	store, err := openStore(conf)
+	if err != nil {
+		return err
+	}
+	allocs, err := store.List()
+	if err != nil {
+		return fmt.Errorf("list addresses: %w", err)
 	}
 	hostConn, err := dial(-1)
 	if err != nil {
 		return fmt.Errorf("dial rtnetlink: %w", err)
 	}
 	defer hostConn.Close()
-	links, err := hostConn.Link.List()
-	if err != nil {
-		return fmt.Errorf("list links: %w", err)
-	}
 	var errs []string
-	for _, l := range links {
-		if l.Attributes == nil || l.Attributes.Info == nil || l.Attributes.Info.Kind != "veth" {
+	stale := map[string]bool{}
+	for _, a := range allocs {
+		name := HostVethName(a.ContainerID, a.IfName)
+		if valid[a.Attachment] || stale[name] {
 			continue
 		}
-		name := l.Attributes.Name
-		ours := isHostVethName(name)
-		if l.Attributes.Alias != nil {
-			_, _, aliased := parseAlias(*l.Attributes.Alias)
-			ours = ours || aliased
-		}
-		if !ours || validVeths[name] {
-			continue
-		}
+		stale[name] = true
 		if _, err := deleteLink(hostConn, name); err != nil {
 			errs = append(errs, err.Error())
 		}
-	}
-	store, err := openStore(conf)
-	if err != nil {
-		return err
 	}
 	if _, err := store.ReleaseExcept(valid); err != nil {
 		errs = append(errs, err.Error())

@@ -165,6 +165,35 @@ func TestGCReleasesUncachedLeftovers(t *testing.T) {
 	}
 }
 
+// TestGCLeavesOtherNetworks runs two networks of the plugin on one node (a
+// second conflist with another name): GC of one, with no valid
+// attachments, removes its own pods only.
+func TestGCLeavesOtherNetworks(t *testing.T) {
+	b := newBed(t, "1.1.0", "10.88.8.0/24")
+	other := newBed(t, "1.1.0", "10.88.9.0/24")
+	other.node, other.dataDir, other.name = b.node, b.dataDir, "sinabro-other"
+	other.list = other.confList("1.1.0", "10.88.9.0/24")
+	mine, theirs := newNetns(t, "sbt-pod-"), newNetns(t, "sbt-pod-")
+	b.mustAdd("mine", mine)
+	other.mustAdd("theirs", theirs)
+
+	if err := b.gc(); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	if got, want := b.hostVeths(), []string{cni.HostVethName("theirs", "eth0")}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("host veths after GC of %s = %v, want only the other network's %v", b.name, got, want)
+	}
+	if a := b.allocations(); len(a) != 0 {
+		t.Errorf("addresses left in %s: %v", b.name, a)
+	}
+	if a := other.allocations(); len(a) != 1 {
+		t.Errorf("addresses of %s after GC of %s = %v, want theirs", other.name, b.name, a)
+	}
+	if err := other.check("theirs", theirs); err != nil {
+		t.Errorf("CHECK of the other network's pod after GC: %v", err)
+	}
+}
+
 func TestStatus(t *testing.T) {
 	b := newBed(t, "1.1.0", "10.88.7.0/24")
 	if err := b.inNode(func() error { return b.cni.GetStatusNetworkList(context.Background(), b.list) }); err != nil {

@@ -29,8 +29,8 @@ var (
 const RouteProtocol = 200
 
 // aliasPrefix starts the IFLA_IFALIAS of every host veth the plugin creates,
-// naming its attachment for operators. The kernel sets an alias only after
-// creation, so GC recognises host veths by name as well.
+// naming its attachment for operators and the agent. It does not name the
+// network: GC finds a network's veths through its IPAM state.
 const aliasPrefix = "sinabro:"
 
 // HostVethName derives the host-side interface name from the attachment, so
@@ -42,27 +42,6 @@ func HostVethName(containerID, ifName string) string {
 
 func hostVethAlias(containerID, ifName string) string {
 	return aliasPrefix + containerID + "/" + ifName
-}
-
-// isHostVethName tells whether name has the shape HostVethName produces.
-func isHostVethName(name string) bool {
-	if len(name) != 13 || !strings.HasPrefix(name, "sb") {
-		return false
-	}
-	return strings.Trim(name[2:], "0123456789abcdef") == ""
-}
-
-// parseAlias returns the attachment a host veth alias names.
-func parseAlias(alias string) (containerID, ifName string, ok bool) {
-	rest, ok := strings.CutPrefix(alias, aliasPrefix)
-	if !ok {
-		return "", "", false
-	}
-	i := strings.LastIndexByte(rest, '/')
-	if i <= 0 || i == len(rest)-1 {
-		return "", "", false
-	}
-	return rest[:i], rest[i+1:], true
 }
 
 // dial opens an rtnetlink socket in the namespace behind nsFD (-1: ours).

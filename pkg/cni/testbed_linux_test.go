@@ -76,6 +76,7 @@ func newNetns(t testing.TB, prefix string) string {
 // bed is one node: its namespace, a CNI config list and libcni.
 type bed struct {
 	t       testing.TB
+	name    string // the network's name
 	node    string
 	dataDir string
 	cni     *libcni.CNIConfig
@@ -85,7 +86,7 @@ type bed struct {
 func newBed(t testing.TB, cniVersion string, podCIDRs ...string) *bed {
 	t.Helper()
 	needRoot(t)
-	b := &bed{t: t, node: newNetns(t, "sbt-node-"), dataDir: t.TempDir()}
+	b := &bed{t: t, name: "sinabro-test", node: newNetns(t, "sbt-node-"), dataDir: t.TempDir()}
 	b.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir}, t.TempDir(), nil)
 	b.list = b.confList(cniVersion, podCIDRs...)
 	// The node needs an address of its own to talk to its pods from.
@@ -104,7 +105,7 @@ func (b *bed) confList(cniVersion string, podCIDRs ...string) *libcni.NetworkCon
 	if len(podCIDRs) > 0 {
 		plugin["podCIDRs"] = podCIDRs
 	}
-	raw, _ := json.Marshal(map[string]any{"cniVersion": cniVersion, "name": "sinabro-test", "plugins": []any{plugin}})
+	raw, _ := json.Marshal(map[string]any{"cniVersion": cniVersion, "name": b.name, "plugins": []any{plugin}})
 	list, err := libcni.ConfListFromBytes(raw)
 	if err != nil {
 		b.t.Fatalf("parse conflist: %v", err)
@@ -193,7 +194,7 @@ func (b *bed) hostVeths() []string {
 // allocations reads the IPAM state file of the test network.
 func (b *bed) allocations() map[string]string {
 	b.t.Helper()
-	data, err := os.ReadFile(filepath.Join(b.dataDir, "ipam", "sinabro-test", "state.json"))
+	data, err := os.ReadFile(filepath.Join(b.dataDir, "ipam", b.name, "state.json"))
 	if os.IsNotExist(err) {
 		return nil
 	}
