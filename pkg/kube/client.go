@@ -18,6 +18,7 @@ import (
 	authnv1 "k8s.io/api/authentication/v1"
 	coordv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -42,6 +43,7 @@ func loadScheme() {
 		scheme = runtime.NewScheme()
 		for _, add := range []func(*runtime.Scheme) error{
 			corev1.AddToScheme, coordv1.AddToScheme, authnv1.AddToScheme, rbacv1.AddToScheme, appsv1.AddToScheme,
+			discoveryv1.AddToScheme,
 		} {
 			if err := add(scheme); err != nil {
 				panic(fmt.Sprintf("register API types: %v", err)) // programming error
@@ -72,8 +74,8 @@ func Config(path string) (*rest.Config, error) {
 
 // Client holds one REST client per API group version in use.
 type Client struct {
-	core, coord, authn, rbac, apps *rest.RESTClient
-	Config                         *rest.Config
+	core, coord, authn, rbac, apps, discovery *rest.RESTClient
+	Config                                    *rest.Config
 }
 
 // New returns a client for cfg. userAgent names the component in API logs.
@@ -108,6 +110,7 @@ func New(cfg *rest.Config, userAgent string) (*Client, error) {
 		{&c.authn, authnv1.SchemeGroupVersion},
 		{&c.rbac, rbacv1.SchemeGroupVersion},
 		{&c.apps, appsv1.SchemeGroupVersion},
+		{&c.discovery, discoveryv1.SchemeGroupVersion},
 	} {
 		if *g.dst, err = mk(g.gv, "/apis"); err != nil {
 			return nil, err
@@ -171,6 +174,10 @@ func (c *Client) ClusterRoleBindings() Resource[rbacv1.ClusterRoleBinding, rbacv
 
 func (c *Client) DaemonSets(ns string) Resource[appsv1.DaemonSet, appsv1.DaemonSetList, *appsv1.DaemonSet, *appsv1.DaemonSetList] {
 	return Resource[appsv1.DaemonSet, appsv1.DaemonSetList, *appsv1.DaemonSet, *appsv1.DaemonSetList]{rc: c.apps, resource: "daemonsets", namespace: ns}
+}
+
+func (c *Client) EndpointSlices(ns string) Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList] {
+	return Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList]{rc: c.discovery, resource: "endpointslices", namespace: ns}
 }
 
 // CreateToken issues a bound token for a ServiceAccount (TokenRequest API).
