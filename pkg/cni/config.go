@@ -25,6 +25,10 @@ type PluginConf struct {
 	ranges []netip.Prefix
 }
 
+// DataDirRoot confines "dataDir": the plugin runs as root and creates and
+// rewrites files wherever the network configuration points it.
+const DataDirRoot = "/var/lib"
+
 // Plugin-specific error codes (the spec reserves 100 and up for plugins).
 const (
 	ErrInterfaceExists uint = 100 // CNI_IFNAME already exists in the pod netns
@@ -61,6 +65,11 @@ func parseConf(data []byte) (*PluginConf, error) {
 		return nil, types.NewError(types.ErrInvalidNetworkConfig, "invalid \"dataDir\"",
 			fmt.Sprintf("%q is not an absolute path", conf.DataDir))
 	}
+	if rel, err := filepath.Rel(DataDirRoot, conf.DataDir); err != nil || rel == "." || !filepath.IsLocal(rel) {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "invalid \"dataDir\"",
+			fmt.Sprintf("%q is not under %s", conf.DataDir, DataDirRoot))
+	}
+	conf.DataDir = filepath.Clean(conf.DataDir)
 	var have4, have6 bool
 	for _, s := range conf.PodCIDRs {
 		p, err := netip.ParsePrefix(s)

@@ -22,6 +22,11 @@ func TestParseConf(t *testing.T) {
 		{"too small", `{"name":"n","podCIDRs":["10.1.0.0/31"]}`, types.ErrInvalidNetworkConfig, 0, 0},
 		{"other type", `{"name":"n","type":"bridge"}`, types.ErrInvalidNetworkConfig, 0, 0},
 		{"ipam null is fine", `{"name":"n","ipam":null}`, 0, DefaultMTU, 0},
+		{"dataDir under /var/lib", `{"name":"n","dataDir":"/var/lib/sinabro-x/../sinabro-y"}`, 0, DefaultMTU, 0},
+		{"dataDir outside /var/lib", `{"name":"n","dataDir":"/tmp/sinabro"}`, types.ErrInvalidNetworkConfig, 0, 0},
+		{"dataDir escaping /var/lib", `{"name":"n","dataDir":"/var/lib/../../etc"}`, types.ErrInvalidNetworkConfig, 0, 0},
+		{"dataDir /var/lib itself", `{"name":"n","dataDir":"/var/lib/"}`, types.ErrInvalidNetworkConfig, 0, 0},
+		{"dataDir /var/library", `{"name":"n","dataDir":"/var/library"}`, types.ErrInvalidNetworkConfig, 0, 0},
 		{"bad prevResult", `{"cniVersion":"1.1.0","name":"n","prevResult":{"ips":"x"}}`, types.ErrDecodingFailure, 0, 0},
 	}
 	for _, tc := range tests {

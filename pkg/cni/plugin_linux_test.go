@@ -272,7 +272,7 @@ func TestBadInput(t *testing.T) {
 	needRoot(t)
 	node := newNetns(t, "sbt-node-")
 	pod, pod2 := newNetns(t, "sbt-pod-"), newNetns(t, "sbt-pod-")
-	data := t.TempDir()
+	data := newDataDir(t)
 	good := func(extra string) string {
 		return `{"cniVersion":"1.1.0","name":"bad-input","type":"sinabro","dataDir":"` + data + `","podCIDRs":["10.88.10.0/30"]` + extra + `}`
 	}
@@ -305,6 +305,7 @@ func TestBadInput(t *testing.T) {
 		{"malformed pod CIDR", env("ADD"), `{"cniVersion":"1.1.0","name":"x","type":"sinabro","podCIDRs":["10.1.0.300/24"]}`, types.ErrInvalidNetworkConfig},
 		{"pod CIDR with host bits", env("ADD"), `{"cniVersion":"1.1.0","name":"x","type":"sinabro","podCIDRs":["10.1.0.5/24"]}`, types.ErrInvalidNetworkConfig},
 		{"relative dataDir", env("ADD"), `{"cniVersion":"1.1.0","name":"x","type":"sinabro","dataDir":"rel","podCIDRs":["10.1.0.0/24"]}`, types.ErrInvalidNetworkConfig},
+		{"dataDir outside /var/lib", env("ADD"), `{"cniVersion":"1.1.0","name":"x","type":"sinabro","dataDir":"/tmp/sinabro","podCIDRs":["10.1.0.0/24"]}`, types.ErrInvalidNetworkConfig},
 		{"delegated ipam", env("ADD"), good(`,"ipam":{"type":"host-local"}`), types.ErrUnsupportedField},
 		{"unknown cniVersion", env("ADD"), `{"cniVersion":"9.9.9","name":"x","type":"sinabro"}`, types.ErrIncompatibleCNIVersion},
 		{"GC on an old cniVersion", env("GC"), `{"cniVersion":"1.0.0","name":"x","type":"sinabro"}`, types.ErrIncompatibleCNIVersion},

@@ -17,6 +17,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -73,6 +74,18 @@ func newNetns(t testing.TB, prefix string) string {
 	return path
 }
 
+// newDataDir makes an IPAM data dir for one test, removed at cleanup. It
+// must lie under /var/lib (cni.DataDirRoot), like the real one.
+func newDataDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(cni.DataDirRoot, "sinabro-cni-test-")
+	if err != nil {
+		t.Fatalf("create data dir: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // bed is one node: its namespace, a CNI config list and libcni.
 type bed struct {
 	t       testing.TB
@@ -86,7 +99,7 @@ type bed struct {
 func newBed(t testing.TB, cniVersion string, podCIDRs ...string) *bed {
 	t.Helper()
 	needRoot(t)
-	b := &bed{t: t, name: "sinabro-test", node: newNetns(t, "sbt-node-"), dataDir: t.TempDir()}
+	b := &bed{t: t, name: "sinabro-test", node: newNetns(t, "sbt-node-"), dataDir: newDataDir(t)}
 	b.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir}, t.TempDir(), nil)
 	b.list = b.confList(cniVersion, podCIDRs...)
 	// The node needs an address of its own to talk to its pods from.

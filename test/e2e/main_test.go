@@ -114,7 +114,14 @@ func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
 	if skipReason != "" {
 		t.Skip(skipReason)
 	}
-	dir := filepath.Join(t.TempDir(), "lab")
+	// Under /var/lib: the lab's node state dirs become the conflists'
+	// dataDir, which the plugin confines there (cni.DataDirRoot).
+	base, err := os.MkdirTemp("/var/lib", "sinabro-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) }) // after lab down
+	dir := filepath.Join(base, "lab")
 	l := &testLab{t: t, dir: dir}
 	t.Cleanup(func() {
 		if t.Failed() {
