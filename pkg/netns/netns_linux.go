@@ -74,7 +74,9 @@ func Remove(path string) error {
 // Do runs fn on an OS thread that has entered the namespace at path. Child
 // processes started by fn (os/exec) inherit that namespace. The thread is
 // returned to the runtime only if it could be moved back to its original
-// namespace; otherwise it dies with the goroutine.
+// namespace; otherwise it dies with the goroutine. A panic in fn is
+// returned as an error: it happens on Do's own goroutine, where no caller
+// could recover it (the CNI plugin must answer with error JSON, not crash).
 func Do(path string, fn func() error) error {
 	target, err := os.Open(path)
 	if err != nil {
@@ -96,11 +98,21 @@ func Do(path string, fn func() error) error {
 			errc <- fmt.Errorf("enter netns %s: %w", path, err)
 			return
 		}
-		ferr := fn()
+		ferr := call(fn)
 		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
 			runtime.UnlockOSThread()
 		}
 		errc <- ferr
 	}()
 	return <-errc
+}
+
+// call runs fn, turning a panic into an error.
+func call(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic: %v", r)
+		}
+	}()
+	return fn()
 }
