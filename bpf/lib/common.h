@@ -44,12 +44,14 @@ enum reason {
 	REASON_REDIRECT_TUNNEL = 12, /* host routing: redirected to the vxlan device (another node's pod) */
 	REASON_DECAP = 13,           /* ingress: VXLAN for a local pod decapsulated in eBPF */
 	REASON_ENCAP = 14,           /* host routing: encapsulated in eBPF and sent out of the uplink */
+	REASON_PASS_KERNEL_NAT = 15, /* left to the stack: the kernel's conntrack translated this flow (lib/kct.h) */
 	REASON_DROP_MALFORMED = 16,
 	REASON_DROP_FRAGMENT = 17,   /* egress: fragmented pod packet that needs masquerading */
 	REASON_DROP_UNSUPPORTED = 18,/* egress: a protocol we cannot masquerade */
 	REASON_DROP_NO_PORT = 19,    /* egress: no free source port for this destination */
 	REASON_DROP_CT_FULL = 20,    /* egress: the conntrack table refused a new entry */
 	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
+	REASON_DROP_VXLAN_PEER = 22, /* ingress: VXLAN for our port and VNI from an address that is no peer node */
 	REASON_MAX = 32,
 };
 

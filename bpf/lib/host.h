@@ -20,6 +20,7 @@
 #define SINABRO_HOST_H
 
 #include "common.h"
+#include "kct.h"
 #include "tunnel.h"
 
 #define EP_LOCAL 0x1 /* the pod runs on this node */
@@ -205,6 +206,13 @@ static __always_inline int decap_local(struct __sk_buff *skb, const struct iphdr
 	ep = bpf_map_lookup_elem(&sb_endpoints, &inner.daddr);
 	if (!ep || !(ep->flags & EP_LOCAL))
 		return -1;
+	/* A reply of a flow this node's stack translated (a pod's connection
+	 * to a Service whose backend runs on the sending node) needs the
+	 * reverse translation: the vxlan device hands it to the stack. */
+	if (kct_lookup(skb, &inner, ETH_HLEN + VXLAN_ENCAP_LEN) == KCT_NAT) {
+		count(skb, prog, REASON_PASS_KERNEL_NAT);
+		return -1;
+	}
 	ret = vxlan_decap(skb, outer, &inner);
 	if (ret == -1)
 		return -1;
@@ -216,10 +224,30 @@ static __always_inline int decap_local(struct __sk_buff *skb, const struct iphdr
 	return route_local(skb, &inner, prog);
 }
 
+/* may_route_out reports whether route_out may take a packet whose flow the
+ * kernel's conntrack sees as kct: one the stack tracks untranslated. A
+ * flow's first packet (TCP SYN, or any UDP packet without an entry) goes
+ * through the stack, where netfilter may translate it (kube-proxy's DNAT
+ * of an external IP or a load balancer address); later TCP packets of a
+ * flow the stack never saw (its entry expired, or no conntrack in this
+ * namespace) may take the shortcut. */
+static __always_inline bool may_route_out(struct __sk_buff *skb, const struct iphdr *ip, enum kct kct)
+{
+	__u8 flags;
+
+	if (kct == KCT_PLAIN)
+		return true;
+	if (kct != KCT_NONE || ip->protocol != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + ip->ihl * 4 + 13, &flags, 1))
+		return false;
+	return !(flags & TCP_FLAG_SYN);
+}
+
 SEC("tc")
 int host_route(struct __sk_buff *skb)
 {
 	struct iphdr ip;
+	enum kct kct;
 	int ret;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
@@ -230,15 +258,24 @@ int host_route(struct __sk_buff *skb)
 		count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);
 		return TCX_NEXT;
 	}
+	/* Translated flows (kube-proxy's Services, hostPorts) take the
+	 * stack both ways, where their conntrack entry lives. */
+	kct = kct_lookup(skb, &ip, ETH_HLEN);
+	if (kct == KCT_NAT) {
+		count(skb, PROG_HOST_ROUTE, REASON_PASS_KERNEL_NAT);
+		return TCX_NEXT;
+	}
 	ret = route_local(skb, &ip, PROG_HOST_ROUTE);
 	if (ret >= 0)
 		return ret;
 	ret = route_remote(skb, &ip, PROG_HOST_ROUTE);
 	if (ret >= 0)
 		return ret;
-	ret = route_out(skb, &ip, PROG_HOST_ROUTE);
-	if (ret >= 0)
-		return ret;
+	if (may_route_out(skb, &ip, kct)) {
+		ret = route_out(skb, &ip, PROG_HOST_ROUTE);
+		if (ret >= 0)
+			return ret;
+	}
 	count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);
 	return TCX_NEXT;
 }

@@ -490,8 +490,18 @@ int masq_ingress(struct __sk_buff *skb)
 		return TCX_NEXT;
 	}
 	/* Anything odd that is not ours is the host stack's business. */
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl < 5 ||
-	    ip.daddr != node_ip) {
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl < 5) {
+		count(skb, PROG_MASQ_INGRESS, REASON_PASS_NOT_OURS);
+		return TCX_NEXT;
+	}
+	/* Overlay packets from anything but a peer node would be delivered
+	 * into pods past the node's firewall (decap_local below, or the
+	 * vxlan device): spoofed inner sources, injected traffic. */
+	if (vxlan_ours(skb, &ip) && !bpf_map_lookup_elem(&sb_vtep_peers, &ip.saddr)) {
+		count(skb, PROG_MASQ_INGRESS, REASON_DROP_VXLAN_PEER);
+		return TCX_DROP;
+	}
+	if (ip.daddr != node_ip) {
 		count(skb, PROG_MASQ_INGRESS, REASON_PASS_NOT_OURS);
 		return TCX_NEXT;
 	}
@@ -558,8 +568,14 @@ int masq_ingress(struct __sk_buff *skb)
 		return TCX_DROP;
 	}
 	count(skb, PROG_MASQ_INGRESS, REASON_RNAT);
-	/* A reply for a pod on this node goes straight to it. */
+	/* A reply for a pod on this node goes straight to it, unless the
+	 * stack translated the flow too (a pod's connection to a Service
+	 * whose backend is outside: kube-proxy's DNAT must be undone). */
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) == 0) {
+		if (kct_lookup(skb, &ip, ETH_HLEN) == KCT_NAT) {
+			count(skb, PROG_MASQ_INGRESS, REASON_PASS_KERNEL_NAT);
+			return TCX_NEXT;
+		}
 		r = route_local(skb, &ip, PROG_MASQ_INGRESS);
 		if (r >= 0)
 			return r;

@@ -47,6 +47,39 @@ struct vxlan_encap {
 
 #define VXLAN_ENCAP_LEN ((__s32)sizeof(struct vxlan_encap))
 
+/* The underlay addresses of the peer nodes the agent accepted: the only
+ * sources whose VXLAN packets the uplink lets in (value unused). Kept
+ * across agent restarts, so a restart never drops a peer's traffic. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __be32);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sb_vtep_peers SEC(".maps");
+
+/* vxlan_ours reports whether the packet, whose outer IPv4 header is outer,
+ * is addressed to our VXLAN port and VNI (a whole packet or a first
+ * fragment: a later one cannot be reassembled without it). */
+static __always_inline bool vxlan_ours(struct __sk_buff *skb, const struct iphdr *outer)
+{
+	struct {
+		__be16 sport;
+		__be16 dport;
+		__be16 len;
+		__sum16 check;
+		__be32 vx_flags;
+		__be32 vx_vni;
+	} h;
+
+	if (!vxlan_port || outer->protocol != IPPROTO_UDP || (outer->frag_off & bpf_htons(IP_OFFSET)))
+		return false;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + outer->ihl * 4, &h, sizeof(h)))
+		return false;
+	return h.dport == bpf_htons(vxlan_port) && h.vx_vni == bpf_htonl(vxlan_vni << 8);
+}
+
 /* vxlan_inner reports whether the packet, whose outer IPv4 header is
  * outer, is a VXLAN packet of ours carrying IPv4, and loads the inner
  * IPv4 header. */

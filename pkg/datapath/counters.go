@@ -37,12 +37,14 @@ var reasonNames = [reasonSlots]string{
 	12: "redirect_tunnel",
 	13: "decap",
 	14: "encap",
+	15: "pass_kernel_nat",
 	16: "drop_malformed",
 	17: "drop_fragment",
 	18: "drop_unsupported",
 	19: "drop_no_port",
 	20: "drop_ct_full",
 	21: "drop_rewrite",
+	22: "drop_vxlan_unknown_peer",
 }
 
 // Counter is one program/reason total summed over CPUs.

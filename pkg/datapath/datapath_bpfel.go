@@ -67,21 +67,24 @@ type datapathRemoteCidr struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapSbCounters      = "sb_counters"
-	datapathMapSbCt            = "sb_ct"
-	datapathMapSbEndpoints     = "sb_endpoints"
-	datapathMapSbMasqCidrs     = "sb_masq_cidrs"
-	datapathMapSbRemoteCidrs   = "sb_remote_cidrs"
-	datapathProgHostRoute      = "host_route"
-	datapathProgMasqEgress     = "masq_egress"
-	datapathProgMasqIngress    = "masq_ingress"
-	datapathVarNodeIp          = "node_ip"
-	datapathVarPortMax         = "port_max"
-	datapathVarPortMin         = "port_min"
-	datapathVarRouteOutEnabled = "route_out_enabled"
-	datapathVarUplinkIfindex   = "uplink_ifindex"
-	datapathVarVxlanPort       = "vxlan_port"
-	datapathVarVxlanVni        = "vxlan_vni"
+	datapathMapSbCounters       = "sb_counters"
+	datapathMapSbCt             = "sb_ct"
+	datapathMapSbEndpoints      = "sb_endpoints"
+	datapathMapSbMasqCidrs      = "sb_masq_cidrs"
+	datapathMapSbRemoteCidrs    = "sb_remote_cidrs"
+	datapathMapSbVtepPeers      = "sb_vtep_peers"
+	datapathProgHostRoute       = "host_route"
+	datapathProgMasqEgress      = "masq_egress"
+	datapathProgMasqIngress     = "masq_ingress"
+	datapathVarKernelCtEnabled  = "kernel_ct_enabled"
+	datapathVarKernelCtOptsSize = "kernel_ct_opts_size"
+	datapathVarNodeIp           = "node_ip"
+	datapathVarPortMax          = "port_max"
+	datapathVarPortMin          = "port_min"
+	datapathVarRouteOutEnabled  = "route_out_enabled"
+	datapathVarUplinkIfindex    = "uplink_ifindex"
+	datapathVarVxlanPort        = "vxlan_port"
+	datapathVarVxlanVni         = "vxlan_vni"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -140,19 +143,22 @@ type datapathMapSpecs struct {
 	SbEndpoints   *ebpf.MapSpec `ebpf:"sb_endpoints"`
 	SbMasqCidrs   *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
 	SbRemoteCidrs *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
+	SbVtepPeers   *ebpf.MapSpec `ebpf:"sb_vtep_peers"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
-	PortMax         *ebpf.VariableSpec `ebpf:"port_max"`
-	PortMin         *ebpf.VariableSpec `ebpf:"port_min"`
-	RouteOutEnabled *ebpf.VariableSpec `ebpf:"route_out_enabled"`
-	UplinkIfindex   *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
-	VxlanPort       *ebpf.VariableSpec `ebpf:"vxlan_port"`
-	VxlanVni        *ebpf.VariableSpec `ebpf:"vxlan_vni"`
+	KernelCtEnabled  *ebpf.VariableSpec `ebpf:"kernel_ct_enabled"`
+	KernelCtOptsSize *ebpf.VariableSpec `ebpf:"kernel_ct_opts_size"`
+	NodeIp           *ebpf.VariableSpec `ebpf:"node_ip"`
+	PortMax          *ebpf.VariableSpec `ebpf:"port_max"`
+	PortMin          *ebpf.VariableSpec `ebpf:"port_min"`
+	RouteOutEnabled  *ebpf.VariableSpec `ebpf:"route_out_enabled"`
+	UplinkIfindex    *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
+	VxlanPort        *ebpf.VariableSpec `ebpf:"vxlan_port"`
+	VxlanVni         *ebpf.VariableSpec `ebpf:"vxlan_vni"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -180,6 +186,7 @@ type datapathMaps struct {
 	SbEndpoints   *ebpf.Map `ebpf:"sb_endpoints"`
 	SbMasqCidrs   *ebpf.Map `ebpf:"sb_masq_cidrs"`
 	SbRemoteCidrs *ebpf.Map `ebpf:"sb_remote_cidrs"`
+	SbVtepPeers   *ebpf.Map `ebpf:"sb_vtep_peers"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -189,6 +196,7 @@ func (m *datapathMaps) Close() error {
 		m.SbEndpoints,
 		m.SbMasqCidrs,
 		m.SbRemoteCidrs,
+		m.SbVtepPeers,
 	)
 }
 
@@ -196,13 +204,15 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
-	PortMax         *ebpf.Variable `ebpf:"port_max"`
-	PortMin         *ebpf.Variable `ebpf:"port_min"`
-	RouteOutEnabled *ebpf.Variable `ebpf:"route_out_enabled"`
-	UplinkIfindex   *ebpf.Variable `ebpf:"uplink_ifindex"`
-	VxlanPort       *ebpf.Variable `ebpf:"vxlan_port"`
-	VxlanVni        *ebpf.Variable `ebpf:"vxlan_vni"`
+	KernelCtEnabled  *ebpf.Variable `ebpf:"kernel_ct_enabled"`
+	KernelCtOptsSize *ebpf.Variable `ebpf:"kernel_ct_opts_size"`
+	NodeIp           *ebpf.Variable `ebpf:"node_ip"`
+	PortMax          *ebpf.Variable `ebpf:"port_max"`
+	PortMin          *ebpf.Variable `ebpf:"port_min"`
+	RouteOutEnabled  *ebpf.Variable `ebpf:"route_out_enabled"`
+	UplinkIfindex    *ebpf.Variable `ebpf:"uplink_ifindex"`
+	VxlanPort        *ebpf.Variable `ebpf:"vxlan_port"`
+	VxlanVni         *ebpf.Variable `ebpf:"vxlan_vni"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

@@ -163,3 +163,51 @@ func addrString(a netip.Addr) string {
 	}
 	return a.String()
 }
+
+// SetVTEPPeers converges the peer nodes' underlay addresses whose VXLAN
+// packets the uplink accepts (sb_vtep_peers); VXLAN for our port and VNI
+// from any other source is dropped and counted (drop_vxlan_unknown_peer).
+func (d *Datapath) SetVTEPPeers(want []netip.Addr) error {
+	m := d.objs.SbVtepPeers
+	keep := make(map[uint32]bool, len(want))
+	var errs []error
+	for _, a := range want {
+		if !a.Is4() {
+			continue // IPv6 underlays are the vxlan device's
+		}
+		k := be32(a)
+		keep[k] = true
+		if err := m.Put(k, uint32(1)); err != nil {
+			errs = append(errs, fmt.Errorf("put %v in VTEP peers: %w", a, err))
+		}
+	}
+	var k, v uint32
+	var stale []uint32
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if !keep[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("list VTEP peers: %w", err))
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("delete %v from VTEP peers: %w", addrFromBE32(k), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// VTEPPeers lists the accepted peer underlay addresses, sorted.
+func (d *Datapath) VTEPPeers() ([]netip.Addr, error) {
+	var k, v uint32
+	var out []netip.Addr
+	it := d.objs.SbVtepPeers.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, addrFromBE32(k))
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, it.Err()
+}

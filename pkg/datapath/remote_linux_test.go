@@ -96,6 +96,9 @@ func testHostRoutingToRemoteNode(t *testing.T, tunnel bool) {
 	if err := d.SetRemotes([]Remote{remote}); err != nil {
 		t.Fatal(err)
 	}
+	if err := d.SetVTEPPeers([]netip.Addr{topoExt}); err != nil {
+		t.Fatal(err)
+	}
 	conn := in(t, topo.pod, dial)
 	defer conn.Close()
 	got, err := roundTrip(conn, bufio.NewReader(conn), "over the tunnel")

@@ -13,9 +13,17 @@ import (
 // vxlanFrame wraps inner (an Ethernet frame) in outer Ethernet, IPv4, UDP
 // and VXLAN headers addressed to the node.
 func vxlanFrame(t *testing.T, inner []byte, dport uint16, vni uint32) []byte {
+	return vxlanFrameFrom(t, testPeer, inner, dport, vni)
+}
+
+// testPeer is the peer node the VXLAN test frames come from.
+var testPeer = netip.MustParseAddr("192.168.0.9")
+
+// vxlanFrameFrom is vxlanFrame with outer source src.
+func vxlanFrameFrom(t *testing.T, src netip.Addr, inner []byte, dport uint16, vni uint32) []byte {
 	t.Helper()
 	eth := &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 1, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 1, 2}, EthernetType: layers.EthernetTypeIPv4}
-	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: net.IP{192, 168, 0, 9}, DstIP: testNode.AsSlice()}
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src.AsSlice(), DstIP: testNode.AsSlice()}
 	udp := &layers.UDP{SrcPort: 40000, DstPort: layers.UDPPort(dport)}
 	udp.SetNetworkLayerForChecksum(ip)
 	vx := &layers.VXLAN{ValidIDFlag: true, VNI: vni}
@@ -37,7 +45,11 @@ func TestVXLANDecap(t *testing.T) {
 	if err := d.UpsertEndpoint(local); err != nil {
 		t.Fatal(err)
 	}
+	if err := d.SetVTEPPeers([]netip.Addr{testPeer}); err != nil {
+		t.Fatal(err)
+	}
 	remotePod := netip.MustParseAddr("10.244.2.9")
+	stranger := netip.MustParseAddr("192.168.0.66")
 	payload := []byte("across the overlay")
 	inner := func(dst netip.Addr, ttl uint8) []byte {
 		return setIPv4Byte(pkt{proto: layers.IPProtocolTCP, src: remotePod, dst: dst, sport: 1234, dport: 80, tcpFlags: "A", payload: payload}.bytes(t), 14, 8, ttl)
@@ -53,6 +65,11 @@ func TestVXLANDecap(t *testing.T) {
 		{"other port", vxlanFrame(t, inner(local.IP, 64), 4789, 7), verdictNext},
 		{"other VNI", vxlanFrame(t, inner(local.IP, 64), 8472, 8), verdictNext},
 		{"expiring TTL", vxlanFrame(t, inner(local.IP, 1), 8472, 7), verdictNext},
+		// Injection past the node's firewall: only peer nodes may send.
+		{"no peer node", vxlanFrameFrom(t, stranger, inner(local.IP, 64), 8472, 7), verdictDrop},
+		{"no peer node, pod of another node", vxlanFrameFrom(t, stranger, inner(netip.MustParseAddr("10.244.1.8"), 64), 8472, 7), verdictDrop},
+		{"no peer node, other VNI", vxlanFrameFrom(t, stranger, inner(local.IP, 64), 8472, 8), verdictNext},
+		{"no peer node, other port", vxlanFrameFrom(t, stranger, inner(local.IP, 64), 4789, 7), verdictNext},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -91,6 +108,16 @@ func TestVXLANDecap(t *testing.T) {
 	}
 	if n := counter(t, objs, "masq_ingress", "decap"); n != 1 {
 		t.Errorf("decap = %d, want 1", n)
+	}
+	if n := counter(t, objs, "masq_ingress", "drop_vxlan_unknown_peer"); n != 2 {
+		t.Errorf("drop_vxlan_unknown_peer = %d, want 2", n)
+	}
+	// A peer removed is a stranger.
+	if err := d.SetVTEPPeers(nil); err != nil {
+		t.Fatal(err)
+	}
+	if ret, _ := run(t, objs.MasqIngress, tests[0].frame); ret != verdictDrop {
+		t.Errorf("after the peer left: verdict = %d, want %d", int32(ret), verdictDrop)
 	}
 
 	// Without a port configured nothing is decapsulated.
@@ -203,6 +230,9 @@ func TestVXLANECN(t *testing.T) {
 	local := Endpoint{IP: netip.MustParseAddr("10.244.1.7"), Ifindex: 43,
 		PodMAC: net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 7}, HostMAC: net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 7}, Local: true}
 	if err := d.SetRemotes([]Remote{peer}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetVTEPPeers([]netip.Addr{peer.VTEP}); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.UpsertEndpoint(local); err != nil {
