@@ -14,6 +14,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// MaxConfigSize bounds the network configuration read from stdin. Real ones
+// (with a prevResult or a long cni.dev/valid-attachments list) are far
+// smaller; the bound keeps a broken runtime from making the plugin buffer
+// without end.
+const MaxConfigSize = 1 << 20
+
 // cmdArgs is one invocation's environment and stdin, as the spec defines them.
 type cmdArgs struct {
 	Command     string
@@ -114,9 +120,13 @@ func Run(getenv func(string) string, stdin io.Reader, stdout io.Writer) (retErr 
 		return types.NewError(types.ErrInvalidEnvironmentVariables,
 			fmt.Sprintf("required env variables [%s] missing", strings.Join(missing, ",")), "")
 	}
-	data, err := io.ReadAll(stdin)
+	data, err := io.ReadAll(io.LimitReader(stdin, MaxConfigSize+1))
 	if err != nil {
 		return types.NewError(types.ErrIOFailure, "read network config from stdin", err.Error())
+	}
+	if len(data) > MaxConfigSize {
+		return types.NewError(types.ErrInvalidNetworkConfig, "network config too large",
+			fmt.Sprintf("stdin holds more than %d bytes", MaxConfigSize))
 	}
 	a.StdinData = data
 	confVersion, err := (&cniversion.ConfigDecoder{}).Decode(data)
