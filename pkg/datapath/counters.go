@@ -1,7 +1,9 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
@@ -55,9 +57,14 @@ type Counter struct {
 	Bytes   uint64 `json:"bytes"`
 }
 
-// Counters reads the per-CPU counters map and returns the non-zero totals.
+// Counters reads the per-CPU counters map and returns the non-zero totals
+// it could read and, joined, the errors of the counters it could not.
 func Counters(m *ebpf.Map) ([]Counter, error) {
-	var out []Counter
+	out, errs := readCounters(m)
+	return out, errors.Join(errs...)
+}
+
+func readCounters(m *ebpf.Map) (out []Counter, errs []error) {
 	for prog, pname := range programNames {
 		if pname == "" {
 			continue
@@ -69,7 +76,8 @@ func Counters(m *ebpf.Map) ([]Counter, error) {
 			var perCPU []datapathCounter
 			key := uint32(prog*reasonSlots + reason)
 			if err := m.Lookup(key, &perCPU); err != nil {
-				return nil, fmt.Errorf("read counter %s/%s: %w", pname, rname, err)
+				errs = append(errs, fmt.Errorf("read counter %s/%s: %w", pname, rname, err))
+				continue
 			}
 			c := Counter{Program: pname, Reason: rname}
 			for _, v := range perCPU {
@@ -81,7 +89,7 @@ func Counters(m *ebpf.Map) ([]Counter, error) {
 			}
 		}
 	}
-	return out, nil
+	return out, errs
 }
 
 // Collector exposes the datapath counters to Prometheus.
@@ -94,6 +102,8 @@ type Collector struct {
 	flows   *prometheus.Desc
 	deleted *prometheus.Desc
 	gcRuns  *prometheus.Desc
+
+	readErrors atomic.Uint64 // failed counter reads, reported by errors
 }
 
 // NewCollector returns a collector reading the counters map m.
@@ -137,13 +147,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.deleted, prometheus.CounterValue, float64(c.gc.deleted.Load()))
 		ch <- prometheus.MustNewConstMetric(c.gcRuns, prometheus.CounterValue, float64(c.gc.runs.Load()))
 	}
-	counters, err := Counters(c.m)
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(c.errors, err)
-		return
-	}
+	// A counter that cannot be read is left out and counted, rather than
+	// failing the whole scrape.
+	counters, errs := readCounters(c.m)
 	for _, v := range counters {
 		ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(v.Packets), v.Program, v.Reason)
 		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(v.Bytes), v.Program, v.Reason)
 	}
+	n := c.readErrors.Add(uint64(len(errs)))
+	ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n))
 }
