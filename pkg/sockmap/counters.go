@@ -1,7 +1,9 @@
 package sockmap
 
 import (
+	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
@@ -62,9 +64,15 @@ type Stats struct {
 // Message returns the counter of a send result ("redirect", "pass", ...).
 func (s Stats) Message(result string) Stat { return s.Messages[result] }
 
-// ReadStats reads the per-CPU counters map m.
+// ReadStats reads the per-CPU counters map m: the counters it could read
+// and, joined, the errors of those it could not.
 func ReadStats(m *ebpf.Map) (Stats, error) {
-	s := Stats{Messages: map[string]Stat{}, Sockets: map[string]Stat{}}
+	s, errs := readStats(m)
+	return s, errors.Join(errs...)
+}
+
+func readStats(m *ebpf.Map) (s Stats, errs []error) {
+	s = Stats{Messages: map[string]Stat{}, Sockets: map[string]Stat{}}
 	read := func(id uint32, name string, into map[string]Stat) error {
 		var perCPU []sockopsCounter
 		if err := m.Lookup(id, &perCPU); err != nil {
@@ -80,15 +88,15 @@ func ReadStats(m *ebpf.Map) (Stats, error) {
 	}
 	for id, name := range messageResults {
 		if err := read(id, name, s.Messages); err != nil {
-			return Stats{}, err
+			errs = append(errs, err)
 		}
 	}
 	for id, name := range socketEvents {
 		if err := read(id, name, s.Sockets); err != nil {
-			return Stats{}, err
+			errs = append(errs, err)
 		}
 	}
-	return s, nil
+	return s, errs
 }
 
 // Stats reads this accelerator's counters.
@@ -103,6 +111,8 @@ type Collector struct {
 	sockets        *prometheus.Desc
 	accelerated    *prometheus.Desc
 	errors         *prometheus.Desc
+
+	readErrors atomic.Uint64 // failed map reads, reported by errors
 }
 
 // NewCollector returns a collector over the counters map and the sockhash.
@@ -134,11 +144,10 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
-	s, err := ReadStats(c.counters)
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(c.errors, err)
-		return
-	}
+	// What cannot be read is left out and counted, rather than failing
+	// the whole scrape.
+	s, errs := readStats(c.counters)
+	failed := uint64(len(errs))
 	for name, v := range s.Messages {
 		ch <- prometheus.MustNewConstMetric(c.messages, prometheus.CounterValue, float64(v.Count), name)
 		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(v.Bytes), name)
@@ -146,10 +155,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range s.Sockets {
 		ch <- prometheus.MustNewConstMetric(c.sockets, prometheus.CounterValue, float64(v.Count), name)
 	}
-	socks, err := listSockets(c.hash, nil)
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(c.errors, err)
-		return
+	if socks, err := listSockets(c.hash, nil); err != nil {
+		failed++
+	} else {
+		ch <- prometheus.MustNewConstMetric(c.accelerated, prometheus.GaugeValue, float64(len(socks)))
 	}
-	ch <- prometheus.MustNewConstMetric(c.accelerated, prometheus.GaugeValue, float64(len(socks)))
+	ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(c.readErrors.Add(failed)))
 }
