@@ -14,6 +14,7 @@ import (
 
 	"github.com/sinabro-io/sinabro/pkg/agent"
 	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/version"
 )
 
@@ -37,6 +38,7 @@ func newAgentCmd() *cobra.Command {
 		clusterCIDRs []string
 		nonMasqCIDRs []string
 		cleanup      bool
+		tcAttach     string
 		logLevel     string
 		logFormat    string
 	)
@@ -86,6 +88,9 @@ established connections survive a restart. --cleanup removes it.`,
 			if b := cfg.MasqueradeBackend; b != agent.BackendEBPF && b != agent.BackendNFTables {
 				return fmt.Errorf("--masquerade-backend %q: want %s or %s", b, agent.BackendEBPF, agent.BackendNFTables)
 			}
+			if cfg.TCAttach, err = datapath.ParseAttachMode(tcAttach); err != nil {
+				return fmt.Errorf("--tc-attach: %w", err)
+			}
 			if cfg.MTU < 0 || cfg.MTU > 0 && cfg.MTU < 576 {
 				return fmt.Errorf("--mtu %d: want 0 (auto) or at least 576", cfg.MTU)
 			}
@@ -125,6 +130,7 @@ established connections survive a restart. --cleanup removes it.`,
 	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
 	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
 	f.BoolVar(&cfg.HostRouting, "host-routing", cfg.HostRouting, "route traffic between this node's pods in eBPF (bpf_redirect_peer), skipping the host stack")
+	f.StringVar(&tcAttach, "tc-attach", string(datapath.AttachAuto), `how the eBPF datapath attaches to interfaces: "tcx" (Linux >= 6.6), "classic" (clsact qdisc + direct-action cls_bpf, older kernels) or "auto" (tcx where the kernel has it)`)
 	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, "redirect TCP between this node's pods at the socket layer (sock_ops + sk_msg); false detaches it live")
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")

@@ -86,6 +86,10 @@ type Config struct {
 	// takes the cgroup v2 root.
 	PodCgroup      string
 	ResyncInterval time.Duration
+	// TCAttach is how the datapath's programs attach to interfaces:
+	// datapath.AttachAuto (tcx where the kernel has it, else classic tc),
+	// AttachTCX or AttachClassic.
+	TCAttach datapath.AttachMode
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests run several agents in one process).
 	NetNS string

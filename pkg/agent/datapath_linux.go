@@ -156,6 +156,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 		NodeIP:        self.InternalIP,
 		ClusterCIDRs:  cluster,
 		NonMasqCIDRs:  nonMasq,
+		Attach:        a.cfg.TCAttach,
 	}
 	if a.cfg.HostRouting { // decapsulation hands packets straight to pods
 		cfg.VXLANPort, cfg.VXLANVNI = a.cfg.VXLANPort, a.cfg.VXLANVNI
@@ -193,7 +194,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	eff := d.Config()
 	a.log.Info("eBPF datapath loaded", "bpf_root", eff.BPFRoot, "uplink", under.Name, "uplink_index", under.Index,
 		"node_ip", eff.NodeIP, "masquerade", len(cluster) > 0, "host_routing", a.cfg.HostRouting,
-		"pod_cidrs", cluster, "non_masquerade", nonMasq, "ct_size", eff.CTSize, "ports", fmt.Sprintf("%d-%d", eff.PortMin, eff.PortMax))
+		"pod_cidrs", cluster, "non_masquerade", nonMasq, "ct_size", eff.CTSize, "ports", fmt.Sprintf("%d-%d", eff.PortMin, eff.PortMax), "attach", eff.Attach)
 	a.kickEndpoints()
 	return nil
 }

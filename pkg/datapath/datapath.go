@@ -5,12 +5,13 @@
 // Everything lives under one bpffs root per agent (Config.BPFRoot):
 //
 //	<root>/maps/<map name>   maps, pinned by name (LIBBPF_PIN_BY_NAME)
-//	<root>/links/<program>   tcx links
+//	<root>/links/<program>   tcx links, or with classic tc the programs
+//	                         of the cls_bpf filters (see AttachMode)
 //
 // A restarted agent adopts what it finds there: maps keep their contents
 // (conntrack is never flushed at start) and links are switched to the newly
-// loaded programs atomically with link.Update, so traffic never sees a
-// detached interface.
+// loaded programs atomically with link.Update (classic tc: the filter is
+// replaced in place), so traffic never sees a detached interface.
 //
 // The agent, running in the node's network namespace, uses it like this:
 //
@@ -37,7 +38,6 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/sinabro-io/sinabro/pkg/bpffs"
@@ -89,6 +89,9 @@ type Config struct {
 	// or not at all: it skips the stack's netfilter hooks, nftables
 	// masquerade included.
 	RouteOut bool
+	// Attach is how programs attach to interfaces; "" is AttachAuto,
+	// which Load resolves to AttachTCX or AttachClassic.
+	Attach AttachMode
 }
 
 func (c *Config) setDefaults() {
@@ -99,6 +102,9 @@ func (c *Config) setDefaults() {
 		c.CTSize = DefaultCTSize
 	}
 	c.Timeouts.setDefaults()
+	if c.Attach == "" {
+		c.Attach = AttachAuto
+	}
 }
 
 func (c *Config) validate() error {
@@ -116,6 +122,9 @@ func (c *Config) validate() error {
 	case c.VXLANVNI >= 1<<24:
 		return fmt.Errorf("VXLAN VNI %d does not fit in 24 bits", c.VXLANVNI)
 	}
+	if _, err := ParseAttachMode(string(c.Attach)); err != nil {
+		return err
+	}
 	for _, p := range append(append([]netip.Prefix(nil), c.ClusterCIDRs...), c.NonMasqCIDRs...) {
 		if !p.IsValid() || !p.Addr().Is4() {
 			return fmt.Errorf("prefix %v is not IPv4", p)
@@ -129,8 +138,11 @@ func (c *Config) validate() error {
 type Datapath struct {
 	cfg   Config
 	objs  datapathObjects
-	links map[string]link.Link
-	gc    gcStats
+	links map[string]attachment
+	// tc programs classic tc and removes filters left by the other mode;
+	// opened by Load, so in the uplink's network namespace.
+	tc *tcConn
+	gc gcStats
 }
 
 // Pin-path layout under the root.
@@ -138,8 +150,9 @@ func mapsDir(root string) string  { return filepath.Join(root, "maps") }
 func linksDir(root string) string { return filepath.Join(root, "links") }
 
 // Load loads the datapath programs, creates or adopts the pinned maps under
-// cfg.BPFRoot and attaches (or atomically re-points) the uplink's tcx links.
-// It must run in the network namespace of the uplink.
+// cfg.BPFRoot and attaches (or atomically re-points) the uplink's programs
+// with tcx or classic tc (cfg.Attach). It must run in the network namespace
+// of the uplink; the Datapath keeps working there from any thread.
 func Load(ctx context.Context, cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
@@ -156,23 +169,30 @@ func Load(ctx context.Context, cfg Config) (*Datapath, error) {
 	if info, err := pinnedMapInfo(filepath.Join(mapsDir(cfg.BPFRoot), "sb_ct")); err == nil {
 		cfg.CTSize = info.MaxEntries
 	}
-	d := &Datapath{cfg: cfg, links: map[string]link.Link{}}
-	if err := loadObjects(&d.objs, cfg, mapsDir(cfg.BPFRoot)); err != nil {
+	d := &Datapath{cfg: cfg, links: map[string]attachment{}}
+	d.cfg.Attach = cfg.Attach.Resolve()
+	tc, err := dialTC()
+	if err != nil {
 		return nil, err
 	}
-	if err := d.SetCIDRs(cfg.ClusterCIDRs, cfg.NonMasqCIDRs); err != nil {
+	d.tc = tc
+	if err := loadObjects(&d.objs, d.cfg, mapsDir(cfg.BPFRoot)); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	if err := d.SetCIDRs(d.cfg.ClusterCIDRs, d.cfg.NonMasqCIDRs); err != nil {
 		d.Close()
 		return nil, err
 	}
 	for _, a := range []struct {
-		name   string
-		prog   *ebpf.Program
-		attach ebpf.AttachType
+		name string
+		prog *ebpf.Program
+		dir  direction
 	}{
-		{"masq_egress", d.objs.MasqEgress, ebpf.AttachTCXEgress},
-		{"masq_ingress", d.objs.MasqIngress, ebpf.AttachTCXIngress},
+		{"masq_egress", d.objs.MasqEgress, egress},
+		{"masq_ingress", d.objs.MasqIngress, ingress},
 	} {
-		l, err := attachTCX(filepath.Join(linksDir(cfg.BPFRoot), a.name), cfg.UplinkIfindex, a.prog, a.attach)
+		l, err := d.attach(a.name, cfg.UplinkIfindex, a.prog, a.dir)
 		if err != nil {
 			d.Close()
 			return nil, err
@@ -214,38 +234,6 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints")
 }
 
-// attachTCX makes the pinned tcx link at path run prog on ifindex: an
-// existing link on the same interface is updated in place (atomic program
-// replacement), a stale one is detached and a new link is attached and
-// pinned.
-func attachTCX(path string, ifindex int, prog *ebpf.Program, attach ebpf.AttachType) (link.Link, error) {
-	if l, err := link.LoadPinnedLink(path, nil); err == nil {
-		info, ierr := l.Info()
-		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex &&
-			ebpf.AttachType(info.TCX().AttachType) == attach {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, fmt.Errorf("update tcx link %s: %w", path, err)
-			}
-			return l, nil
-		}
-		// The interface is gone or changed: drop the old attachment.
-		l.Unpin()
-		l.Close()
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
-	}
-	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: attach})
-	if err != nil {
-		return nil, fmt.Errorf("attach tcx %s to ifindex %d: %w", filepath.Base(path), ifindex, err)
-	}
-	if err := l.Pin(path); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin tcx link %s: %w", path, err)
-	}
-	return l, nil
-}
-
 // Close releases the process's handles. The pinned maps and links, and so
 // the datapath in the kernel, stay in place for the next Load to adopt.
 func (d *Datapath) Close() error {
@@ -253,7 +241,7 @@ func (d *Datapath) Close() error {
 	for _, l := range d.links {
 		errs = append(errs, l.Close())
 	}
-	errs = append(errs, d.objs.Close())
+	errs = append(errs, d.objs.Close(), d.tc.Close())
 	return errors.Join(errs...)
 }
 
@@ -262,23 +250,41 @@ func (d *Datapath) Close() error {
 func (d *Datapath) Config() Config { return d.cfg }
 
 // Cleanup detaches and removes everything the datapath pinned under root:
-// links first (so no program runs on half-removed maps), then maps, then
-// the directories. A missing root is not an error.
+// links and classic tc filters first (so no program runs on half-removed
+// maps), then maps, then the directories. Classic tc filters are found in
+// the calling thread's network namespace: call it where Load ran. A
+// missing root is not an error.
 func Cleanup(root string) error {
 	var errs []error
 	entries, err := os.ReadDir(linksDir(root))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("list links in %s: %w", root, err)
 	}
+	progs := map[uint32]bool{} // classic tc: programs whose filters go
 	for _, e := range entries {
 		path := filepath.Join(linksDir(root), e.Name())
-		// Unpinning drops the last reference, which detaches the link.
-		if l, err := link.LoadPinnedLink(path, nil); err == nil {
-			errs = append(errs, l.Unpin(), l.Close())
-			continue
+		p, err := loadPin(path)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case p.link != nil:
+			// Unpinning drops the last reference, which detaches the link.
+			errs = append(errs, p.link.Unpin())
+		case p.prog != nil:
+			id, err := progID(p.prog)
+			errs = append(errs, err)
+			progs[id] = true
 		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("remove %s: %w", path, err))
+		p.Close()
+	}
+	if len(progs) > 0 {
+		tc, err := dialTC()
+		if err == nil {
+			err = tc.removeFilters(progs)
+			tc.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove tc filters of %s: %w", root, err))
 		}
 	}
 	for _, dir := range []string{linksDir(root), mapsDir(root)} {

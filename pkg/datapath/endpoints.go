@@ -12,7 +12,6 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 )
 
 const epLocal = 0x1 // see bpf/lib/host.h
@@ -100,7 +99,7 @@ func (d *Datapath) AttachHostVeth(ifindex int) error {
 	if _, ok := d.links[name]; ok {
 		return nil
 	}
-	l, err := attachTCX(hostLinkPath(d.cfg.BPFRoot, ifindex), ifindex, d.objs.HostRoute, ebpf.AttachTCXIngress)
+	l, err := d.attach(name, ifindex, d.objs.HostRoute, ingress)
 	if err != nil {
 		return err
 	}
@@ -116,6 +115,29 @@ func (d *Datapath) DetachHostVeth(ifindex int) error {
 	if l, ok := d.links[name]; ok {
 		delete(d.links, name)
 		l.Close()
+	}
+	old, err := loadPin(path)
+	if err != nil {
+		return err
+	}
+	defer old.Close()
+	if old.prog != nil {
+		// Classic tc: the filter is not tied to the pin. Only ours, and
+		// only while it still runs this pin's program (the ifindex may have
+		// been reused).
+		id, err := progID(old.prog)
+		if err != nil {
+			return err
+		}
+		ours, _, err := d.tc.filters(ifindex, ingress)
+		if err != nil {
+			return err
+		}
+		if len(ours) == 1 && ours[0].ProgID == id {
+			if err := d.tc.deleteFilter(ifindex, ingress); err != nil {
+				return err
+			}
+		}
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("unpin host link %s: %w", path, err)
@@ -140,23 +162,49 @@ func (d *Datapath) adoptHostLinks() error {
 			continue
 		}
 		path := filepath.Join(linksDir(d.cfg.BPFRoot), e.Name())
-		l, err := link.LoadPinnedLink(path, nil)
+		alive, err := d.hostAttachmentAlive(path, ifindex)
 		if err != nil {
+			return err
+		}
+		if !alive {
+			// The veth went away with its pod.
 			os.Remove(path)
 			continue
 		}
-		info, err := l.Info()
-		if err != nil || info.TCX() == nil || int(info.TCX().Ifindex) != ifindex {
-			// The veth went away with its pod.
-			l.Unpin()
-			l.Close()
-			continue
-		}
-		if err := l.Update(d.objs.HostRoute); err != nil {
-			l.Close()
-			return fmt.Errorf("update host link %s: %w", path, err)
+		// Re-pointed in place (tcx: link.Update; classic: the filter is
+		// replaced), or moved to the configured mode.
+		l, err := d.attach(e.Name(), ifindex, d.objs.HostRoute, ingress)
+		if err != nil {
+			return fmt.Errorf("adopt host attachment %s: %w", path, err)
 		}
 		d.links[e.Name()] = l
 	}
 	return nil
+}
+
+// hostAttachmentAlive reports whether the pin at path records host
+// routing still attached to ifindex: a tcx link on it, or our filter on it
+// running the pinned program.
+func (d *Datapath) hostAttachmentAlive(path string, ifindex int) (bool, error) {
+	p, err := loadPin(path)
+	if err != nil {
+		return false, nil // not ours to understand: dropped
+	}
+	defer p.Close()
+	switch {
+	case p.link != nil:
+		info, err := p.link.Info()
+		return err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex, nil
+	case p.prog != nil:
+		id, err := progID(p.prog)
+		if err != nil {
+			return false, err
+		}
+		ours, _, err := d.tc.filters(ifindex, ingress)
+		if err != nil {
+			return false, err
+		}
+		return len(ours) == 1 && ours[0].ProgID == id, nil
+	}
+	return false, nil
 }

@@ -31,7 +31,95 @@ type topology struct {
 	base           string // netns name prefix
 	pod, node, ext string // netns paths
 	uplinkIfindex  int
-	podEndpoint    Endpoint // the first pod
+	podEndpoint    Endpoint   // the first pod
+	attach         AttachMode // how config's datapath attaches ("" = auto)
+}
+
+// attachModes runs fn once per attach mode this kernel has: every
+// topology test proves the datapath both with tcx and with classic tc
+// (clsact + direct-action cls_bpf, the path of kernels before 6.6).
+func attachModes(t *testing.T, fn func(t *testing.T, mode AttachMode)) {
+	for _, mode := range []AttachMode{AttachTCX, AttachClassic} {
+		t.Run(string(mode), func(t *testing.T) {
+			if mode == AttachTCX {
+				if err := HaveTCX(); err != nil {
+					t.Skipf("kernel without tcx: %v", err)
+				}
+			}
+			fn(t, mode)
+		})
+	}
+}
+
+// progsOn lists the programs attached to ifindex's dir in the node
+// namespace: by tcx, and by our classic tc filters (others counts foreign
+// filters).
+func (topo *topology) progsOn(t *testing.T, ifindex int, dir direction) (tcx, classic []uint32, others int) {
+	t.Helper()
+	attach := ebpf.AttachTCXIngress
+	if dir == egress {
+		attach = ebpf.AttachTCXEgress
+	}
+	err := netns.Do(topo.node, func() error {
+		if HaveTCX() == nil {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: attach})
+			if err != nil {
+				return err
+			}
+			for _, p := range res.Programs {
+				tcx = append(tcx, uint32(p.ID))
+			}
+		}
+		tc, err := dialTC()
+		if err != nil {
+			return err
+		}
+		defer tc.Close()
+		ours, n, err := tc.filters(ifindex, dir)
+		for _, f := range ours {
+			classic = append(classic, f.ProgID)
+		}
+		others = n
+		return err
+	})
+	if err != nil {
+		t.Fatalf("programs on ifindex %d %s: %v", ifindex, dir, err)
+	}
+	return tcx, classic, others
+}
+
+// wantAttached fails unless exactly prog runs on ifindex's dir, attached
+// in mode.
+func (topo *topology) wantAttached(t *testing.T, mode AttachMode, ifindex int, dir direction, prog *ebpf.Program) {
+	t.Helper()
+	id, err := progID(prog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcx, classic, _ := topo.progsOn(t, ifindex, dir)
+	want := []uint32{id}
+	got := tcx
+	if mode == AttachClassic {
+		got = classic
+		if len(tcx) != 0 {
+			t.Errorf("ifindex %d %s: tcx programs %v left beside classic tc", ifindex, dir, tcx)
+		}
+	} else if len(classic) != 0 {
+		t.Errorf("ifindex %d %s: classic tc filters %v left beside tcx", ifindex, dir, classic)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("ifindex %d %s: %s programs %v, want %v", ifindex, dir, mode, got, want)
+	}
+}
+
+// wantNothingOn fails if any program of ours runs on ifindex.
+func (topo *topology) wantNothingOn(t *testing.T, ifindex int) {
+	t.Helper()
+	for _, dir := range []direction{ingress, egress} {
+		if tcx, classic, _ := topo.progsOn(t, ifindex, dir); len(tcx)+len(classic) != 0 {
+			t.Errorf("ifindex %d %s: tcx %v, classic %v; want nothing", ifindex, dir, tcx, classic)
+		}
+	}
 }
 
 var (
@@ -164,6 +252,7 @@ func (topo *topology) config(t *testing.T) Config {
 		ClusterCIDRs:  []netip.Prefix{topoPrefix},
 		NonMasqCIDRs:  []netip.Prefix{netip.PrefixFrom(topoNode, 32)},
 		CTSize:        4096,
+		Attach:        topo.attach,
 	}
 }
 
@@ -223,8 +312,11 @@ func roundTrip(c net.Conn, r *bufio.Reader, msg string) (string, error) {
 	return strings.TrimSpace(line), err
 }
 
-func TestMasqueradeTopology(t *testing.T) {
+func TestMasqueradeTopology(t *testing.T) { attachModes(t, testMasqueradeTopology) }
+
+func testMasqueradeTopology(t *testing.T, mode AttachMode) {
 	topo := newTopology(t)
+	topo.attach = mode
 	cfg := topo.config(t)
 	d := topo.load(t, cfg)
 	defer func() { d.Close() }()
@@ -313,6 +405,11 @@ func TestMasqueradeTopology(t *testing.T) {
 		t.Fatalf("no established conntrack entry for the TCP flow NATed to %v: %+v", seen, flows)
 	}
 	ids := linkIDs(t, d)
+	if got := d.Config().Attach; got != mode {
+		t.Errorf("datapath attached with %s, want %s", got, mode)
+	}
+	topo.wantAttached(t, mode, topo.uplinkIfindex, egress, d.objs.MasqEgress)
+	topo.wantAttached(t, mode, topo.uplinkIfindex, ingress, d.objs.MasqIngress)
 
 	// What `sinabro debug maps` and the metrics endpoint see.
 	maps, err := ListMaps(cfg.BPFRoot)
@@ -363,12 +460,15 @@ func TestMasqueradeTopology(t *testing.T) {
 		t.Fatalf("tcp after the loader closed: %v", err)
 	}
 
-	// A new agent adopts the maps and links: same links, same conntrack.
+	// A new agent adopts the maps and links: same links (classic tc: the
+	// same filters, now running the new programs), same conntrack.
 	cfg.PortMin, cfg.PortMax = 62000, 63000 // an upgrade with new constants
 	d = topo.load(t, cfg)
 	if got := linkIDs(t, d); got != ids {
 		t.Errorf("links after reload = %v, want the adopted %v", got, ids)
 	}
+	topo.wantAttached(t, mode, topo.uplinkIfindex, egress, d.objs.MasqEgress)
+	topo.wantAttached(t, mode, topo.uplinkIfindex, ingress, d.objs.MasqIngress)
 	if got, err := roundTrip(conn, r, "three"); err != nil || !strings.HasPrefix(got, seen.String()+" ") {
 		t.Fatalf("tcp after reload: %q, %v (want it still NATed to %v)", got, err, seen)
 	}
@@ -386,11 +486,13 @@ func TestMasqueradeTopology(t *testing.T) {
 	}
 
 	// Cleanup detaches everything: the old connection's replies are no
-	// longer translated.
+	// longer translated. (Classic tc filters are found in the caller's
+	// namespace.)
 	d.Close()
-	if err := Cleanup(cfg.BPFRoot); err != nil {
+	if err := netns.Do(topo.node, func() error { return Cleanup(cfg.BPFRoot) }); err != nil {
 		t.Fatal(err)
 	}
+	topo.wantNothingOn(t, topo.uplinkIfindex)
 	if _, err := os.Stat(cfg.BPFRoot); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("bpf root still present after Cleanup: %v", err)
 	}
@@ -399,23 +501,40 @@ func TestMasqueradeTopology(t *testing.T) {
 	}
 }
 
-type linkPair [2]link.ID
+type linkPair [2]string
 
+// linkIDs identifies the uplink attachments: tcx link IDs, or classic
+// tc filters (interface and direction: our priority and handle are fixed).
 func linkIDs(t *testing.T, d *Datapath) linkPair {
 	t.Helper()
 	var ids linkPair
 	for i, name := range []string{"masq_egress", "masq_ingress"} {
-		info, err := d.links[name].Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids[i] = info.ID
+		ids[i] = attachmentID(t, d.links[name])
 	}
 	return ids
 }
 
-func TestHostRoutingTopology(t *testing.T) {
+func attachmentID(t *testing.T, a attachment) string {
+	t.Helper()
+	switch a := a.(type) {
+	case link.Link:
+		info, err := a.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("tcx link %d on %d", info.ID, info.TCX().Ifindex)
+	case tcAttachment:
+		return fmt.Sprintf("tc filter on %d %s", a.Ifindex, a.Dir)
+	}
+	t.Fatalf("unknown attachment %T", a)
+	return ""
+}
+
+func TestHostRoutingTopology(t *testing.T) { attachModes(t, testHostRoutingTopology) }
+
+func testHostRoutingTopology(t *testing.T, mode AttachMode) {
 	topo := newTopology(t)
+	topo.attach = mode
 	pod2Addr := netip.MustParseAddr("10.244.1.6")
 	pod2, ep2 := topo.addPod(t, "pod2", pod2Addr)
 	cfg := topo.config(t)
@@ -455,17 +574,18 @@ func TestHostRoutingTopology(t *testing.T) {
 	}
 
 	// A restarted agent re-points the pinned host links at its programs.
-	before := d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)]
-	beforeInfo, _ := before.Info()
+	before := attachmentID(t, d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)])
 	d.Close()
 	d = topo.load(t, cfg)
 	after, ok := d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)]
 	if !ok {
 		t.Fatalf("host link of ifindex %d not adopted: %v", ep2.Ifindex, d.links)
 	}
-	if afterInfo, _ := after.Info(); afterInfo.ID != beforeInfo.ID {
-		t.Errorf("host link ID %d after reload, want the adopted %d", afterInfo.ID, beforeInfo.ID)
+	if got := attachmentID(t, after); got != before {
+		t.Errorf("host attachment %s after reload, want the adopted %s", got, before)
 	}
+	topo.wantAttached(t, mode, ep2.Ifindex, ingress, d.objs.HostRoute)
+	topo.wantAttached(t, mode, topo.podEndpoint.Ifindex, ingress, d.objs.HostRoute)
 	if _, err := roundTrip(conn, r, "again"); err != nil {
 		t.Fatalf("pod to pod after reload: %v", err)
 	}
@@ -500,6 +620,7 @@ func TestHostRoutingTopology(t *testing.T) {
 	if _, err := os.Stat(hostLinkPath(cfg.BPFRoot, ep2.Ifindex)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("host link pin still present after DetachHostVeth: %v", err)
 	}
+	topo.wantNothingOn(t, ep2.Ifindex)
 }
 
 func dialIn(path string, dial func() (net.Conn, error)) (net.Conn, error) {
@@ -508,8 +629,11 @@ func dialIn(path string, dial func() (net.Conn, error)) (net.Conn, error) {
 	return c, err
 }
 
-func TestLoadMovesToNewUplink(t *testing.T) {
+func TestLoadMovesToNewUplink(t *testing.T) { attachModes(t, testLoadMovesToNewUplink) }
+
+func testLoadMovesToNewUplink(t *testing.T, mode AttachMode) {
 	topo := newTopology(t)
+	topo.attach = mode
 	cfg := topo.config(t)
 	d := topo.load(t, cfg)
 	old := linkIDs(t, d)
@@ -520,33 +644,14 @@ func TestLoadMovesToNewUplink(t *testing.T) {
 	cfg.UplinkIfindex = topo.podEndpoint.Ifindex
 	d = topo.load(t, cfg)
 	defer d.Close()
-	for i, name := range []string{"masq_egress", "masq_ingress"} {
-		info, err := d.links[name].Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.ID == old[i] || int(info.TCX().Ifindex) != cfg.UplinkIfindex {
-			t.Errorf("%s: link %d on ifindex %d, want a new link on %d", name, info.ID, info.TCX().Ifindex, cfg.UplinkIfindex)
-		}
-	}
-	// Nothing is left on the old uplink.
-	for _, attach := range []ebpf.AttachType{ebpf.AttachTCXEgress, ebpf.AttachTCXIngress} {
-		for _, ifindex := range []int{topo.uplinkIfindex, cfg.UplinkIfindex} {
-			var res *link.QueryResult
-			err := netns.Do(topo.node, func() (err error) {
-				res, err = link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: attach})
-				return err
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := 0
-			if ifindex == cfg.UplinkIfindex {
-				want = 1
-			}
-			if len(res.Programs) != want {
-				t.Errorf("%v on ifindex %d: %d programs, want %d", attach, ifindex, len(res.Programs), want)
-			}
+	topo.wantNothingOn(t, topo.uplinkIfindex)
+	topo.wantAttached(t, mode, cfg.UplinkIfindex, egress, d.objs.MasqEgress)
+	topo.wantAttached(t, mode, cfg.UplinkIfindex, ingress, d.objs.MasqIngress)
+	// New attachments (tcx: new links) on the new interface.
+	got := linkIDs(t, d)
+	for i := range got {
+		if got[i] == old[i] {
+			t.Errorf("attachment %s after the move, want a new one on ifindex %d", got[i], cfg.UplinkIfindex)
 		}
 	}
 }
@@ -578,11 +683,14 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 // out of the uplink (route_out): a FORWARD rule in the node that drops pod
 // traffic does not see it, the uplink still masquerades it, and without
 // RouteOut the same rule stops it (the test can fail).
-func TestHostRoutingToOutside(t *testing.T) {
+func TestHostRoutingToOutside(t *testing.T) { attachModes(t, testHostRoutingToOutside) }
+
+func testHostRoutingToOutside(t *testing.T, mode AttachMode) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("needs nft for the FORWARD rule")
 	}
 	topo := newTopology(t)
+	topo.attach = mode
 	topo.setForwarding(t, true)
 	node := topo.base + "-node"
 	nft := exec.Command("ip", "netns", "exec", node, "nft", "-f", "-")
@@ -639,4 +747,66 @@ func TestHostRoutingToOutside(t *testing.T) {
 		d.Close()
 		Cleanup(cfg.BPFRoot)
 	}
+}
+
+// TestAttachModeSwitch restarts the datapath in the other attach mode
+// (an upgrade to a kernel with tcx, or --tc-attach changed): the new
+// attachments take over and the old ones go, uplink and host veths alike,
+// and the pod keeps reaching the outside throughout.
+func TestAttachModeSwitch(t *testing.T) {
+	if err := HaveTCX(); err != nil {
+		t.Skipf("kernel without tcx: %v", err)
+	}
+	topo := newTopology(t)
+	ep := topo.podEndpoint
+	ln := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", topoExt.String()+":8080") })
+	defer ln.Close()
+	echoServer(t, ln)
+	var (
+		cfg  Config
+		conn net.Conn
+		r    *bufio.Reader
+	)
+	for i, mode := range []AttachMode{AttachTCX, AttachClassic, AttachTCX} {
+		topo.attach = mode
+		if i == 0 {
+			cfg = topo.config(t)
+		}
+		cfg.Attach = mode
+		d := topo.load(t, cfg)
+		if err := d.UpsertEndpoint(ep); err != nil {
+			t.Fatal(err)
+		}
+		if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(ep.Ifindex) }); err != nil {
+			t.Fatal(err)
+		}
+		topo.wantAttached(t, mode, topo.uplinkIfindex, egress, d.objs.MasqEgress)
+		topo.wantAttached(t, mode, topo.uplinkIfindex, ingress, d.objs.MasqIngress)
+		topo.wantAttached(t, mode, ep.Ifindex, ingress, d.objs.HostRoute)
+		if i == 0 {
+			conn = in(t, topo.pod, func() (net.Conn, error) {
+				return net.DialTimeout("tcp4", topoExt.String()+":8080", 3*time.Second)
+			})
+			defer conn.Close()
+			r = bufio.NewReader(conn)
+		}
+		if _, err := roundTrip(conn, r, fmt.Sprintf("with %s", mode)); err != nil {
+			t.Fatalf("pod to outside, attached with %s: %v", mode, err)
+		}
+		d.Close()
+	}
+	// The last switch back to tcx removed the clsact qdiscs it found only
+	// our filters on.
+	out, err := exec.Command("ip", "netns", "exec", topo.base+"-node", "tc", "qdisc", "show").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tc qdisc show: %v: %s", err, out)
+	}
+	if strings.Contains(string(out), "clsact") {
+		t.Errorf("clsact qdisc left after switching back to tcx:\n%s", out)
+	}
+	if err := netns.Do(topo.node, func() error { return Cleanup(cfg.BPFRoot) }); err != nil {
+		t.Fatal(err)
+	}
+	topo.wantNothingOn(t, topo.uplinkIfindex)
+	topo.wantNothingOn(t, ep.Ifindex)
 }
