@@ -16,11 +16,20 @@ const (
 	ConfListName   = "10-sinabro.conflist"
 	DefaultDataDir = "/var/lib/sinabro"
 	DefaultMTU     = 1450 // a 1500-byte underlay minus 50 bytes of VXLAN overhead
-	SpecVersion    = "1.1.0"
 	DefaultConfDir = "/etc/cni/net.d"
 	DefaultBinDir  = "/opt/cni/bin"
 	DefaultBinName = "sinabro"
 )
+
+// ConfVersion is the conflist's cniVersion, the one runtimes on CNI
+// libraries older than 1.2 use: they ignore cniVersions, and those before
+// libcni 1.2 cannot handle spec 1.1.0 results.
+const ConfVersion = "1.0.0"
+
+// ConfVersions are advertised in the conflist's cniVersions: libcni 1.2 and
+// later run the network at the highest one it supports, which STATUS and
+// GC need (1.1.0).
+var ConfVersions = []string{"1.0.0", "1.1.0"}
 
 // NetworkConfig is what the installer and the agent put into the conflist
 // for this node.
@@ -45,9 +54,10 @@ func ConfList(cfg NetworkConfig) ([]byte, error) {
 		plugin["dataDir"] = cfg.DataDir
 	}
 	list := map[string]any{
-		"cniVersion": SpecVersion,
-		"name":       NetworkName,
-		"plugins":    []any{plugin},
+		"cniVersion":  ConfVersion,
+		"cniVersions": ConfVersions,
+		"name":        NetworkName,
+		"plugins":     []any{plugin},
 	}
 	return json.MarshalIndent(list, "", "  ")
 }
