@@ -257,46 +257,8 @@ func TestHostRoutingBenchmark(t *testing.T) {
 		}
 	}
 
-	ln := in(t, pod2, func() (net.Listener, error) { return net.Listen("tcp4", pod2Addr.String()+":8081") })
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
-	// rr runs conns concurrent 1-byte request/response loops for 2 s and
-	// returns the summed rate.
-	rr := func(conns int) float64 {
-		var total atomic.Int64
-		var wg sync.WaitGroup
-		start := time.Now()
-		for range conns {
-			c := in(t, topo.pod, func() (net.Conn, error) { return net.Dial("tcp4", pod2Addr.String()+":8081") })
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				buf := make([]byte, 1)
-				for time.Since(start) < 2*time.Second {
-					if _, err := c.Write(buf); err != nil {
-						t.Error(err)
-						return
-					}
-					if _, err := io.ReadFull(c, buf); err != nil {
-						t.Error(err)
-						return
-					}
-					total.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-		return float64(total.Load()) / time.Since(start).Seconds()
-	}
+	copyServer(t, pod2, pod2Addr.String()+":8081")
+	rr := func(conns int) float64 { return requestRate(t, topo.pod, pod2Addr.String()+":8081", conns) }
 	iperf := func() float64 {
 		var srv *exec.Cmd
 		if err := netns.Do(pod2, func() error {
@@ -346,5 +308,105 @@ func TestHostRoutingBenchmark(t *testing.T) {
 	}
 	ratio := func(i int) float64 { return med(results[true][i]) / med(results[false][i]) }
 	fmt.Fprintf(&b, "%-14s %17.2fx %17.2fx %13.2fx\n", "ratio on/off", ratio(0), ratio(1), ratio(2))
+	t.Log("\n" + b.String())
+}
+
+// copyServer echoes every TCP connection to addr, in the namespace at path,
+// until the test ends.
+func copyServer(t *testing.T, path, addr string) {
+	ln := in(t, path, func() (net.Listener, error) { return net.Listen("tcp4", addr) })
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+}
+
+// requestRate runs conns concurrent 1-byte request/response loops from the
+// namespace at path to addr for 2 s and returns the summed rate.
+func requestRate(t *testing.T, path, addr string, conns int) float64 {
+	var total atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range conns {
+		c := in(t, path, func() (net.Conn, error) { return net.Dial("tcp4", addr) })
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			buf := make([]byte, 1)
+			for time.Since(start) < 2*time.Second {
+				if _, err := c.Write(buf); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := io.ReadFull(c, buf); err != nil {
+					t.Error(err)
+					return
+				}
+				total.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(total.Load()) / time.Since(start).Seconds()
+}
+
+// TestKernelCTBenchmark measures what asking the kernel's conntrack costs
+// host routing (kube-proxy coexistence, Config.KernelCT): same-node
+// pod→pod request/response with it on and off, interleaved, in a node
+// whose conntrack is active (a NAT table loaded, as kube-proxy's is).
+func TestKernelCTBenchmark(t *testing.T) {
+	if os.Getenv("SINABRO_BENCH") == "" {
+		t.Skip("benchmark: set SINABRO_BENCH=1 to run")
+	}
+	const rounds = 6
+	topo := newTopology(t)
+	pod2Addr := netip.MustParseAddr("10.244.1.6")
+	pod2, ep2 := topo.addPod(t, "pod2", pod2Addr)
+	nft := exec.Command("ip", "netns", "exec", topo.base+"-node", "nft", "-f", "-")
+	nft.Stdin = strings.NewReader("table ip sbsvc {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  ip daddr 10.96.0.10 tcp dport 80 dnat to 10.244.1.6:8081\n }\n}\n")
+	if out, err := nft.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	copyServer(t, pod2, pod2Addr.String()+":8081")
+	cfg := topo.config(t)
+	load := func(kernelCT bool) *Datapath {
+		c := cfg
+		c.KernelCT = kernelCT
+		d := topo.load(t, c)
+		for _, ep := range []Endpoint{topo.podEndpoint, ep2} {
+			if err := d.UpsertEndpoint(ep); err != nil {
+				t.Fatal(err)
+			}
+			if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(ep.Ifindex) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return d
+	}
+	results := map[bool][2][]float64{}
+	for r := range rounds {
+		for _, on := range []bool{r%2 == 0, r%2 != 0} {
+			d := load(on)
+			cur := results[on]
+			cur[0] = append(cur[0], requestRate(t, topo.pod, pod2Addr.String()+":8081", 1))
+			cur[1] = append(cur[1], requestRate(t, topo.pod, pod2Addr.String()+":8081", 8))
+			results[on] = cur
+			d.Close()
+		}
+	}
+	med := func(xs []float64) float64 { s := slices.Clone(xs); slices.Sort(s); return s[len(s)/2] }
+	var b strings.Builder
+	fmt.Fprintf(&b, "same-node pod→pod with host routing, %d rounds interleaved (median)\n%-22s %18s %18s\n", rounds, "kernel conntrack check", "req/resp /s 1 conn", "req/resp /s 8 conn")
+	for _, on := range []bool{true, false} {
+		fmt.Fprintf(&b, "%-22v %18.0f %18.0f\n", on, med(results[on][0]), med(results[on][1]))
+	}
+	fmt.Fprintf(&b, "%-22s %17.2fx %17.2fx\n", "ratio on/off", med(results[true][0])/med(results[false][0]), med(results[true][1])/med(results[false][1]))
 	t.Log("\n" + b.String())
 }
