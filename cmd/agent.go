@@ -31,7 +31,6 @@ func newAgentCmd() *cobra.Command {
 			Masquerade:        true,
 			MasqueradeBackend: agent.BackendEBPF,
 			HostRouting:       true,
-			TCPAcceleration:   true,
 			ResyncInterval:    agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
@@ -54,6 +53,12 @@ route, neighbour and FDB entry; the eBPF datapath, which masquerades pod
 traffic leaving the cluster (with its own conntrack) and routes traffic
 between the node's pods without the host stack; and the CNI configuration
 once the Node has spec.podCIDRs.
+
+Same-node TCP acceleration is opt-in: a pod, or a namespace for its pods,
+turns it on with the annotation sinabro.io/tcp-acceleration: "true";
+--tcp-acceleration turns it on for every pod of the node, and "false" on a
+pod or namespace opts out (a pod's annotation wins over its namespace's,
+which wins over the node's default).
 
 Stopping the agent leaves the datapath in place, pinned under --bpf-root:
 established connections survive a restart. --cleanup removes it.`,
@@ -131,7 +136,7 @@ established connections survive a restart. --cleanup removes it.`,
 	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
 	f.BoolVar(&cfg.HostRouting, "host-routing", cfg.HostRouting, "route traffic between this node's pods in eBPF (bpf_redirect_peer), skipping the host stack")
 	f.StringVar(&tcAttach, "tc-attach", string(datapath.AttachAuto), `how the eBPF datapath attaches to interfaces: "tcx" (Linux >= 6.6), "classic" (clsact qdisc + direct-action cls_bpf, older kernels) or "auto" (tcx where the kernel has it)`)
-	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, "redirect TCP between this node's pods at the socket layer (sock_ops + sk_msg); false detaches it live")
+	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, `redirect TCP between all of this node's pods at the socket layer (sock_ops + sk_msg), except those annotated sinabro.io/tcp-acceleration: "false" (pod or namespace); when false, only between pods that opt in with "true", and the programs are detached live while none does`)
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
 	f.BoolVar(&cleanup, "cleanup", false, "remove the eBPF datapath under --bpf-root, the vxlan device, sinabro routes and the masquerade table, then exit")

@@ -33,3 +33,15 @@ func TestSubcommands(t *testing.T) {
 		}
 	}
 }
+
+// Same-node TCP acceleration can hang pods that read with splice(2), and
+// nobody can tell which do: it is opt-in, off unless the node or a pod asks.
+func TestAgentTCPAccelerationOffByDefault(t *testing.T) {
+	f := newAgentCmd().Flags().Lookup("tcp-acceleration")
+	if f == nil {
+		t.Fatal("no --tcp-acceleration flag")
+	}
+	if f.DefValue != "false" {
+		t.Errorf("--tcp-acceleration defaults to %s, want false", f.DefValue)
+	}
+}

@@ -79,8 +79,11 @@ type Config struct {
 	// HostRouting redirects traffic between pods of this node in eBPF,
 	// skipping the host's stack.
 	HostRouting bool
-	// TCPAcceleration redirects TCP between this node's pods at the socket
-	// layer (sock_ops + sk_msg, pkg/sockmap) for sockets in PodCgroup.
+	// TCPAcceleration is the node's default for redirecting TCP between its
+	// pods at the socket layer (sock_ops + sk_msg, pkg/sockmap) for sockets
+	// in PodCgroup: false accelerates only the pods that opt in with
+	// AnnotationTCPAcceleration (on the pod or its namespace), true all but
+	// those that opt out.
 	TCPAcceleration bool
 	// PodCgroup is the cgroup v2 directory holding the node's pods; ""
 	// takes the cgroup v2 root.
@@ -140,13 +143,17 @@ type Agent struct {
 	mtuChecked  bool
 	lastConfMTU int
 	lastDevice  overlay.Link
-	// TCP acceleration (pkg/sockmap); accelOff records that a leftover
-	// from an earlier run was disabled.
+	// TCP acceleration (pkg/sockmap); accelOff records that it was
+	// disabled (a leftover from an earlier run, or ours).
 	accel          *sockmap.Accelerator
-	pods           cache.Store // this node's Pods
+	accelPlan      accelerationPlan // what accel's pod map holds
+	pods           cache.Store      // this node's Pods
+	namespaces     cache.Store      // all Namespaces (their acceleration annotation)
+	accelSynced    func() bool      // pods and namespaces are listed
 	accelCollector prometheus.Collector
 	accelOff       bool
-	accelNoBTF     bool // warned once that the kernel lacks BTF
+	accelNoBTF     bool            // warned once that the kernel lacks BTF
+	accelWarned    map[string]bool // bad annotation values already logged
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
 	// to attach host routing to traffic arriving from other nodes.
 	vxlanIndex atomic.Int32
@@ -243,7 +250,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("add node event handler: %w", err)
 	}
 
-	// The node's Pods, for their per-pod settings (TCP acceleration opt-out).
+	// The node's Pods and all Namespaces, for per-pod settings (the TCP
+	// acceleration annotation, on a pod or its namespace).
 	podInformer := cache.NewSharedIndexInformer(a.cluster.Pods(ctx, a.cfg.NodeName), &corev1.Pod{}, 0, cache.Indexers{})
 	a.pods = podInformer.GetStore()
 	if _, err := podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -251,7 +259,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		UpdateFunc: func(old, cur any) {
 			o, ok1 := old.(*corev1.Pod)
 			n, ok2 := cur.(*corev1.Pod)
-			if !ok1 || !ok2 || accelerationOptOut(o) != accelerationOptOut(n) || o.Status.PodIP != n.Status.PodIP {
+			if !ok1 || !ok2 || accelerationInputsChanged(o, n) {
 				a.trigger()
 			}
 		},
@@ -259,6 +267,22 @@ func (a *Agent) Run(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("add pod event handler: %w", err)
 	}
+	nsInformer := cache.NewSharedIndexInformer(a.cluster.Namespaces(ctx), &corev1.Namespace{}, 0, cache.Indexers{})
+	a.namespaces = nsInformer.GetStore()
+	if _, err := nsInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { a.trigger() },
+		UpdateFunc: func(old, cur any) {
+			o, ok1 := old.(*corev1.Namespace)
+			n, ok2 := cur.(*corev1.Namespace)
+			if !ok1 || !ok2 || o.Annotations[AnnotationTCPAcceleration] != n.Annotations[AnnotationTCPAcceleration] {
+				a.trigger()
+			}
+		},
+		DeleteFunc: func(any) { a.trigger() },
+	}); err != nil {
+		return fmt.Errorf("add namespace event handler: %w", err)
+	}
+	a.accelSynced = func() bool { return podInformer.HasSynced() && nsInformer.HasSynced() }
 
 	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
 	a.recorder = recorder
@@ -278,6 +302,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	g.Go(func() error {
 		podInformer.RunWithContext(ctx)
+		return nil
+	})
+	g.Go(func() error {
+		nsInformer.RunWithContext(ctx)
+		return nil
+	})
+	g.Go(func() error {
+		// Acceleration waits for both (see ensureAcceleration).
+		if cache.WaitForCacheSync(ctx.Done(), podInformer.HasSynced, nsInformer.HasSynced) {
+			a.trigger()
+		}
 		return nil
 	})
 	if err := a.runEndpoints(ctx, g); err != nil {

@@ -45,6 +45,17 @@ func (k clientsetCluster) Pods(ctx context.Context, node string) cache.ListerWat
 	}
 }
 
+func (k clientsetCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			return k.c.CoreV1().Namespaces().List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			return k.c.CoreV1().Namespaces().Watch(ctx, o)
+		},
+	}
+}
+
 func (k clientsetCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
 	_, err := k.c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
 	return err

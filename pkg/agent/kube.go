@@ -19,8 +19,11 @@ type Cluster interface {
 	// Nodes lists and watches all Nodes, for the agent's node informer.
 	Nodes(ctx context.Context) cache.ListerWatcher
 	// Pods lists and watches the Pods scheduled to node (for per-pod
-	// settings such as the TCP acceleration opt-out).
+	// settings such as the TCP acceleration annotation).
 	Pods(ctx context.Context, node string) cache.ListerWatcher
+	// Namespaces lists and watches all Namespaces (the TCP acceleration
+	// annotation of a pod's namespace).
+	Namespaces(ctx context.Context) cache.ListerWatcher
 	// PatchNode applies a JSON merge patch to a Node.
 	PatchNode(ctx context.Context, name string, patch []byte) error
 	// EventRecorder returns a recorder of core/v1 Events and the function
@@ -55,6 +58,10 @@ func (k kubeCluster) Pods(ctx context.Context, node string) cache.ListerWatcher 
 	return k.c.Pods("").ListWatch(ctx, func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
 	})
+}
+
+func (k kubeCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
+	return k.c.Namespaces().ListWatch(ctx, nil)
 }
 
 func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) error {

@@ -98,7 +98,7 @@ func WriteStatus(w io.Writer, root string) error {
 		return err
 	}
 	enabled := "disabled"
-	if _, err := os.Stat(filepath.Join(linksDir(root), linkSockOps)); err == nil {
+	if Attached(root) {
 		enabled = "enabled"
 	}
 	stats, err := ListStats(root)

@@ -19,8 +19,9 @@
 //	prometheus.MustRegister(a.Collector())
 //	a.SetPodPrefixes(podIPs)                 // local pods changed
 //
-// and --tcp-acceleration=false calls Disable(ctx, root) (a.Disable in a
-// process that holds an Accelerator): no new socket is accelerated and
+// and, while nothing is to be accelerated (--tcp-acceleration off and no
+// pod opted in), calls Disable(ctx, root) (a.Disable in a process that
+// holds an Accelerator): no new socket is accelerated and
 // established ones move to the normal TCP path at their next send, without
 // losing queued data. Cleanup(root) removes everything (uninstall).
 // For `sinabro debug`: ListPairs(root) and ListStats(root).
@@ -384,6 +385,13 @@ func Disable(ctx context.Context, root string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Attached reports whether the programs are attached under root: Enable
+// was called and neither Disable nor Cleanup since.
+func Attached(root string) bool {
+	_, err := os.Stat(filepath.Join(linksDir(root), linkSockOps))
+	return err == nil
 }
 
 // Disable is Disable(ctx, root) for this accelerator's root, closing its
