@@ -342,6 +342,7 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 			"--bpf-root", s.cfg.nodeBPFRoot(name),
 			"--health-addr", agentHealthAddr,
 			"--cluster-cidr", s.cfg.ClusterCIDR,
+			"--tcp-acceleration", // off by default; `lab check` proves it on every node
 		},
 	}
 	if cg := s.cfg.NodePodCgroup(name); cg != "" {
