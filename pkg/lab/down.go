@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -74,6 +76,12 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	if len(names) > 0 {
 		fmt.Fprintf(out, "removed %d network namespaces\n", len(names))
 	}
+	// Mounts of namespace files can outlive their directory entry (another
+	// tool re-mounted /run/netns over them, or copies in other mount
+	// namespaces): unmount what can be reached, report what cannot.
+	if left := netnsMountsLeft(); len(left) > 0 {
+		errs = append(errs, fmt.Errorf("namespace mounts left behind (shadowed by a later mount on %s?): %s", netns.RunDir, strings.Join(left, ", ")))
+	}
 	// 4. bpffs pins of the agents.
 	if cfg.BPFRoot != "" && strings.HasPrefix(cfg.BPFRoot, bpffsMount+"/") && fileExists(cfg.BPFRoot) {
 		if err := os.RemoveAll(cfg.BPFRoot); err != nil {
@@ -86,8 +94,11 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	if err := removeLabDir(l, o.KeepLogs); err != nil {
 		errs = append(errs, err)
 	}
+	if cfg.BPFRoot != "" && fileExists(cfg.BPFRoot) {
+		errs = append(errs, fmt.Errorf("bpffs root %s left behind", cfg.BPFRoot))
+	}
 	if err := errors.Join(errs...); err != nil {
-		return err
+		return fmt.Errorf("lab down left things behind: %w", err)
 	}
 	fmt.Fprintln(out, "lab is down")
 	return nil
@@ -120,7 +131,7 @@ func killPidFiles(l Layout) int {
 // labEntries are the names the lab creates in its dir.
 var labEntries = []string{"lab.json", "pki", "nodes", "etcd", "pids", "progress.jsonl",
 	"supervisor.pid", "supervisor.sock", "admin.kubeconfig", "admin-underlay.kubeconfig",
-	"kube-controller-manager.kubeconfig"}
+	"kube-controller-manager.kubeconfig", "kube-proxy.kubeconfig"}
 
 func removeLabDir(l Layout, keepLogs bool) error {
 	if !fileExists(l.Dir) {
@@ -141,4 +152,38 @@ func removeLabDir(l Layout, keepLogs bool) error {
 		os.Remove(l.Dir)
 	}
 	return errors.Join(errs...)
+}
+
+// netnsMountsLeft unmounts (lazily) namespace mounts of the lab still listed
+// in this process's mount table and returns those it could not remove.
+func netnsMountsLeft() []string {
+	var left []string
+	for range 8 { // stacked mounts of one path come off one per pass
+		left = left[:0]
+		b, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			return nil
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 5 || !strings.HasPrefix(f[4], filepath.Join(netns.RunDir, NetnsPrefix)) {
+				continue
+			}
+			left = append(left, f[4])
+		}
+		if len(left) == 0 {
+			return nil
+		}
+		progress := false
+		for _, p := range left {
+			if unix.Unmount(p, unix.MNT_DETACH) == nil {
+				progress = true
+				os.Remove(p)
+			}
+		}
+		if !progress {
+			break
+		}
+	}
+	return left
 }
