@@ -430,7 +430,7 @@ func unpinLink(path string) error {
 // Cleanup disables acceleration and removes every pin under root's
 // sockmap directory. Sockets still in the sockhash return to plain TCP;
 // data redirected to them and not yet read is lost, so this is for
-// uninstalling, not for --tcp-acceleration=false.
+// uninstalling, not for turning acceleration off (Disable).
 func Cleanup(root string) error {
 	errs := []error{Disable(context.Background(), root)}
 	if err := os.RemoveAll(dir(root)); err != nil {
