@@ -468,7 +468,11 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("list nodes: %w", err))...)
 	}
-	sel := selectPeers(self, allNodes)
+	bounds, err := a.peerBounds(dev)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	sel := selectPeers(self, allNodes, bounds)
 	a.reportSelection(sel, allNodes)
 
 	plan, err := a.overlay.Sync(dev, overlay.Desired(self.PodCIDRs, sel.Peers))
@@ -575,7 +579,7 @@ func (a *Agent) reportSelection(sel Selection, nodes []*corev1.Node) {
 		}
 	}
 	a.skipped = maps.Clone(sel.Skipped)
-	for _, r := range []string{ReasonMalformedPodCIDR, ReasonMissingInternalIP, ReasonMalformedVTEP, ReasonDuplicateVTEPMAC, ReasonOverlappingPodCIDR} {
+	for _, r := range skipReasons {
 		a.metrics.skipped.WithLabelValues(r).Set(counts[r])
 	}
 	a.metrics.peers.Set(float64(len(sel.Peers)))

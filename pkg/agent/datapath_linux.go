@@ -61,7 +61,28 @@ func (a *Agent) datapathCIDRs(sel Selection) (cluster, nonMasq []netip.Prefix) {
 			nonMasq = append(nonMasq, p.Masked())
 		}
 	}
-	return compactPrefixes(cluster), compactPrefixes(nonMasq)
+	return pruneCovered(compactPrefixes(cluster), compactPrefixes(nonMasq))
+}
+
+// pruneCovered drops the prefixes an LPM lookup does not need: every
+// prefix inside a pod prefix (all of it is pod and non-masquerade already),
+// and non-masquerade prefixes inside other non-masquerade ones. With
+// --cluster-cidr set, the nodes' pod CIDRs all fold into it, so the
+// datapath's prefix map holds about one entry per node address, not two.
+// Linear in the number of prefixes (times the distinct lengths).
+func pruneCovered(cluster, nonMasq []netip.Prefix) ([]netip.Prefix, []netip.Prefix) {
+	pods, other := newPrefixIndex(nil), newPrefixIndex(nil)
+	for _, p := range cluster {
+		pods.insert(p, "")
+	}
+	for _, p := range nonMasq {
+		other.insert(p, "")
+	}
+	keptPods := slices.DeleteFunc(slices.Clone(cluster), func(p netip.Prefix) bool { return pods.within(p, false) })
+	keptOther := slices.DeleteFunc(slices.Clone(nonMasq), func(p netip.Prefix) bool {
+		return pods.within(p, true) || other.within(p, false)
+	})
+	return keptPods, keptOther
 }
 
 func compactPrefixes(ps []netip.Prefix) []netip.Prefix {
@@ -82,13 +103,28 @@ func (a *Agent) datapathRemotes(dev, under overlay.Link, sel Selection) []datapa
 	if !a.cfg.HostRouting || dev.Index == 0 || len(dev.MAC) != 6 {
 		return nil
 	}
+	var vteps []netip.Addr // eBPF encapsulation needs an IPv4 underlay
+	for _, peer := range sel.Peers {
+		if peer.Underlay.Is4() {
+			vteps = append(vteps, peer.Underlay)
+		}
+	}
+	// One request per new peer, not per peer and pass: the answers are
+	// kept while the underlay's routing stays the same.
+	var hops map[netip.Addr]netip.Addr
+	var hopErrs map[netip.Addr]error
+	if len(vteps) > 0 {
+		var err error
+		if hops, hopErrs, err = a.overlay.NextHops(vteps, under.Index); err != nil {
+			a.log.Warn("next hops for eBPF encapsulation", "err", err)
+		}
+	}
 	var out []datapath.Remote
 	for _, peer := range sel.Peers {
-		var vtep, nh netip.Addr // eBPF encapsulation needs an IPv4 underlay
+		var vtep, nh netip.Addr
 		if peer.Underlay.Is4() {
-			vtep = peer.Underlay
-			var err error
-			if nh, err = a.overlay.NextHop(vtep, under.Index); err != nil {
+			vtep, nh = peer.Underlay, hops[peer.Underlay]
+			if err := hopErrs[vtep]; err != nil {
 				// Still encapsulated; each packet then takes a route lookup.
 				a.log.Debug("no next hop for eBPF encapsulation", "node", peer.Name, "underlay", vtep, "err", err)
 			}

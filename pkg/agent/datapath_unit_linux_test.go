@@ -35,10 +35,16 @@ func TestDatapathCIDRs(t *testing.T) {
 		wantNoMasq  []netip.Prefix
 	}{
 		{
-			name:        "ebpf masquerade: cluster CIDR and every node's pod CIDR, IPv4 only",
+			name:        "ebpf masquerade: cluster CIDR and every node's pod CIDR, IPv4 only, those inside the cluster CIDR folded into it",
 			cfg:         Config{Masquerade: true, MasqueradeBackend: BackendEBPF, ClusterCIDRs: prefixes("10.244.0.0/16"), NonMasqueradeCIDRs: prefixes("10.96.0.0/12", "10.96.1.1/12")},
-			wantCluster: prefixes("10.244.0.0/16", "10.244.1.0/24", "10.244.2.0/24"),
+			wantCluster: prefixes("10.244.0.0/16"),
 			wantNoMasq:  prefixes("10.96.0.0/12", "192.168.1.1/32", "192.168.1.2/32"),
+		},
+		{
+			name:        "ebpf masquerade without a cluster CIDR: every node's pod CIDR",
+			cfg:         Config{Masquerade: true, MasqueradeBackend: BackendEBPF, NonMasqueradeCIDRs: prefixes("192.168.0.0/16", "10.244.2.0/28")},
+			wantCluster: prefixes("10.244.1.0/24", "10.244.2.0/24"),
+			wantNoMasq:  prefixes("192.168.0.0/16"),
 		},
 		{
 			name:       "nftables masquerade: no pod prefixes, so the uplink programs pass everything",

@@ -76,7 +76,7 @@ func newMetrics() *metrics {
 	for _, op := range []string{"upsert", "delete"} {
 		m.endpointChanges.WithLabelValues(op)
 	}
-	for _, r := range []string{ReasonMalformedPodCIDR, ReasonMissingInternalIP, ReasonMalformedVTEP, ReasonDuplicateVTEPMAC, ReasonOverlappingPodCIDR} {
+	for _, r := range skipReasons {
 		m.skipped.WithLabelValues(r)
 	}
 	return m

@@ -1,14 +1,20 @@
 package agent
 
 import (
+	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"reflect"
+	"runtime"
+	"slices"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sinabro-io/sinabro/pkg/overlay"
 )
 
 type nodeOpt func(*corev1.Node)
@@ -118,7 +124,7 @@ func TestSelectPeers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sel := selectPeers(self, tt.nodes)
+			sel := selectPeers(self, tt.nodes, Bounds{})
 			var gotPeers []string
 			for _, p := range sel.Peers {
 				gotPeers = append(gotPeers, p.Name)
@@ -150,8 +156,8 @@ func TestSelectPeersUsesVTEPIP(t *testing.T) {
 	self := nodeInfo{Name: "a"}
 	sel := selectPeers(self, []*corev1.Node{
 		node("b", cidrs("10.244.2.0/24"), internalIP("192.168.1.2"), mac("02:00:00:00:00:02")),
-		node("c", cidrs("10.244.3.0/24"), internalIP("192.168.1.3"), mac("02:00:00:00:00:03"), annotate(AnnotationVTEPIP, "192.168.2.3")),
-	})
+		node("c", cidrs("10.244.3.0/24"), internalIP("192.168.1.3"), internalIP("192.168.2.3"), mac("02:00:00:00:00:03"), annotate(AnnotationVTEPIP, "192.168.2.3")),
+	}, Bounds{})
 	got := map[string]netip.Addr{}
 	for _, p := range sel.Peers {
 		got[p.Name] = p.Underlay
@@ -160,8 +166,8 @@ func TestSelectPeersUsesVTEPIP(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("underlay = %v, want %v", got, want)
 	}
-	if len(sel.ExcludeCIDRs) != 2 || len(sel.NodeIPs) != 2 {
-		t.Errorf("exclude = %v, node IPs = %v; want 2 of each", sel.ExcludeCIDRs, sel.NodeIPs)
+	if len(sel.ExcludeCIDRs) != 2 || len(sel.NodeIPs) != 3 {
+		t.Errorf("exclude = %v, node IPs = %v; want 2 and 3", sel.ExcludeCIDRs, sel.NodeIPs)
 	}
 }
 
@@ -190,5 +196,234 @@ func TestRelevantChange(t *testing.T) {
 				t.Errorf("relevantChange() = %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+func names(ps []overlay.Peer) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.Name)
+	}
+	return out
+}
+
+func reasons(sel Selection) map[string]string {
+	out := map[string]string{}
+	for name, s := range sel.Skipped {
+		out[name] = s.Reason
+	}
+	return out
+}
+
+// TestSelectPeersBounds: what a Node object may not make this node install,
+// whatever the others claim.
+func TestSelectPeersBounds(t *testing.T) {
+	self := nodeInfo{Name: "a", PodCIDRs: prefixes("10.244.1.0/24"), Addresses: []netip.Addr{netip.MustParseAddr("192.168.1.1")}}
+	self.VTEPMAC, _ = net.ParseMAC("02:00:00:00:00:01")
+	host := prefixes("192.168.1.1/24", "127.0.0.1/8", "10.244.1.0/32") // the last: our VTEP address, ignored
+	cluster := prefixes("10.244.0.0/16", "fd00:10:244::/56")
+	n := 1
+	peer := func(name, cidr, ip string, opts ...nodeOpt) *corev1.Node {
+		n++
+		return node(name, append([]nodeOpt{cidrs(cidr), internalIP(ip), mac(fmt.Sprintf("02:00:00:00:01:%02x", n)), created(n)}, opts...)...)
+	}
+	tests := []struct {
+		name        string
+		bounds      Bounds
+		nodes       []*corev1.Node
+		wantPeers   []string
+		wantSkipped map[string]string
+	}{
+		{
+			name:   "pod CIDRs outside the cluster CIDR, default routes, special-purpose ranges, our own",
+			bounds: Bounds{ClusterCIDRs: cluster, HostPrefixes: host},
+			nodes: []*corev1.Node{
+				peer("good", "10.244.2.0/24", "192.168.1.2"),
+				peer("good-v6", "fd00:10:244:3::/64", "192.168.1.3"),
+				peer("outside", "10.245.0.0/24", "192.168.1.4"),
+				peer("outside-v6", "fd00:10:245::/64", "192.168.1.5"),
+				peer("supernet", "10.0.0.0/8", "192.168.1.6"),
+				peer("default", "0.0.0.0/0", "192.168.1.7"),
+				peer("default-v6", "::/0", "192.168.1.8"),
+				peer("link-local", "169.254.0.0/24", "192.168.1.9"),
+				peer("loopback", "127.0.0.0/24", "192.168.1.10"),
+				peer("multicast", "224.0.0.0/24", "192.168.1.11"),
+				peer("ours", "10.244.1.0/25", "192.168.1.12"),
+				peer("ours-supernet", "10.244.0.0/23", "192.168.1.13"),
+			},
+			wantPeers: []string{"good", "good-v6"},
+			wantSkipped: map[string]string{
+				"outside": ReasonOutsideClusterCIDR, "outside-v6": ReasonOutsideClusterCIDR, "supernet": ReasonOutsideClusterCIDR,
+				"default": ReasonReservedPodCIDR, "default-v6": ReasonReservedPodCIDR, "link-local": ReasonReservedPodCIDR,
+				"loopback": ReasonReservedPodCIDR, "multicast": ReasonReservedPodCIDR,
+				"ours": ReasonOverlappingPodCIDR, "ours-supernet": ReasonOverlappingPodCIDR,
+			},
+		},
+		{
+			name:   "without a cluster CIDR: any pod CIDR clear of the underlay, node addresses and the others",
+			bounds: Bounds{HostPrefixes: host},
+			nodes: []*corev1.Node{
+				peer("elsewhere", "10.99.0.0/24", "192.168.1.2"),
+				peer("underlay-subnet", "192.168.1.128/25", "192.168.1.3"),
+				peer("holds-our-address", "192.168.0.0/16", "192.168.1.4"),
+				peer("holds-its-own-address", "172.16.0.0/24", "172.16.0.5"),
+				peer("older", "10.98.0.0/24", "172.17.0.9"),
+				peer("holds-older-node-address", "172.17.0.0/24", "192.168.1.6"),
+				peer("default", "0.0.0.0/0", "192.168.1.7"),
+			},
+			wantPeers: []string{"elsewhere", "older"},
+			wantSkipped: map[string]string{
+				"underlay-subnet": ReasonOverlapsNodeAddress, "holds-our-address": ReasonOverlapsNodeAddress,
+				"holds-its-own-address": ReasonOverlapsNodeAddress, "holds-older-node-address": ReasonOverlapsNodeAddress,
+				"default": ReasonReservedPodCIDR,
+			},
+		},
+		{
+			name:   "a subnet that holds the cluster CIDR counts as its address only",
+			bounds: Bounds{ClusterCIDRs: prefixes("10.244.0.0/16"), HostPrefixes: prefixes("10.0.0.7/8")},
+			nodes: []*corev1.Node{
+				peer("b", "10.244.2.0/24", "10.0.0.8"),
+				peer("holds-our-address", "10.0.0.0/24", "10.0.0.9"),
+			},
+			wantPeers:   []string{"b"},
+			wantSkipped: map[string]string{"holds-our-address": ReasonOutsideClusterCIDR},
+		},
+		{
+			name:   "a newcomer naming an address inside a working node's pod CIDR is skipped, not the node",
+			bounds: Bounds{ClusterCIDRs: cluster, HostPrefixes: host},
+			nodes: []*corev1.Node{
+				peer("working", "10.244.2.0/24", "192.168.1.2"),
+				peer("newcomer", "10.244.3.0/24", "10.244.2.7"),
+				peer("in-our-cidr", "10.244.4.0/24", "10.244.1.9"),
+			},
+			wantPeers:   []string{"working"},
+			wantSkipped: map[string]string{"newcomer": ReasonOverlapsNodeAddress, "in-our-cidr": ReasonOverlapsNodeAddress},
+		},
+		{
+			name:   "VTEP addresses: unicast and the node's own",
+			bounds: Bounds{ClusterCIDRs: cluster, HostPrefixes: host},
+			nodes: []*corev1.Node{
+				peer("second-address", "10.244.2.0/24", "192.168.1.2", internalIP("192.168.2.2"), annotate(AnnotationVTEPIP, "192.168.2.2")),
+				peer("foreign", "10.244.3.0/24", "192.168.1.3", annotate(AnnotationVTEPIP, "192.168.1.1")),
+				peer("loopback", "10.244.4.0/24", "127.0.0.1"),
+				peer("broadcast", "10.244.5.0/24", "255.255.255.255"),
+				peer("multicast", "10.244.6.0/24", "192.168.1.6", internalIP("239.1.1.1"), annotate(AnnotationVTEPIP, "239.1.1.1")),
+				peer("unspecified", "10.244.7.0/24", "0.0.0.0"),
+				peer("zero-mac", "10.244.8.0/24", "192.168.1.8", mac("00:00:00:00:00:00")),
+			},
+			wantPeers: []string{"second-address"},
+			wantSkipped: map[string]string{
+				"foreign": ReasonMalformedVTEP, "loopback": ReasonMalformedVTEP, "broadcast": ReasonMalformedVTEP,
+				"multicast": ReasonMalformedVTEP, "unspecified": ReasonMalformedVTEP, "zero-mac": ReasonMalformedVTEP,
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sel := selectPeers(self, tt.nodes, tt.bounds)
+			if got := names(sel.Peers); !reflect.DeepEqual(got, tt.wantPeers) {
+				t.Errorf("peers = %v, want %v", got, tt.wantPeers)
+			}
+			if got := reasons(sel); !reflect.DeepEqual(got, tt.wantSkipped) {
+				t.Errorf("skipped = %v, want %v", got, tt.wantSkipped)
+				for name, s := range sel.Skipped {
+					t.Logf("%s: %s", name, s.Message)
+				}
+			}
+		})
+	}
+}
+
+// TestMasqueradeExclusionsFromAcceptedNodes: only this node, its peers and
+// pending nodes that pass the same checks feed masquerade's exclusions, so
+// one bad Node cannot turn masquerading off for the cluster.
+func TestMasqueradeExclusionsFromAcceptedNodes(t *testing.T) {
+	self := nodeInfo{Name: "a", PodCIDRs: prefixes("10.244.1.0/24"), Addresses: []netip.Addr{netip.MustParseAddr("192.168.1.1")}}
+	nodes := []*corev1.Node{
+		node("b", cidrs("10.244.2.0/24"), internalIP("192.168.1.2"), mac("02:00:00:00:00:02"), created(1)),
+		node("pending", cidrs("10.244.3.0/24"), internalIP("192.168.1.3"), created(2)),
+		node("everything", cidrs("0.0.0.0/0"), internalIP("192.168.1.4"), mac("02:00:00:00:00:04"), created(3)),
+		node("half", cidrs("0.0.0.0/1"), internalIP("192.168.1.5"), mac("02:00:00:00:00:05"), created(4)),
+		node("outside", cidrs("8.8.8.0/24"), internalIP("8.8.4.4"), mac("02:00:00:00:00:06"), created(5)),
+		node("dup-mac", cidrs("10.244.7.0/24"), internalIP("192.168.1.7"), mac("02:00:00:00:00:02"), created(6)),
+	}
+	sel := selectPeers(self, nodes, Bounds{ClusterCIDRs: prefixes("10.244.0.0/16")})
+	if want := prefixes("10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"); !slices.Equal(sel.ExcludeCIDRs, want) {
+		t.Errorf("exclude CIDRs = %v, want %v", sel.ExcludeCIDRs, want)
+	}
+	var want []netip.Addr
+	for _, s := range []string{"192.168.1.1", "192.168.1.2", "192.168.1.3"} {
+		want = append(want, netip.MustParseAddr(s))
+	}
+	if !slices.Equal(sel.NodeIPs, want) {
+		t.Errorf("node IPs = %v, want %v", sel.NodeIPs, want)
+	}
+	// What the eBPF datapath gets: pod prefixes are masqueraded sources and
+	// never-masqueraded destinations; 0.0.0.0/0 there would end masquerading.
+	a := &Agent{cfg: Config{Masquerade: true, MasqueradeBackend: BackendEBPF, ClusterCIDRs: prefixes("10.244.0.0/16")}}
+	cluster, nonMasq := a.datapathCIDRs(sel)
+	if want := prefixes("10.244.0.0/16"); !slices.Equal(cluster, want) {
+		t.Errorf("datapath pod prefixes = %v, want %v", cluster, want)
+	}
+	if want := prefixes("192.168.1.1/32", "192.168.1.2/32", "192.168.1.3/32"); !slices.Equal(nonMasq, want) {
+		t.Errorf("datapath non-masquerade prefixes = %v, want %v", nonMasq, want)
+	}
+}
+
+// scaleNodes builds n healthy Node objects with /30 pod CIDRs from
+// 10.244.128.0 on (10.0.0.0/8 holds 20,000).
+func scaleNodes(n int) []*corev1.Node {
+	nodes := make([]*corev1.Node, 0, n+1)
+	nodes = append(nodes, node("a", cidrs("10.244.1.0/24"), internalIP("192.168.1.1"), mac("02:00:00:00:00:01")))
+	base := netip.MustParseAddr("10.244.128.0").As4()
+	for i := range n {
+		c := binary.BigEndian.Uint32(base[:]) + uint32(4*i)
+		var b [4]byte
+		binary.BigEndian.PutUint32(b[:], c)
+		nodes = append(nodes, node(fmt.Sprintf("n%05d", i), cidrs(netip.PrefixFrom(netip.AddrFrom4(b), 30).String()),
+			internalIP(fmt.Sprintf("172.%d.%d.%d", 16+i/62500, i/250%250, i%250+1)), mac(fmt.Sprintf("02:5b:00:%02x:%02x:%02x", i>>16, i>>8&0xff, i&0xff)), created(i%60)))
+	}
+	return nodes
+}
+
+// TestSelectPeersScales: a pass over N nodes costs about N, not N²
+// (timings are noisy: the best of three runs, and a 40× bound for 10×
+// more nodes, where the pairwise overlap check this replaced took 100×).
+func TestSelectPeersScales(t *testing.T) {
+	self := nodeInfo{Name: "a", PodCIDRs: prefixes("10.244.1.0/24"), Addresses: []netip.Addr{netip.MustParseAddr("192.168.1.1")}}
+	b := Bounds{ClusterCIDRs: prefixes("10.0.0.0/8"), HostPrefixes: prefixes("192.168.1.1/24")}
+	run := func(n int, nodes []*corev1.Node) time.Duration {
+		runtime.GC()
+		start := time.Now()
+		sel := selectPeers(self, nodes, b)
+		took := time.Since(start)
+		if len(sel.Peers) != n || len(sel.Skipped) != 0 {
+			t.Fatalf("%d nodes: %d peers, skipped %v", n, len(sel.Peers), reasons(sel))
+		}
+		return took
+	}
+	const few, many = 2000, 20000
+	smallNodes, largeNodes := scaleNodes(few), scaleNodes(many)
+	var small, large time.Duration
+	for i := range 3 { // interleaved, best of three
+		if d := run(few, smallNodes); i == 0 || d < small {
+			small = d
+		}
+		if d := run(many, largeNodes); i == 0 || d < large {
+			large = d
+		}
+	}
+	t.Logf("selectPeers: %d nodes %s, %d nodes %s (%.1f×)", few, small, many, large, float64(large)/float64(small))
+	if large > 40*small {
+		t.Errorf("%d nodes took %s, %d nodes %s: more than 40× for 10× the nodes", many, large, few, small)
+	}
+}
+
+func BenchmarkSelectPeers5000(b *testing.B) {
+	self := nodeInfo{Name: "a", PodCIDRs: prefixes("10.244.1.0/24"), Addresses: []netip.Addr{netip.MustParseAddr("192.168.1.1")}}
+	nodes := scaleNodes(5000)
+	bounds := Bounds{ClusterCIDRs: prefixes("10.244.0.0/16"), HostPrefixes: prefixes("192.168.1.1/24")}
+	for b.Loop() {
+		selectPeers(self, nodes, bounds)
 	}
 }

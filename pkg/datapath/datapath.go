@@ -229,6 +229,7 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		}
 	}
 	spec.Maps["sb_ct"].MaxEntries = cfg.CTSize
+	sizePrefixMaps(spec)
 	// The prefix and endpoint maps are rewritten by the agent after every
 	// load; conntrack and counters are kept.
 	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints")

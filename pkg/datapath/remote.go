@@ -70,6 +70,9 @@ func (d *Datapath) SetRemotes(want []Remote) error {
 		byPrefix[r.Prefix.Masked()] = v
 	}
 	m := d.objs.SbRemoteCidrs
+	if n := len(byPrefix); uint32(n) > m.MaxEntries() {
+		return fmt.Errorf("%d remote pod prefixes do not fit in a map of %d", n, m.MaxEntries())
+	}
 	have, err := remoteEntries(m)
 	if err != nil {
 		return err

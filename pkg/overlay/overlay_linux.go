@@ -18,8 +18,9 @@ const Overhead = 50
 
 // Manager programs the overlay through netlink in one network namespace.
 type Manager struct {
-	rt *rtnetlink.Conn // links, addresses, routes
-	nl *netlink.Conn   // neighbours and FDB, encoded by hand
+	rt   *rtnetlink.Conn // links, addresses, routes
+	nl   *netlink.Conn   // neighbours and FDB, encoded by hand
+	hops hopCache        // NextHops answers
 }
 
 // Open connects to netlink in the network namespace referred to by nsFD, or
