@@ -456,9 +456,14 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	a.vxlanIndex.Store(int32(dev.Index))
 	self.VTEPMAC = dev.MAC
 
+	// podPathErr holds failures of what pods need from the node (forwarding,
+	// masquerading, the eBPF datapath): the conflist is withheld while there
+	// are any, so the runtime's CNI STATUS fails and no pod starts on a
+	// half-built node.
 	var errs []error
-	if err := a.ensureHost(hostnet.Config{IPv6: hasIPv6(self.PodCIDRs), LooseRPFilter: []string{dev.Name, under.Name}}); err != nil {
-		errs = append(errs, err)
+	podPathErr := a.ensureHost(hostnet.Config{IPv6: hasIPv6(self.PodCIDRs), LooseRPFilter: []string{dev.Name, under.Name}})
+	if podPathErr != nil {
+		errs = append(errs, podPathErr)
 	}
 	if err := a.publishVTEP(ctx, selfNode, dev, self.InternalIP); err != nil {
 		errs = append(errs, err)
@@ -490,9 +495,11 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 
 	if err := a.ensureMasquerade(ctx, self, sel); err != nil {
 		errs = append(errs, err)
+		podPathErr = errors.Join(podPathErr, err)
 	}
 	if err := a.ensureDatapath(ctx, self, under, dev, sel); err != nil {
 		errs = append(errs, err)
+		podPathErr = errors.Join(podPathErr, err)
 	}
 	if err := a.ensureAcceleration(ctx, self); err != nil {
 		errs = append(errs, err)
@@ -501,6 +508,9 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if len(self.PodCIDRs) == 0 {
 		a.waiting("Node has no spec.podCIDRs yet (is kube-controller-manager running with --allocate-node-cidrs?)")
 		return errors.Join(errs...)
+	}
+	if podPathErr != nil {
+		return errors.Join(append(errs, errors.New("CNI configuration withheld until the node's datapath is in place"))...)
 	}
 	if err := a.writeConfList(selfNode, podMTU); err != nil {
 		errs = append(errs, err)
