@@ -65,4 +65,3 @@ func TestCollectorReportsWhatItCanRead(t *testing.T) {
 		t.Error("accelerated sockets reported although the sockhash could not be read")
 	}
 }
-
