@@ -20,7 +20,7 @@ func newDebugCmd() *cobra.Command {
 		Use:   "debug",
 		Short: "Inspect the node's live datapath",
 	}
-	cmd.AddCommand(newDebugMapsCmd())
+	cmd.AddCommand(newDebugMapsCmd(), newDebugPreflightCmd())
 	return cmd
 }
 
@@ -34,7 +34,8 @@ entries, capacity and pin path. With NAME, dumps that map decoded:
 sb_ct as masqueraded flows, sb_counters as named counters, sb_masq_cidrs
 as prefixes, sb_endpoints as pods, sb_remote_cidrs as other nodes' pod
 prefixes with their vxlan MACs, sb_sock_hash as accelerated TCP
-socket pairs and sb_sock_counters as TCP acceleration counters.`,
+socket pairs, sb_sock_pods as the pod addresses TCP acceleration covers
+(or excludes) and sb_sock_counters as TCP acceleration counters.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output != "text" && output != "json" {
@@ -84,6 +85,22 @@ func dumpMap(w io.Writer, root, name string, asJSON bool) error {
 				continue
 			}
 			fmt.Fprintf(w, "tcp %v ⇄ %v accelerated, sends: %s / %s\n", p.A.Local, p.A.Remote, p.A.Send, p.B.Send)
+		}
+		return nil
+	case "sb_sock_pods":
+		pods, err := sockmap.ListPods(root)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return writeJSON(w, pods)
+		}
+		for _, p := range pods {
+			what := "accelerated"
+			if !p.Accelerated {
+				what = "excluded (opted out)"
+			}
+			fmt.Fprintf(w, "%v %s\n", p.Prefix, what)
 		}
 		return nil
 	case "sb_sock_counters":

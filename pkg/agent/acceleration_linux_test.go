@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -287,6 +288,21 @@ func TestAgentTCPAcceleration(t *testing.T) {
 		})
 	}
 
+	wantPods := func(t *testing.T, want ...string) {
+		t.Helper()
+		pods, err := sockmap.ListPods(bed.root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, p := range pods {
+			got = append(got, fmt.Sprintf("%v %v", p.Prefix, p.Accelerated))
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("pod map %q, want %q", got, want)
+		}
+	}
+
 	stop := start(false)
 	t.Run("off by default", func(t *testing.T) {
 		// The agent has had a few resyncs to (wrongly) attach.
@@ -310,6 +326,8 @@ func TestAgentTCPAcceleration(t *testing.T) {
 		if !sockmap.Attached(bed.root) {
 			t.Error("programs not attached")
 		}
+		// The pods' /32s, not the node's pod CIDR.
+		wantPods(t, "10.244.1.5/32 true", "10.244.1.6/32 true")
 	})
 	t.Run("a pod's false wins over its namespace's true", func(t *testing.T) {
 		annotate(t, "pod", "pb", `"false"`)
@@ -347,5 +365,6 @@ func TestAgentTCPAcceleration(t *testing.T) {
 		annotate(t, "namespace", "default", "null")
 		annotate(t, "pod", "pb", `"false"`)
 		accelerated(t, "a pod that opts out on an accelerated node not accelerated", false)
+		wantPods(t, "10.244.1.0/24 true", "10.244.1.6/32 false")
 	})
 }

@@ -236,3 +236,38 @@ func portFromNative(v uint16) uint16 {
 	binary.NativeEndian.PutUint16(b[:], v)
 	return binary.BigEndian.Uint16(b[:])
 }
+
+// PodEntry is one entry of the pod-prefix map: a socket is accelerated
+// when both its addresses' longest matching entries are Accelerated (the
+// node's pod CIDRs and opted-out pods' /32s, or opted-in pods' /32s).
+type PodEntry struct {
+	Prefix      netip.Prefix `json:"prefix"`
+	Accelerated bool         `json:"accelerated"`
+}
+
+// ListPods lists the pod-prefix map pinned under root, by address.
+func ListPods(root string) ([]PodEntry, error) {
+	path := filepath.Join(mapsDir(root), "sb_sock_pods")
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", path, err)
+	}
+	defer m.Close()
+	var out []PodEntry
+	var k sockopsPodKey
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, PodEntry{Prefix: podPrefix(k), Accelerated: v != 0})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list %s: %w", path, err)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if c := out[i].Prefix.Addr().Compare(out[j].Prefix.Addr()); c != 0 {
+			return c < 0
+		}
+		return out[i].Prefix.Bits() < out[j].Prefix.Bits()
+	})
+	return out, nil
+}
