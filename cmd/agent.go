@@ -8,6 +8,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"k8s.io/klog/v2"
@@ -21,22 +22,24 @@ import (
 func newAgentCmd() *cobra.Command {
 	var (
 		cfg = agent.Config{
-			CNIConfDir:        cni.DefaultConfDir,
-			StateDir:          cni.DefaultDataDir,
-			BPFRoot:           agent.DefaultBPFRoot,
-			HealthAddr:        agent.DefaultHealthAddr,
-			VXLANVNI:          agent.DefaultVXLANVNI,
-			VXLANPort:         agent.DefaultVXLANPort,
-			VXLANDevice:       agent.DefaultVXLANDevice,
-			Masquerade:        true,
-			MasqueradeBackend: agent.BackendEBPF,
-			HostRouting:       true,
-			ResyncInterval:    agent.DefaultResyncInterval,
+			CNIConfDir:           cni.DefaultConfDir,
+			StateDir:             cni.DefaultDataDir,
+			BPFRoot:              agent.DefaultBPFRoot,
+			HealthAddr:           agent.DefaultHealthAddr,
+			VXLANVNI:             agent.DefaultVXLANVNI,
+			VXLANPort:            agent.DefaultVXLANPort,
+			VXLANDevice:          agent.DefaultVXLANDevice,
+			Masquerade:           true,
+			MasqueradeBackend:    agent.BackendEBPF,
+			HostRouting:          true,
+			KubeProxyCoexistence: true,
+			ResyncInterval:       agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
 		clusterCIDRs []string
 		nonMasqCIDRs []string
 		cleanup      bool
+		portRange    string
 		tcAttach     string
 		logLevel     string
 		logFormat    string
@@ -93,6 +96,9 @@ established connections survive a restart. --cleanup removes it.`,
 			if b := cfg.MasqueradeBackend; b != agent.BackendEBPF && b != agent.BackendNFTables {
 				return fmt.Errorf("--masquerade-backend %q: want %s or %s", b, agent.BackendEBPF, agent.BackendNFTables)
 			}
+			if err := cfg.Conntrack.ParsePortRange(portRange); err != nil {
+				return fmt.Errorf("--masquerade-port-range: %w", err)
+			}
 			if cfg.TCAttach, err = datapath.ParseAttachMode(tcAttach); err != nil {
 				return fmt.Errorf("--tc-attach: %w", err)
 			}
@@ -103,6 +109,8 @@ established connections survive a restart. --cleanup removes it.`,
 			if err != nil {
 				return err
 			}
+			// What the kernel offers, and what is off without the rest.
+			logPreflight(log)
 			a, err := agent.New(cfg, cluster, log)
 			if err != nil {
 				return err
@@ -111,7 +119,7 @@ established connections survive a restart. --cleanup removes it.`,
 			log.Info("starting sinabro agent", "version", version.String(), "node", cfg.NodeName,
 				"vxlan_device", cfg.VXLANDevice, "vni", cfg.VXLANVNI, "port", cfg.VXLANPort,
 				"cluster_cidrs", clusterCIDRs, "masquerade", cfg.Masquerade, "masquerade_backend", cfg.MasqueradeBackend,
-				"host_routing", cfg.HostRouting, "tcp_acceleration", cfg.TCPAcceleration, "bpf_root", cfg.BPFRoot, "resync", cfg.ResyncInterval.String())
+				"host_routing", cfg.HostRouting, "tc_attach", cfg.TCAttach, "tcp_acceleration", cfg.TCPAcceleration, "bpf_root", cfg.BPFRoot, "resync", cfg.ResyncInterval.String())
 			if err := a.Run(ctx); err != nil {
 				return err
 			}
@@ -134,11 +142,20 @@ established connections survive a restart. --cleanup removes it.`,
 	f.StringSliceVar(&nonMasqCIDRs, "non-masquerade-cidr", nil, "further destinations pods reach with their own address, repeatable or comma-separated (node addresses and --cluster-cidr always are)")
 	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
 	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
+	f.Uint32Var(&cfg.Conntrack.Size, "conntrack-size", datapath.DefaultCTSize, "eBPF masquerading's conntrack table entries (two per flow; an LRU: see README); an existing table keeps its size until uninstalled")
+	f.StringVar(&portRange, "masquerade-port-range", fmt.Sprintf("%d-%d", datapath.DefaultPortMin, datapath.DefaultPortMax), "NAT source ports of eBPF masquerading, MIN-MAX (keep it outside net.ipv4.ip_local_port_range)")
+	f.DurationVar(&cfg.Conntrack.Timeouts.TCPSyn, "conntrack-timeout-tcp-syn", 60*time.Second, "idle timeout of a TCP flow not (yet) answered")
+	f.DurationVar(&cfg.Conntrack.Timeouts.TCPEstablished, "conntrack-timeout-tcp-established", 6*time.Hour, "idle timeout of an established TCP flow")
+	f.DurationVar(&cfg.Conntrack.Timeouts.TCPClosing, "conntrack-timeout-tcp-closing", 10*time.Second, "idle timeout of a TCP flow after FIN both ways or RST")
+	f.DurationVar(&cfg.Conntrack.Timeouts.UDP, "conntrack-timeout-udp", 60*time.Second, "idle timeout of a UDP flow")
+	f.DurationVar(&cfg.Conntrack.Timeouts.ICMP, "conntrack-timeout-icmp", 30*time.Second, "idle timeout of an ICMP echo flow")
 	f.BoolVar(&cfg.HostRouting, "host-routing", cfg.HostRouting, "route traffic between this node's pods in eBPF (bpf_redirect_peer), skipping the host stack")
 	f.StringVar(&tcAttach, "tc-attach", string(datapath.AttachAuto), `how the eBPF datapath attaches to interfaces: "tcx" (Linux >= 6.6), "classic" (clsact qdisc + direct-action cls_bpf, older kernels) or "auto" (tcx where the kernel has it)`)
+	f.BoolVar(&cfg.KubeProxyCoexistence, "kube-proxy-coexistence", cfg.KubeProxyCoexistence, "leave flows that netfilter translated (kube-proxy's Services, hostPort DNAT) to the kernel stack, asking the kernel's conntrack per TCP/UDP packet; where the kernel cannot be asked, host routing is turned off. false only where nothing on the node translates pod traffic")
 	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, `redirect TCP between all of this node's pods at the socket layer (sock_ops + sk_msg), except those annotated sinabro.io/tcp-acceleration: "false" (pod or namespace); when false, only between pods that opt in with "true", and the programs are detached live while none does`)
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
+	f.StringVar(&cfg.ProcSys, "proc-sys", "/proc/sys", "the node's sysctl tree (an unprivileged container mounts the host's /proc/sys/net elsewhere, since its own /proc/sys is read-only)")
 	f.BoolVar(&cleanup, "cleanup", false, "remove the eBPF datapath under --bpf-root, the vxlan device, sinabro routes and the masquerade table, then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")

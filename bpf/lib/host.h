@@ -228,9 +228,10 @@ static __always_inline int decap_local(struct __sk_buff *skb, const struct iphdr
  * kernel's conntrack sees as kct: one the stack tracks untranslated. A
  * flow's first packet (TCP SYN, or any UDP packet without an entry) goes
  * through the stack, where netfilter may translate it (kube-proxy's DNAT
- * of an external IP or a load balancer address); later TCP packets of a
- * flow the stack never saw (its entry expired, or no conntrack in this
- * namespace) may take the shortcut. */
+ * of an external IP or a load balancer address); other TCP packets of a
+ * flow the stack never saw (its entry expired, no conntrack in this
+ * namespace, or a SYN-ACK answering a connection decapsulated straight
+ * into the pod, which the stack would find invalid) take the shortcut. */
 static __always_inline bool may_route_out(struct __sk_buff *skb, const struct iphdr *ip, enum kct kct)
 {
 	__u8 flags;
@@ -240,7 +241,7 @@ static __always_inline bool may_route_out(struct __sk_buff *skb, const struct ip
 	if (kct != KCT_NONE || ip->protocol != IPPROTO_TCP ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + ip->ihl * 4 + 13, &flags, 1))
 		return false;
-	return !(flags & TCP_FLAG_SYN);
+	return (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN;
 }
 
 SEC("tc")

@@ -76,9 +76,19 @@ type Config struct {
 	Masquerade         bool
 	// MasqueradeBackend is BackendEBPF (default) or BackendNFTables.
 	MasqueradeBackend string
+	// Conntrack sizes the eBPF masquerading's connection tracking: table
+	// entries (two per flow), NAT source ports and idle timeouts; zero
+	// fields take the datapath's defaults.
+	Conntrack ConntrackConfig
 	// HostRouting redirects traffic between pods of this node in eBPF,
 	// skipping the host's stack.
 	HostRouting bool
+	// KubeProxyCoexistence keeps the eBPF fast paths off flows that
+	// netfilter translated (kube-proxy's Services, hostPort DNAT): each
+	// TCP/UDP packet is checked in the kernel's conntrack (datapath
+	// Config.KernelCT). Where the kernel cannot be asked, host routing is
+	// turned off instead.
+	KubeProxyCoexistence bool
 	// TCPAcceleration is the node's default for redirecting TCP between its
 	// pods at the socket layer (sock_ops + sk_msg, pkg/sockmap) for sockets
 	// in PodCgroup: false accelerates only the pods that opt in with
@@ -93,6 +103,10 @@ type Config struct {
 	// datapath.AttachAuto (tcx where the kernel has it, else classic tc),
 	// AttachTCX or AttachClassic.
 	TCAttach datapath.AttachMode
+	// ProcSys is where the node's sysctl tree is mounted ("" is
+	// /proc/sys). An unprivileged container's /proc/sys is read-only: the
+	// DaemonSet mounts the host's /proc/sys/net elsewhere.
+	ProcSys string
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests run several agents in one process).
 	NetNS string
@@ -176,6 +190,13 @@ func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 	}
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = DefaultResyncInterval
+	}
+	if cfg.HostRouting && cfg.KubeProxyCoexistence {
+		// Host routing past kube-proxy's translations breaks Services.
+		if err := datapath.KernelCTAvailable(); err != nil {
+			log.Warn("host routing turned off: it would skip kube-proxy's Service translations, and the kernel's conntrack cannot be asked from eBPF (Linux >= 6.0 with nf_conntrack and BTF needed)", "err", err)
+			cfg.HostRouting = false
+		}
 	}
 	a := &Agent{
 		cfg:     cfg,
@@ -532,7 +553,11 @@ func hasIPv6(ps []netip.Prefix) bool {
 func (a *Agent) ensureHost(cfg hostnet.Config) error {
 	var changes []hostnet.Change
 	ensure := func() (err error) {
-		changes, err = hostnet.Ensure("/proc/sys", cfg)
+		procSys := a.cfg.ProcSys
+		if procSys == "" {
+			procSys = "/proc/sys"
+		}
+		changes, err = hostnet.Ensure(procSys, cfg)
 		return err
 	}
 	var err error

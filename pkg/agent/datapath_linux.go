@@ -140,7 +140,15 @@ func (a *Agent) datapathRemotes(dev, under overlay.Link, sel Selection) []datapa
 
 // setRemotes converges d's remote pod prefixes, logging changes of their
 // number.
-func (a *Agent) setRemotes(d *datapath.Datapath, want []datapath.Remote) error {
+func (a *Agent) setRemotes(d *datapath.Datapath, want []datapath.Remote, sel Selection) error {
+	// The peers' VXLAN is let in before their prefixes are used.
+	var peers []netip.Addr
+	for _, p := range sel.Peers {
+		peers = append(peers, p.Underlay)
+	}
+	if err := d.SetVTEPPeers(peers); err != nil {
+		return fmt.Errorf("update datapath VTEP peers: %w", err)
+	}
 	before, _ := d.Remotes()
 	if err := d.SetRemotes(want); err != nil {
 		return fmt.Errorf("update datapath remote pod prefixes: %w", err)
@@ -180,7 +188,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 		if !slices.Equal(old.ClusterCIDRs, cluster) || !slices.Equal(old.NonMasqCIDRs, nonMasq) {
 			a.log.Info("datapath prefixes updated", "pod_cidrs", cluster, "non_masquerade", nonMasq)
 		}
-		return a.setRemotes(d, remotes)
+		return a.setRemotes(d, remotes, sel)
 	}
 
 	// First load, or the node's address or uplink changed (the node IP is
@@ -200,6 +208,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 		// in the stack would be skipped.
 		cfg.RouteOut = !a.cfg.Masquerade || a.cfg.MasqueradeBackend == BackendEBPF
 	}
+	cfg.KernelCT = a.cfg.KubeProxyCoexistence
 	var d *datapath.Datapath
 	if err := a.inNetNS(func() (err error) {
 		d, err = datapath.Load(ctx, cfg)
@@ -209,7 +218,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	}
 	// Before the new datapath is used: an adopted map may hold the
 	// prefixes of an earlier run.
-	if err := a.setRemotes(d, remotes); err != nil {
+	if err := a.setRemotes(d, remotes, sel); err != nil {
 		d.Close()
 		return err
 	}
@@ -229,7 +238,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	}
 	eff := d.Config()
 	a.log.Info("eBPF datapath loaded", "bpf_root", eff.BPFRoot, "uplink", under.Name, "uplink_index", under.Index,
-		"node_ip", eff.NodeIP, "masquerade", len(cluster) > 0, "host_routing", a.cfg.HostRouting,
+		"node_ip", eff.NodeIP, "masquerade", len(cluster) > 0, "host_routing", a.cfg.HostRouting, "kernel_ct", eff.KernelCT,
 		"pod_cidrs", cluster, "non_masquerade", nonMasq, "ct_size", eff.CTSize, "ports", fmt.Sprintf("%d-%d", eff.PortMin, eff.PortMax), "attach", eff.Attach)
 	a.kickEndpoints()
 	return nil

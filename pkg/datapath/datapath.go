@@ -89,6 +89,13 @@ type Config struct {
 	// or not at all: it skips the stack's netfilter hooks, nftables
 	// masquerade included.
 	RouteOut bool
+	// KernelCT makes host routing, decapsulation and masquerading's
+	// reverse path ask the kernel's conntrack for each TCP/UDP packet and
+	// leave flows the kernel translated (kube-proxy's Services, portmap's
+	// hostPorts, any netfilter NAT) to the stack, which must undo the
+	// translation (bpf/lib/kct.h). Load fails with ErrNoKernelCT where the
+	// kernel lacks the conntrack kfuncs.
+	KernelCT bool
 	// Attach is how programs attach to interfaces; "" is AttachAuto,
 	// which Load resolves to AttachTCX or AttachClassic.
 	Attach AttachMode
@@ -214,6 +221,12 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 	if err != nil {
 		return fmt.Errorf("load datapath spec: %w", err)
 	}
+	var kct kernelCT
+	if cfg.KernelCT {
+		if kct, err = probeKernelCT(); err != nil {
+			return fmt.Errorf("%w: %w", ErrNoKernelCT, err)
+		}
+	}
 	vars := map[string]any{
 		"node_ip":           be32(cfg.NodeIP),
 		"port_min":          cfg.PortMin,
@@ -222,6 +235,10 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 		"vxlan_vni":         cfg.VXLANVNI,
 		"uplink_ifindex":    uint32(cfg.UplinkIfindex),
 		"route_out_enabled": cfg.RouteOut,
+		"kernel_ct_enabled": cfg.KernelCT,
+	}
+	if cfg.KernelCT {
+		vars["kernel_ct_opts_size"] = kct.OptsSize
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {
@@ -232,7 +249,7 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 	sizePrefixMaps(spec)
 	// The prefix and endpoint maps are rewritten by the agent after every
 	// load; conntrack and counters are kept.
-	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints")
+	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers")
 }
 
 // Close releases the process's handles. The pinned maps and links, and so
