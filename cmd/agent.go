@@ -138,7 +138,7 @@ established connections survive a restart. --cleanup removes it.`,
 	f.Uint16Var(&cfg.VXLANPort, "vxlan-port", cfg.VXLANPort, "VXLAN UDP port")
 	f.StringVar(&cfg.VXLANDevice, "vxlan-device", cfg.VXLANDevice, "name of the VXLAN device")
 	f.IntVar(&cfg.MTU, "mtu", 0, "pod MTU; 0 = underlay MTU - 50")
-	f.StringSliceVar(&clusterCIDRs, "cluster-cidr", clusterCIDRs, "cluster pod CIDR(s), repeatable or comma-separated; traffic to them is not masqueraded")
+	f.StringSliceVar(&clusterCIDRs, "cluster-cidr", clusterCIDRs, "cluster pod CIDR(s), repeatable or comma-separated: other nodes' pod CIDRs must lie inside (\"\" accepts any that passes the other checks), and traffic to them is not masqueraded")
 	f.StringSliceVar(&nonMasqCIDRs, "non-masquerade-cidr", nil, "further destinations pods reach with their own address, repeatable or comma-separated (node addresses and --cluster-cidr always are)")
 	f.BoolVar(&cfg.Masquerade, "masquerade", cfg.Masquerade, "masquerade pod traffic leaving the cluster to the node address")
 	f.StringVar(&cfg.MasqueradeBackend, "masquerade-backend", cfg.MasqueradeBackend, `masquerading with "ebpf" (the datapath on the uplink, conntrack survives agent restarts) or "nftables" (baseline)`)
