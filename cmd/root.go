@@ -49,6 +49,7 @@ and a local multi-node lab.`,
 	root.AddCommand(
 		newVersionCmd(),
 		newInstallCmd(),
+		newUninstallCmd(),
 		newAgentCmd(),
 		newDebugCmd(),
 		newLabCmd(),

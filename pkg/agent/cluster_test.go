@@ -57,7 +57,7 @@ func (k clientsetCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
 }
 
 func (k clientsetCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
-	_, err := k.c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
+	_, err := k.c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager}, "status")
 	return err
 }
 

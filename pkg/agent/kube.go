@@ -24,7 +24,11 @@ type Cluster interface {
 	// Namespaces lists and watches all Namespaces (the TCP acceleration
 	// annotation of a pod's namespace).
 	Namespaces(ctx context.Context) cache.ListerWatcher
-	// PatchNode applies a JSON merge patch to a Node.
+	// PatchNode applies a JSON merge patch to a Node through its status
+	// subresource: the API server takes metadata changes (our VTEP
+	// annotations) there too, as flannel relies on, and RBAC then needs
+	// only "patch nodes/status", not "patch nodes" (which could change
+	// any Node's spec: taints, pod CIDRs).
 	PatchNode(ctx context.Context, name string, patch []byte) error
 	// EventRecorder returns a recorder of core/v1 Events and the function
 	// that flushes and stops it.
@@ -65,7 +69,7 @@ func (k kubeCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
 }
 
 func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
-	_, err := k.c.Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
+	_, err := k.c.Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager}, "status")
 	return err
 }
 

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -242,7 +243,7 @@ func (d *Datapath) attachClassic(path, name string, ifindex int, prog *ebpf.Prog
 	if err := pinProgram(prog, path); err != nil {
 		return nil, err
 	}
-	return tcAttachment{tcFilter{Ifindex: ifindex, Dir: dir, Name: tcFilterNamePrefx + name}}, nil
+	return tcAttachment{tcFilter{Ifindex: ifindex, Dir: dir, Name: tcFilterNamePrefix + name}}, nil
 }
 
 // pinProgram pins prog at path, replacing what is there atomically. It
@@ -282,4 +283,44 @@ func (d *Datapath) removeClassic(path string, prog *ebpf.Program) error {
 		return fmt.Errorf("unpin program %s: %w", path, err)
 	}
 	return nil
+}
+
+// HaveClassicTC reports whether the kernel attaches programs with classic
+// tc (sch_clsact and cls_bpf): nil when it does. The probe runs on the
+// loopback device of a network namespace of its own, which dies with the
+// probing thread; it needs CAP_SYS_ADMIN for that namespace.
+func HaveClassicTC() error {
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread leaves with its namespace.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("network namespace for the probe: %w", err)
+			return
+		}
+		errc <- probeClassicTC()
+	}()
+	return <-errc
+}
+
+func probeClassicTC() error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SchedCLS,
+		License:      "Dual BSD/GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
+	})
+	if err != nil {
+		return fmt.Errorf("load a probe program: %w", err)
+	}
+	defer prog.Close()
+	tc, err := dialTC()
+	if err != nil {
+		return err
+	}
+	defer tc.Close()
+	const lo = 1 // the loopback device is ifindex 1 in every namespace
+	if _, err := tc.ensureClsact(lo); err != nil {
+		return err
+	}
+	return tc.replaceFilter(lo, ingress, prog.FD(), "probe")
 }

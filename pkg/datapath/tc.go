@@ -15,20 +15,20 @@ import (
 // tcmsg, linux/pkt_cls.h TCA_BPF_*).
 
 const (
-	tcHandleClsact    = 0xffff0000 // TC_H_MAKE(TC_H_CLSACT, 0)
-	tcParentClsact    = 0xfffffff1 // TC_H_CLSACT
-	tcParentIngress   = 0xfffffff2 // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
-	tcParentEgress    = 0xfffffff3 // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
-	tcaBPFFD          = 6          // TCA_BPF_FD
-	tcaBPFName        = 7          // TCA_BPF_NAME
-	tcaBPFFlags       = 8          // TCA_BPF_FLAGS
-	tcaBPFID          = 11         // TCA_BPF_ID
-	tcaBPFFlagDirect  = 1          // TCA_BPF_FLAG_ACT_DIRECT
-	sizeofTcMsg       = 20
-	sizeofIfInfoMsg   = 16
-	tcFilterPriority  = 1     // first in the chain: ours decide before anyone else's
-	tcFilterHandle    = 0x5b  // one filter per interface and direction
-	tcFilterNamePrefx = "sinabro:"
+	tcHandleClsact     = 0xffff0000 // TC_H_MAKE(TC_H_CLSACT, 0)
+	tcParentClsact     = 0xfffffff1 // TC_H_CLSACT
+	tcParentIngress    = 0xfffffff2 // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+	tcParentEgress     = 0xfffffff3 // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+	tcaBPFFD           = 6          // TCA_BPF_FD
+	tcaBPFName         = 7          // TCA_BPF_NAME
+	tcaBPFFlags        = 8          // TCA_BPF_FLAGS
+	tcaBPFID           = 11         // TCA_BPF_ID
+	tcaBPFFlagDirect   = 1          // TCA_BPF_FLAG_ACT_DIRECT
+	sizeofTcMsg        = 20
+	sizeofIfInfoMsg    = 16
+	tcFilterPriority   = 1    // first in the chain: ours decide before anyone else's
+	tcFilterHandle     = 0x5b // one filter per interface and direction
+	tcFilterNamePrefix = "sinabro:"
 )
 
 // direction is the side of an interface a program runs on.
@@ -146,7 +146,7 @@ func (t *tcConn) replaceFilter(ifindex int, dir direction, fd int, name string) 
 	ae.String(unix.TCA_KIND, "bpf")
 	ae.Nested(unix.TCA_OPTIONS, func(nae *netlink.AttributeEncoder) error {
 		nae.Uint32(tcaBPFFD, uint32(fd))
-		nae.String(tcaBPFName, tcFilterNamePrefx+name)
+		nae.String(tcaBPFName, tcFilterNamePrefix+name)
 		nae.Uint32(tcaBPFFlags, tcaBPFFlagDirect)
 		return nil
 	})

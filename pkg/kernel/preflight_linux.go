@@ -1,0 +1,158 @@
+// Package kernel finds out, before the agent needs them, which kernel
+// features Sinabro relies on are present, and says what is turned off (or
+// fails) without each. The agent logs the list at start; `sinabro debug
+// preflight` prints it. Nothing here changes the node: probes load tiny
+// programs, read BTF and mounts, and try classic tc in a throw-away network
+// namespace.
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
+
+	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
+)
+
+// Feature is one kernel feature and what its absence means.
+type Feature struct {
+	Name    string `json:"name"`
+	Present bool   `json:"present"`
+	// Detail says where it was found, or why it is missing.
+	Detail string `json:"detail,omitempty"`
+	// Kernel is the first Linux release that has it (mainline).
+	Kernel string `json:"kernel"`
+	// Without is what Sinabro does when it is missing.
+	Without string `json:"without"`
+}
+
+const (
+	noDatapath = "no eBPF datapath: the agent cannot load it (run it with --masquerade-backend=nftables --host-routing=false)"
+	noAccel    = "TCP acceleration off (the node runs unaccelerated)"
+)
+
+// Preflight probes every feature. It needs the privileges of the agent
+// (bpf(), and CAP_SYS_ADMIN for the classic tc probe's namespace).
+func Preflight() []Feature {
+	var fs []Feature
+	add := func(name, kernel, without string, err error, detail string) {
+		f := Feature{Name: name, Present: err == nil, Kernel: kernel, Without: without, Detail: detail}
+		if err != nil {
+			f.Detail = err.Error()
+		}
+		fs = append(fs, f)
+	}
+	add("bpf() with sched_cls programs", "4.1", noDatapath, features.HaveProgramType(ebpf.SchedCLS), "")
+	add("LRU hash and LPM trie maps", "4.11", noDatapath,
+		errors.Join(features.HaveMapType(ebpf.LRUHash), features.HaveMapType(ebpf.LPMTrie)), "")
+	for _, h := range []struct {
+		fn     asm.BuiltinFunc
+		kernel string
+	}{
+		{asm.FnFibLookup, "4.18"}, {asm.FnRedirectNeigh, "5.10"}, {asm.FnRedirectPeer, "5.10"},
+	} {
+		add("helper "+helperName(h.fn), h.kernel, noDatapath+"; its programs call it",
+			features.HaveProgramHelper(ebpf.SchedCLS, h.fn), "")
+	}
+
+	tcxErr := datapath.HaveTCX()
+	add("tcx", "6.6", "programs attach with classic tc (clsact qdisc + direct-action cls_bpf) instead; --tc-attach=auto does this", tcxErr, "")
+	without := "none while tcx is present (--tc-attach=classic would fail)"
+	if tcxErr != nil {
+		without = noDatapath
+	}
+	add("classic tc (clsact, cls_bpf direct-action)", "4.5", without, datapath.HaveClassicTC(), "")
+
+	_, btfErr := btf.LoadKernelSpec()
+	add("kernel BTF (/sys/kernel/btf/vmlinux)", "5.4 with CONFIG_DEBUG_INFO_BTF",
+		noAccel+" (its programs read the psock with CO-RE); the conntrack kfuncs cannot be found", btfErr, "")
+
+	cg, cgErr := cgroup.V2Mount()
+	add("cgroup v2", "4.5", noAccel+" (sock_ops attaches to a cgroup v2)", cgErr, cg)
+
+	add("sock_ops and sk_msg programs, sockhash maps", "4.20", noAccel,
+		errors.Join(features.HaveProgramType(ebpf.SockOps), features.HaveProgramType(ebpf.SkMsg), features.HaveMapType(ebpf.SockHash)), "")
+
+	where, kfErr := conntrackKfuncs()
+	add("kfuncs bpf_skb_ct_lookup, bpf_ct_release (nf_conntrack)", "6.0",
+		"with --kube-proxy-coexistence (default): host routing off, so kube-proxy's Service translations are not skipped", kfErr, where)
+
+	add("bpffs on /sys/fs/bpf", "4.4", "the agent mounts one; inside a container that mount does not outlive it, so a restarted agent cannot adopt the datapath", bpffsMounted("/sys/fs/bpf"), "")
+	return fs
+}
+
+// conntrackKfuncs finds the conntrack kfuncs in the kernel's BTF, or in
+// nf_conntrack's module BTF where conntrack is a module (distribution
+// kernels).
+func conntrackKfuncs() (string, error) {
+	names := []string{"bpf_skb_ct_lookup", "bpf_ct_release"}
+	var errs []error
+	for _, src := range []struct {
+		where string
+		load  func() (*btf.Spec, error)
+	}{
+		{"vmlinux BTF", btf.LoadKernelSpec},
+		{"nf_conntrack module BTF", func() (*btf.Spec, error) { return btf.LoadKernelModuleSpec("nf_conntrack") }},
+	} {
+		spec, err := src.load()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", src.where, err))
+			continue
+		}
+		var missing []string
+		for _, n := range names {
+			var fn *btf.Func
+			if err := spec.TypeByName(n, &fn); err != nil {
+				missing = append(missing, n)
+			}
+		}
+		if len(missing) == 0 {
+			return "in the " + src.where, nil
+		}
+		errs = append(errs, fmt.Errorf("%s lacks %s", src.where, strings.Join(missing, ", ")))
+	}
+	return "", errors.Join(errs...)
+}
+
+func bpffsMounted(path string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", path, err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("%s is not a bpffs", path)
+	}
+	return nil
+}
+
+func helperName(fn asm.BuiltinFunc) string {
+	s := strings.TrimPrefix(fn.String(), "Fn")
+	var b strings.Builder
+	b.WriteString("bpf")
+	for _, r := range s {
+		if r >= 'A' && r <= 'Z' {
+			b.WriteByte('_')
+			r += 'a' - 'A'
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// Missing returns the features that are not present.
+func Missing(fs []Feature) []Feature {
+	var out []Feature
+	for _, f := range fs {
+		if !f.Present {
+			out = append(out, f)
+		}
+	}
+	return out
+}
