@@ -28,16 +28,19 @@ import (
 // interoperate. Without it the node's vxlan device does both, and
 // host_route on its ingress hands the replies on.
 func TestHostRoutingToRemoteNode(t *testing.T) {
-	for _, tunnel := range []bool{false, true} {
-		t.Run(fmt.Sprintf("ebpf-tunnel=%v", tunnel), func(t *testing.T) { testHostRoutingToRemoteNode(t, tunnel) })
-	}
+	attachModes(t, func(t *testing.T, mode AttachMode) {
+		for _, tunnel := range []bool{false, true} {
+			t.Run(fmt.Sprintf("ebpf-tunnel=%v", tunnel), func(t *testing.T) { testHostRoutingToRemoteNode(t, mode, tunnel) })
+		}
+	})
 }
 
-func testHostRoutingToRemoteNode(t *testing.T, tunnel bool) {
+func testHostRoutingToRemoteNode(t *testing.T, mode AttachMode, tunnel bool) {
 	if _, err := exec.LookPath("bridge"); err != nil {
 		t.Skip("needs iproute2's bridge for the VXLAN forwarding entries")
 	}
 	topo := newTopology(t)
+	topo.attach = mode
 	node, peer := topo.base+"-node", topo.base+"-ext"
 	peerPod := netip.MustParseAddr("10.244.2.10")
 	nodeMAC, _ := net.ParseMAC("02:5b:00:00:00:01")
