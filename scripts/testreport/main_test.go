@@ -34,6 +34,8 @@ func TestReport(t *testing.T) {
 				"testdata/skips TestNeedsCapability: skips_test.go:20: needs CAP_NET_ADMIN", "ok  \tgithub.com/sinabro-io/sinabro/scripts/testreport/testdata/skips"}},
 		{sample: "subskip", wantOK: false,
 			want: []string{"TestSub/gated: skips_test.go:33: needs a tool"}},
+		{sample: "panic", wantOK: false,
+			want: []string{"--- FAIL: TestPanics", "panic: sample panic", "FAIL\tgithub.com/sinabro-io/sinabro/scripts/testreport/testdata/skips"}},
 		{sample: "fail", wantOK: false,
 			want:     []string{"--- FAIL: TestFails", "wanted failure", "FAIL\tgithub.com/sinabro-io/sinabro/scripts/testreport/testdata/skips"},
 			dontWant: []string{"without an allow-list entry"}},

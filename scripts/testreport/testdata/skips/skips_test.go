@@ -34,3 +34,9 @@ func TestSub(t *testing.T) {
 		}
 	})
 }
+
+func TestPanics(t *testing.T) {
+	if os.Getenv("TESTREPORT_SAMPLE") == "panic" {
+		panic("sample panic")
+	}
+}
