@@ -20,9 +20,10 @@ func newLabCmd() *cobra.Command {
 		Use:   "lab",
 		Short: "A local multi-node Kubernetes cluster on this box, in network namespaces",
 		Long: `The lab runs a real Kubernetes control plane (etcd, kube-apiserver,
-kube-controller-manager), nodes running the sinabro agent and CNI plugin, and
-test pods, each in a network namespace joined by an underlay bridge. Nothing
-in the root network namespace is changed. Needs root.`,
+kube-controller-manager), nodes running the sinabro agent, the CNI plugin and
+kube-proxy, test pods and their Services, a router and an external host, each
+in a network namespace joined by an underlay bridge. Nothing in the root
+network namespace is changed. Needs root.`,
 	}
 	c.PersistentFlags().StringVar(&dir, "dir", lab.DefaultDir, "lab state directory")
 	c.AddCommand(
@@ -63,13 +64,16 @@ func newLabUpCmd(dir *string) *cobra.Command {
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&o.KubeBinDir, "kube-bin-dir", "", "directory with etcd, kube-apiserver and kube-controller-manager (default $SINABRO_KUBE_BIN_DIR)")
+	f.StringVar(&o.KubeBinDir, "kube-bin-dir", "", "directory with etcd, kube-apiserver, kube-controller-manager and kube-proxy (default $SINABRO_KUBE_BIN_DIR)")
 	f.StringVar(&o.Manifests, "manifests", "", "directory of sinabro manifests to take the agent's RBAC from (default: ./manifests or next to the executable)")
 	f.IntVar(&o.Nodes, "nodes", lab.DefaultNodes, "number of nodes")
 	f.IntVar(&o.PodsPerNode, "pods-per-node", lab.DefaultPodsPerNode, "test pods per node")
 	f.StringVar(&o.ClusterCIDR, "cluster-cidr", lab.DefaultClusterCIDR, "pod CIDR of the cluster (one /24 per node)")
 	f.StringVar(&o.ServiceCIDR, "service-cidr", lab.DefaultServiceCIDR, "service ClusterIP range")
 	f.StringVar(&o.ProxyAddr, "api-proxy", lab.DefaultProxyAddr, "loopback address where the admin kubeconfig reaches the apiserver")
+	f.StringVar(&o.KubeProxy, "kube-proxy", lab.DefaultKubeProxy, "run the real kube-proxy in every node in this mode (iptables, nftables), or none")
+	f.StringArrayVar(&o.AgentArgs, "agent-arg", nil, "extra flag for every agent, repeatable (development: e.g. --agent-arg=--host-routing=false)")
+	f.MarkHidden("agent-arg")
 	f.DurationVar(&o.Timeout, "timeout", 5*time.Minute, "give up after this long")
 	return c
 }
@@ -103,7 +107,7 @@ func newLabCheckCmd(dir *string) *cobra.Command {
 	o := lab.CheckOptions{}
 	c := &cobra.Command{
 		Use:   "check",
-		Short: "Check connectivity (pod↔pod, node↔pod, pod→external over TCP, UDP, ICMP) and cluster state",
+		Short: "Check connectivity (pod↔pod, node↔pod, pod→external over TCP, UDP, ICMP; Services through kube-proxy) and cluster state",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.Dir = *dir

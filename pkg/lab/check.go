@@ -2,6 +2,7 @@ package lab
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -44,6 +46,7 @@ type Probe struct {
 	Category string
 	Src, Dst Endpoint
 	Proto    string // "tcp", "udp" or "icmp"
+	Port     int    // tcp, udp: destination port; 0 is the test server's
 	OK       bool
 	Latency  time.Duration
 	Seen     string // source address the server saw (tcp, udp)
@@ -65,8 +68,19 @@ type CheckResult struct {
 	Shortcuts []ShortcutProbe // same-node TCP acceleration, one per node with two pods
 }
 
-// Categories of probes, in print order.
-var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external"}
+// Categories of probes, in print order; the Service ones only with kube-proxy.
+var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external",
+	catSvcSameNode, catSvcOtherNode, catSvcOutside, catSvcHairpin, catNodeSvc, catNodePort, catNodePortLocal}
+
+const (
+	catSvcSameNode   = "pod→ClusterIP backend same node"
+	catSvcOtherNode  = "pod→ClusterIP backend other node"
+	catSvcOutside    = "pod→ClusterIP backend outside"
+	catSvcHairpin    = "pod→own ClusterIP (hairpin)"
+	catNodeSvc       = "node→ClusterIP"
+	catNodePort      = "external→NodePort"
+	catNodePortLocal = "external→NodePort eTP=Local"
+)
 
 // Check probes the lab's connectivity from inside its namespaces.
 func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
@@ -144,6 +158,14 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		// Masquerade: the external host must see the pod's node address.
 		add(categories[4], p, ext, nodeIP[p.Node])
 	}
+	if cfg.kubeProxy() {
+		svcProbes, state, err := serviceProbes(ctx, cfg, cs, nodes, pods, ext, nodeIP)
+		if err != nil {
+			return nil, err
+		}
+		probes = append(probes, svcProbes...)
+		res.State = append(res.State, state...)
+	}
 
 	sem := make(chan struct{}, 32)
 	var wg sync.WaitGroup
@@ -178,11 +200,14 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 
 func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 	var err error
+	// A Service's rules may lag its endpoints by kube-proxy's sync period:
+	// a refused connection (no endpoint yet) is tried again until timeout.
+	retry := p.Dst.Kind == "service" || p.Dst.Kind == "nodeport"
 	switch p.Proto {
 	case "tcp":
-		p.Seen, p.Latency, err = probeTCP(p.Src.Netns, p.Dst.IP, timeout)
+		p.Seen, p.Latency, err = probeTCP(p.Src.Netns, p.Dst.IP, cmp.Or(p.Port, ServeTCPPort), timeout, retry)
 	case "udp":
-		p.Seen, p.Latency, err = probeUDP(p.Src.Netns, p.Dst.IP, timeout)
+		p.Seen, p.Latency, err = probeUDP(p.Src.Netns, p.Dst.IP, cmp.Or(p.Port, ServeUDPPort), timeout, retry)
 	case "icmp":
 		p.Latency, err = probeICMP(p.Src.Netns, p.Dst.IP, timeout)
 	}
@@ -209,9 +234,18 @@ func inNetns[T any](ns string, fn func() (T, error)) (T, error) {
 
 // The probes time one request/reply exchange (after the TCP handshake).
 
-func probeTCP(ns, ip string, timeout time.Duration) (string, time.Duration, error) {
-	addr := net.JoinHostPort(ip, fmt.Sprint(ServeTCPPort))
-	c, err := inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, timeout) })
+func probeTCP(ns, ip string, port int, timeout time.Duration, retryRefused bool) (string, time.Duration, error) {
+	addr := net.JoinHostPort(ip, fmt.Sprint(port))
+	deadline := time.Now().Add(timeout)
+	var c net.Conn
+	var err error
+	for {
+		c, err = inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Until(deadline)) })
+		if err == nil || !retryRefused || !errors.Is(err, syscall.ECONNREFUSED) || time.Until(deadline) < 200*time.Millisecond {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	if err != nil {
 		return "", 0, err
 	}
@@ -228,8 +262,8 @@ func probeTCP(ns, ip string, timeout time.Duration) (string, time.Duration, erro
 	return parsePeer(line), time.Since(start), nil
 }
 
-func probeUDP(ns, ip string, timeout time.Duration) (string, time.Duration, error) {
-	addr := net.JoinHostPort(ip, fmt.Sprint(ServeUDPPort))
+func probeUDP(ns, ip string, port int, timeout time.Duration, retryRefused bool) (string, time.Duration, error) {
+	addr := net.JoinHostPort(ip, fmt.Sprint(port))
 	c, err := inNetns(ns, func() (net.Conn, error) { return net.Dial("udp", addr) })
 	if err != nil {
 		return "", 0, err
@@ -245,6 +279,10 @@ func probeUDP(ns, ip string, timeout time.Duration) (string, time.Duration, erro
 		n, err := c.Read(buf)
 		if err == nil {
 			return parsePeer(string(buf[:n])), time.Since(start), nil
+		}
+		if retryRefused && errors.Is(err, syscall.ECONNREFUSED) {
+			time.Sleep(100 * time.Millisecond)
+			continue
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			return "", 0, err
@@ -381,6 +419,7 @@ func (r *CheckResult) Print(out io.Writer, verbose bool) {
 		cols := map[string]string{}
 		seen := ""
 		for _, p := range ps {
+			cols["icmp"] = cmp.Or(cols["icmp"], "-")
 			cols[p.Proto] = "✗"
 			if p.OK {
 				cols[p.Proto] = "✓ " + fmtLatency(p.Latency)

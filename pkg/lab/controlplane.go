@@ -34,10 +34,18 @@ var kcmControllers = []string{
 	"service-cidr-controller",
 }
 
-// CheckKubeBins verifies dir holds the control-plane binaries.
-func CheckKubeBins(dir string) error {
-	for _, b := range controlPlaneBins {
+// CheckKubeBins verifies dir holds the control-plane binaries, and
+// kube-proxy unless kubeProxyMode is "none" (or "").
+func CheckKubeBins(dir, kubeProxyMode string) error {
+	bins := controlPlaneBins
+	if kubeProxyMode != "" && kubeProxyMode != KubeProxyNone {
+		bins = append(bins[:len(bins):len(bins)], "kube-proxy")
+	}
+	for _, b := range bins {
 		st, err := os.Stat(filepath.Join(dir, b))
+		if err != nil && b == "kube-proxy" {
+			return fmt.Errorf("kube binaries in %s: %w (--kube-proxy %s needs it: rebuild with scripts/build-kube.sh, or pass --kube-proxy none)", dir, err, kubeProxyMode)
+		}
 		if err != nil {
 			return fmt.Errorf("kube binaries in %s: %w (build them with scripts/build-kube.sh)", dir, err)
 		}
@@ -69,6 +77,9 @@ func (c *Config) writeControlPlanePKI() error {
 		},
 		"admin":                   {commonName: "sinabro-lab-admin", orgs: []string{"system:masters"}},
 		"kube-controller-manager": {commonName: "system:kube-controller-manager"},
+		// The bootstrap ClusterRoleBinding system:node-proxier grants this
+		// user what kube-proxy needs, as in kubeadm clusters.
+		"kube-proxy": {commonName: "system:kube-proxy"},
 	}
 	for name, spec := range certs {
 		if err := ca.issue(filepath.Join(pki, name+".crt"), filepath.Join(pki, name+".key"), spec); err != nil {
@@ -91,7 +102,12 @@ func (c *Config) writeControlPlanePKI() error {
 	}
 	kcm := kubeconfig{server: c.apiserverURL(), caFile: caFile, user: "kube-controller-manager",
 		certFile: filepath.Join(pki, "kube-controller-manager.crt"), keyFile: filepath.Join(pki, "kube-controller-manager.key")}
-	return kcm.write(filepath.Join(l.Dir, "kube-controller-manager.kubeconfig"))
+	if err := kcm.write(filepath.Join(l.Dir, "kube-controller-manager.kubeconfig")); err != nil {
+		return err
+	}
+	kp := kubeconfig{server: c.apiserverURL(), caFile: caFile, user: "kube-proxy",
+		certFile: filepath.Join(pki, "kube-proxy.crt"), keyFile: filepath.Join(pki, "kube-proxy.key")}
+	return kp.write(l.KubeProxyKubeconfig())
 }
 
 // firstServiceIP is the ClusterIP of the kubernetes Service (first host of

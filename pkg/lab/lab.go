@@ -1,9 +1,10 @@
 // Package lab runs a local multi-node Kubernetes cluster on one Linux box: a
 // real control plane (etcd, kube-apiserver, kube-controller-manager) and
-// nodes, pods and an external host, each in a network namespace the lab
-// creates and joins over an underlay bridge. Nodes run the real sinabro agent
-// and CNI plugin; a kubelet stand-in per node wires pods through libcni as
-// containerd does. Nothing in the root network namespace is touched.
+// nodes, pods, a router and an external host, each in a network namespace the
+// lab creates and joins over an underlay bridge. Nodes run the real sinabro
+// agent and CNI plugin and, as in most clusters, the real kube-proxy; a
+// kubelet stand-in per node wires pods through libcni as containerd does.
+// Nothing in the root network namespace is touched.
 package lab
 
 import (
@@ -27,6 +28,7 @@ const (
 	DefaultProxyAddr   = "127.0.0.1:16443"
 	DefaultNodes       = 2
 	DefaultPodsPerNode = 2
+	DefaultKubeProxy   = KubeProxyNFTables
 
 	// NetnsPrefix starts the name of every network namespace the lab makes,
 	// so `lab down` can find them all, even after a crash.
@@ -39,6 +41,12 @@ const (
 	// agentHealthAddr is where each agent serves /healthz, /readyz and
 	// /metrics, on the loopback of its own node namespace.
 	agentHealthAddr = "127.0.0.1:9962"
+
+	// kubeProxyHealthPort serves kube-proxy's /healthz on each node's
+	// underlay address; kubeProxyMetricsAddr its /metrics on the node's
+	// loopback.
+	kubeProxyHealthPort  = 10256
+	kubeProxyMetricsAddr = "127.0.0.1:10249"
 
 	podNamespace = "default"
 	labelApp     = "sinabro-lab"
@@ -59,7 +67,34 @@ type Config struct {
 	Nodes       []string `json:"nodes"`
 	PodsPerNode int      `json:"podsPerNode"`
 	CgroupPath  string   `json:"cgroupPath,omitempty"`
+	// KubeProxy is the mode of the kube-proxy run in every node
+	// ("iptables", "nftables"), or "none".
+	KubeProxy string `json:"kubeProxy,omitempty"`
+	// AgentArgs are extra flags for every agent (a development knob, e.g.
+	// --host-routing=false).
+	AgentArgs []string `json:"agentArgs,omitempty"`
 }
+
+// kube-proxy modes of `lab up --kube-proxy`.
+const (
+	KubeProxyNone     = "none"
+	KubeProxyIPTables = "iptables"
+	KubeProxyNFTables = "nftables"
+)
+
+// ParseKubeProxyMode validates a --kube-proxy value.
+func ParseKubeProxyMode(s string) (string, error) {
+	switch s {
+	case KubeProxyNone, KubeProxyIPTables, KubeProxyNFTables:
+		return s, nil
+	case "":
+		return KubeProxyNone, nil
+	}
+	return "", fmt.Errorf("--kube-proxy %q: want %s, %s or %s", s, KubeProxyNone, KubeProxyIPTables, KubeProxyNFTables)
+}
+
+// kubeProxy reports whether the lab runs kube-proxy.
+func (c *Config) kubeProxy() bool { return c.KubeProxy != "" && c.KubeProxy != KubeProxyNone }
 
 // Layout names the files of a lab dir.
 type Layout struct{ Dir string }
@@ -80,6 +115,10 @@ func (l Layout) Pids() string            { return l.path("pids") }
 func (l Layout) Node(name string) string { return l.path("nodes", name) }
 func (l Layout) NodeCNIBin(name string) string {
 	return l.path("nodes", name, "cni", "bin")
+}
+func (l Layout) KubeProxyKubeconfig() string { return l.path("kube-proxy.kubeconfig") }
+func (l Layout) NodeKubeProxyConfig(name string) string {
+	return l.path("nodes", name, "kube-proxy.yaml")
 }
 func (l Layout) NodeCNIConf(name string) string {
 	return l.path("nodes", name, "cni", "net.d")
@@ -115,8 +154,9 @@ func (c *Config) save() error {
 
 func (c *Config) layout() Layout { return Layout{c.Dir} }
 
-// Addresses on the underlay: .1 is unused (no router), the control plane is
-// .2, the external host .254 and node i (1-based) is .10+i.
+// Addresses on the underlay: the router is .1 (every node's default
+// gateway), the control plane .2, the external host .254 and node i
+// (1-based) .10+i.
 func (c *Config) underlayPrefix() netip.Prefix { return netip.MustParsePrefix(c.Underlay) }
 
 func (c *Config) hostAddr(n int) netip.Addr {
@@ -125,6 +165,7 @@ func (c *Config) hostAddr(n int) netip.Addr {
 	return netip.AddrFrom4(a)
 }
 
+func (c *Config) routerAddr() netip.Addr       { return c.hostAddr(1) }
 func (c *Config) controlPlaneAddr() netip.Addr { return c.hostAddr(2) }
 func (c *Config) externalAddr() netip.Addr     { return c.hostAddr(254) }
 
@@ -156,6 +197,7 @@ const (
 	nsUnderlay     = NetnsPrefix + "underlay"
 	nsControlPlane = NetnsPrefix + "cp"
 	nsExternal     = NetnsPrefix + "ext"
+	nsRouter       = NetnsPrefix + "router"
 )
 
 func nodeNetns(node string) string { return NetnsPrefix + node }

@@ -38,6 +38,9 @@ func TestNodeAddr(t *testing.T) {
 	if got := cfg.controlPlaneAddr().String(); got != "172.31.250.2" {
 		t.Errorf("controlPlaneAddr = %s", got)
 	}
+	if got := cfg.routerAddr().String(); got != "172.31.250.1" {
+		t.Errorf("routerAddr = %s", got)
+	}
 }
 
 func TestParsePeer(t *testing.T) {
@@ -97,6 +100,7 @@ func TestPKI(t *testing.T) {
 		{"apiserver.crt", x509.ExtKeyUsageServerAuth, "kube-apiserver", "", "172.31.250.2"},
 		{"admin.crt", x509.ExtKeyUsageClientAuth, "sinabro-lab-admin", "system:masters", ""},
 		{"kube-controller-manager.crt", x509.ExtKeyUsageClientAuth, "system:kube-controller-manager", "", ""},
+		{"kube-proxy.crt", x509.ExtKeyUsageClientAuth, "system:kube-proxy", "", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {

@@ -110,6 +110,10 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("lab in %s: %w", dir, err)
 	}
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		return err
+	}
 	tw := tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
 	fmt.Fprintln(tw, "COMPONENT\tNETNS\tPID\tSTATE\tRESTARTS\tRSS\tPSS\tUPTIME")
 	for _, p := range st.Procs {
@@ -118,6 +122,9 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 			state = "running"
 			if strings.HasPrefix(p.Name, "agent-") {
 				state += ", " + agentReadiness(ctx, p.Netns)
+			}
+			if node, ok := strings.CutPrefix(p.Name, "kube-proxy-"); ok {
+				state += ", " + kubeProxyHealth(ctx, cfg, node)
 			}
 			rss, pss = mib(RSS(p.PID)), mib(PSS(p.PID))
 			up = time.Since(p.Started).Round(time.Second).String()

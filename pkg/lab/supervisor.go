@@ -115,12 +115,12 @@ func (s *supervisor) shutdown() {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
-	s.procs.stopAll("pod-", "serve-", "agent-", "kube-controller-manager", "kube-apiserver", "etcd")
+	s.procs.stopAll("pod-", "serve-", "kube-proxy-", "agent-", "kube-controller-manager", "kube-apiserver", "etcd")
 }
 
 func (s *supervisor) up(ctx context.Context) error {
 	l := s.cfg.layout()
-	s.progress.step("creating the underlay network (namespaces " + NetnsPrefix + "*, bridge " + underlayBridge + " " + s.cfg.Underlay + ")")
+	s.progress.step("creating the underlay network (namespaces " + NetnsPrefix + "*, bridge " + underlayBridge + " " + s.cfg.Underlay + ", router " + s.cfg.routerAddr().String() + ")")
 	if err := ensureBPFFS(); err != nil {
 		return err
 	}
@@ -133,6 +133,15 @@ func (s *supervisor) up(ctx context.Context) error {
 	}
 	extPrefix := netip.PrefixFrom(s.cfg.externalAddr(), s.cfg.underlayPrefix().Bits())
 	if err := attachHost(nsExternal, "u-ext", extPrefix); err != nil {
+		return err
+	}
+	// The router stands for the uplink of real nodes: their default
+	// gateway, which forwards (and here has nowhere further to go).
+	routerPrefix := netip.PrefixFrom(s.cfg.routerAddr(), s.cfg.underlayPrefix().Bits())
+	if err := attachHost(nsRouter, "u-router", routerPrefix); err != nil {
+		return err
+	}
+	if err := setSysctl(nsRouter, "net/ipv4/ip_forward", "1"); err != nil {
 		return err
 	}
 	s.progress.done("underlay ready")
@@ -190,7 +199,21 @@ func (s *supervisor) up(ctx context.Context) error {
 	if err := s.waitNodesReady(ctx, s.cfg.Nodes, 120*time.Second); err != nil {
 		return err
 	}
-	return s.ensurePods(ctx)
+	if s.cfg.kubeProxy() {
+		s.progress.step(fmt.Sprintf("waiting for kube-proxy (%s) on %d nodes to sync its rules", s.cfg.KubeProxy, len(s.cfg.Nodes)))
+		start := time.Now()
+		if err := s.waitKubeProxySynced(ctx, s.cfg.Nodes, time.Time{}, 60*time.Second); err != nil {
+			return err
+		}
+		s.progress.done(fmt.Sprintf("kube-proxy synced on every node in %.1fs", time.Since(start).Seconds()))
+	}
+	if err := s.ensurePods(ctx); err != nil {
+		return err
+	}
+	if !s.cfg.kubeProxy() {
+		return nil
+	}
+	return s.ensureServices(ctx)
 }
 
 type waitMode int
@@ -254,6 +277,9 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 		return fail("supervisor", err)
 	}
 	if err := setSysctl(nodeNetns(name), "net/ipv4/ip_forward", "1"); err != nil {
+		return fail("supervisor", err)
+	}
+	if err := setDefaultRoute(nodeNetns(name), s.cfg.routerAddr()); err != nil {
 		return fail("supervisor", err)
 	}
 
@@ -327,6 +353,15 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 		argv: []string{s.cfg.Executable, "lab", "serve", "--name", name}}); err != nil {
 		return fail("serve-"+name, err)
 	}
+	if s.cfg.kubeProxy() {
+		s.progress.step(fmt.Sprintf("%s: starting kube-proxy (%s mode, config %s)", name, s.cfg.KubeProxy, l.NodeKubeProxyConfig(name)))
+		if err := s.cfg.writeKubeProxyConfig(name, addr); err != nil {
+			return fail("supervisor", err)
+		}
+		if err := s.procs.start(ctx, s.cfg.kubeProxySpec(name)); err != nil {
+			return fail(kubeProxyName(name), err)
+		}
+	}
 	return nil
 }
 
@@ -348,6 +383,7 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 	if cg := s.cfg.NodePodCgroup(name); cg != "" {
 		spec.argv = append(spec.argv, "--pod-cgroup", cg)
 	}
+	spec.argv = append(spec.argv, s.cfg.AgentArgs...)
 	return spec
 }
 
@@ -429,10 +465,14 @@ func (s *supervisor) ensurePods(ctx context.Context) error {
 	return s.waitPodsRunning(ctx, want, 120*time.Second)
 }
 
-// CreatePod creates a lab test pod bound to node (no scheduler in the lab).
+// CreatePod creates a lab test pod bound to node (no scheduler in the lab)
+// and its ClusterIP Service (see services.go), unless they exist.
 func CreatePod(ctx context.Context, cs *kube.Client, name, node string) error {
+	if err := createPodService(ctx, cs, name); err != nil {
+		return err
+	}
 	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: podNamespace, Labels: map[string]string{labelApp: "pod"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: podNamespace, Labels: map[string]string{labelApp: "pod", labelPod: name}},
 		Spec: corev1.PodSpec{
 			NodeName: node,
 			Containers: []corev1.Container{{
@@ -493,6 +533,7 @@ func (s *supervisor) removeNode(ctx context.Context, name string) error {
 		rt.kubelet.shutdown(ctx)
 	}
 	s.procs.stop("serve-" + name)
+	s.procs.stop(kubeProxyName(name))
 	s.procs.stop("agent-" + name)
 	zero := int64(0)
 	pods, err := s.admin.Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + name})

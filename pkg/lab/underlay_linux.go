@@ -200,3 +200,30 @@ func setSysctl(ns, key, value string) error {
 		return nil
 	})
 }
+
+// setDefaultRoute routes everything off-link in the named namespace via gw
+// on its eth0, as a real node's default route through its uplink router.
+func setDefaultRoute(ns string, gw netip.Addr) error {
+	c, err := dialNetns(ns)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	eth, err := linkByName(c, hostIfName)
+	if err != nil {
+		return err
+	}
+	if err := c.Route.Replace(&rtnetlink.RouteMessage{
+		Family:   unix.AF_INET,
+		Table:    unix.RT_TABLE_MAIN,
+		Protocol: unix.RTPROT_STATIC,
+		Scope:    unix.RT_SCOPE_UNIVERSE,
+		Type:     unix.RTN_UNICAST,
+		Attributes: rtnetlink.RouteAttributes{
+			OutIface: eth.Index, Gateway: net.IP(gw.AsSlice()), Table: unix.RT_TABLE_MAIN,
+		},
+	}); err != nil {
+		return fmt.Errorf("add default route via %s in %s: %w", gw, ns, err)
+	}
+	return nil
+}

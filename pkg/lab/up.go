@@ -25,6 +25,8 @@ type UpOptions struct {
 	ClusterCIDR string
 	ServiceCIDR string
 	ProxyAddr   string
+	KubeProxy   string   // "none", "iptables" or "nftables"
+	AgentArgs   []string // extra agent flags (development)
 	Timeout     time.Duration
 }
 
@@ -41,7 +43,11 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if _, err := netip.ParsePrefix(o.ClusterCIDR); err != nil {
 		return fmt.Errorf("--cluster-cidr: %w", err)
 	}
-	if err := CheckKubeBins(o.KubeBinDir); err != nil {
+	kubeProxy, err := ParseKubeProxyMode(o.KubeProxy)
+	if err != nil {
+		return err
+	}
+	if err := CheckKubeBins(o.KubeBinDir, kubeProxy); err != nil {
 		return err
 	}
 	if pid, ok := supervisorAlive(o.Dir); ok {
@@ -67,6 +73,7 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
 		BPFRoot: DefaultBPFRoot, ProxyAddr: o.ProxyAddr, PodsPerNode: o.PodsPerNode,
+		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs,
 	}
 	for i := 1; i <= o.Nodes; i++ {
 		cfg.Nodes = append(cfg.Nodes, nodeName(i))
@@ -78,8 +85,11 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err := cfg.save(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "lab dir %s: %d nodes × %d pods, cluster CIDR %s, control plane from %s\n",
-		dir, o.Nodes, o.PodsPerNode, o.ClusterCIDR, kubeBin)
+	fmt.Fprintf(out, "lab dir %s: %d nodes × %d pods, cluster CIDR %s, kube-proxy %s, control plane from %s\n",
+		dir, o.Nodes, o.PodsPerNode, o.ClusterCIDR, kubeProxy, kubeBin)
+	if len(o.AgentArgs) > 0 {
+		fmt.Fprintf(out, "agents run with extra flags %s\n", strings.Join(o.AgentArgs, " "))
+	}
 	if err := cfg.writeControlPlanePKI(); err != nil {
 		return fmt.Errorf("write PKI: %w", err)
 	}
