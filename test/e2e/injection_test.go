@@ -6,6 +6,7 @@ import (
 	be "encoding/binary"
 	"net"
 	"net/netip"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -90,11 +91,11 @@ func TestOverlayInjection(t *testing.T) {
 // counterValue reads a masq_ingress counter of node-1 through `sinabro debug maps`.
 func counterValue(t *testing.T, d *datapathLab, reason string) uint64 {
 	t.Helper()
-	out, err := d.l.sinabro("debug", "maps", "sb_counters", "--bpf-root", d.bpfRoot)
+	out, err := exec.Command(binary, "debug", "maps", "sb_counters", "--bpf-root", d.bpfRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("debug maps: %v: %s", err, out)
 	}
-	for _, line := range strings.Split(out, "\n") {
+	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
 		if len(f) >= 3 && f[0] == "masq_ingress" && f[1] == reason {
 			n, err := strconv.ParseUint(f[2], 10, 64)

@@ -75,7 +75,7 @@ func repoRoot() string {
 // scripts/build-kube.sh (only if already built: a cold build takes minutes).
 func findKubeBins(root string) string {
 	if d := os.Getenv("SINABRO_KUBE_BIN_DIR"); d != "" {
-		if lab.CheckKubeBins(d) == nil {
+		if lab.CheckKubeBins(d, lab.KubeProxyNone) == nil {
 			return d
 		}
 		return ""
@@ -83,8 +83,9 @@ func findKubeBins(root string) string {
 	script := filepath.Join(root, "scripts", "build-kube.sh")
 	if os.Getenv("SINABRO_E2E_BUILD_KUBE") == "" {
 		// Ask the script for its cache dir without building: it exits early
-		// when cached, so run it only when the cache looks populated.
-		matches, _ := filepath.Glob("/var/cache/sinabro/kube/*/kube-apiserver")
+		// when cached, so run it only when the cache looks populated
+		// (kube-proxy is the last binary it builds).
+		matches, _ := filepath.Glob("/var/cache/sinabro/kube/*/kube-proxy")
 		if len(matches) == 0 {
 			return ""
 		}
@@ -95,7 +96,7 @@ func findKubeBins(root string) string {
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	d := lines[len(lines)-1]
-	if lab.CheckKubeBins(d) != nil {
+	if lab.CheckKubeBins(d, lab.KubeProxyNone) != nil {
 		return ""
 	}
 	return d
@@ -107,12 +108,25 @@ type testLab struct {
 	dir string
 }
 
-// newLab brings a lab up and registers `lab down` as cleanup, which runs
-// even when the test fails, after dumping log tails.
+// newLab brings a lab up without kube-proxy: the tests of Sinabro's own
+// paths (pod↔pod, node↔pod, masquerade, acceleration, lifecycle) do not
+// depend on it; TestServices brings up labs with each kube-proxy mode.
 func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
+	t.Helper()
+	return newLabWith(t, nodes, podsPerNode, lab.KubeProxyNone)
+}
+
+// newLabWith brings a lab up with kube-proxy in the given mode and registers
+// `lab down` as cleanup, which runs even when the test fails, after dumping
+// log tails. $SINABRO_E2E_AGENT_ARGS (space-separated) adds agent flags,
+// e.g. --host-routing=false to tell a datapath bug from a lab bug.
+func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLab, time.Duration) {
 	t.Helper()
 	if skipReason != "" {
 		t.Skip(skipReason)
+	}
+	if err := lab.CheckKubeBins(kubeBinDir, kubeProxy); err != nil {
+		t.Skip(err)
 	}
 	// Under /var/lib: the lab's node state dirs become the conflists'
 	// dataDir, which the plugin confines there (cni.DataDirRoot).
@@ -132,14 +146,18 @@ func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
 		}
 		assertClean(t, dir)
 	})
+	args := []string{"up", "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
+		"--nodes", fmt.Sprint(nodes), "--pods-per-node", fmt.Sprint(podsPerNode), "--kube-proxy", kubeProxy}
+	for _, a := range strings.Fields(os.Getenv("SINABRO_E2E_AGENT_ARGS")) {
+		args = append(args, "--agent-arg="+a)
+	}
 	start := time.Now()
-	out, err := l.sinabro("up", "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
-		"--nodes", fmt.Sprint(nodes), "--pods-per-node", fmt.Sprint(podsPerNode))
+	out, err := l.sinabro(args...)
 	took := time.Since(start)
 	if err != nil {
 		t.Fatalf("lab up: %v\n%s", err, out)
 	}
-	t.Logf("lab up (%d×%d) in %s\n%s", nodes, podsPerNode, took.Round(100*time.Millisecond), out)
+	t.Logf("lab up (%d×%d, kube-proxy %s) in %s\n%s", nodes, podsPerNode, kubeProxy, took.Round(100*time.Millisecond), out)
 	return l, took
 }
 
@@ -205,7 +223,7 @@ func assertClean(t *testing.T, dir string) {
 				continue
 			}
 			name := strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":")
-			if strings.HasPrefix(name, "sinabro") || strings.HasPrefix(name, "u-node-") || name == "u-cp" || name == "u-ext" {
+			if strings.HasPrefix(name, "sinabro") || strings.HasPrefix(name, "u-node-") || name == "u-cp" || name == "u-ext" || name == "u-router" {
 				t.Errorf("lab link %s in the root network namespace", name)
 			}
 		}
