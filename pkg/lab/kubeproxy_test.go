@@ -1,0 +1,92 @@
+package lab
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/util/yaml"
+)
+
+func TestCheckKubeBins(t *testing.T) {
+	dir := t.TempDir()
+	for _, b := range controlPlaneBins {
+		if err := os.WriteFile(filepath.Join(dir, b), nil, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		mode    string
+		withKP  bool
+		wantErr string
+	}{
+		{KubeProxyNone, false, ""},
+		{"", false, ""},
+		{KubeProxyNFTables, false, "--kube-proxy none"},
+		{KubeProxyIPTables, true, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.mode, func(t *testing.T) {
+			kp := filepath.Join(dir, "kube-proxy")
+			os.Remove(kp)
+			if tt.withKP {
+				if err := os.WriteFile(kp, nil, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := CheckKubeBins(dir, tt.mode)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("CheckKubeBins(%q) = %v, want nil", tt.mode, err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Errorf("CheckKubeBins(%q) = %v, want an error mentioning %q", tt.mode, err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestParseKubeProxyMode(t *testing.T) {
+	for in, want := range map[string]string{"": "none", "none": "none", "iptables": "iptables", "nftables": "nftables", "ipvs": ""} {
+		got, err := ParseKubeProxyMode(in)
+		if got != want || (err != nil) != (want == "") {
+			t.Errorf("ParseKubeProxyMode(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+}
+
+func TestKubeProxyConfig(t *testing.T) {
+	cfg := &Config{Dir: t.TempDir(), ClusterCIDR: DefaultClusterCIDR, Underlay: DefaultUnderlay, KubeProxy: KubeProxyNFTables}
+	if err := cfg.writeKubeProxyConfig("node-2", netip.MustParseAddr("172.31.250.12")); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(cfg.layout().NodeKubeProxyConfig("node-2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var got map[string]any
+	if err := yaml.NewYAMLOrJSONDecoder(f, 4096).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		"kind": "KubeProxyConfiguration", "mode": "nftables", "clusterCIDR": "10.244.0.0/16",
+		"detectLocalMode": "ClusterCIDR", "hostnameOverride": "node-2", "bindAddress": "172.31.250.12",
+		"healthzBindAddress": "172.31.250.12:10256", "metricsBindAddress": "127.0.0.1:10249",
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v", k, got[k], v)
+		}
+	}
+	ct, _ := got["conntrack"].(map[string]any)
+	if fmt.Sprint(ct["maxPerCore"]) != "0" || fmt.Sprint(ct["min"]) != "0" {
+		t.Errorf("conntrack = %v, want maxPerCore 0 and min 0 (nf_conntrack_max is not settable in a node netns)", ct)
+	}
+	cc, _ := got["clientConnection"].(map[string]any)
+	if cc["kubeconfig"] != cfg.layout().KubeProxyKubeconfig() {
+		t.Errorf("clientConnection.kubeconfig = %v", cc["kubeconfig"])
+	}
+}

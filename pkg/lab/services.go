@@ -1,0 +1,337 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/sinabro-io/sinabro/pkg/kube"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+)
+
+// The lab's Services, all in podNamespace and labelled labelApp=service:
+//   - svc-<pod>: a ClusterIP per test pod, selecting only that pod, so a
+//     probe can pick a backend on its own node or on another one;
+//   - svc-external: no selector, one manual EndpointSlice whose only
+//     endpoint is the external host (a Service backed outside the cluster);
+//   - svc-nodeport, svc-nodeport-local: NodePort over every test pod, with
+//     externalTrafficPolicy Cluster and Local.
+//
+// Each exposes the test server's TCP and UDP ports as servicePort (both
+// protocols on one port number; the targets differ).
+const (
+	servicePort        = 80
+	svcExternal        = "svc-external"
+	svcNodePort        = "svc-nodeport"
+	svcNodePortLocal   = "svc-nodeport-local"
+	labelPod           = "lab.sinabro.io/pod" // on each test pod: its name, for svc-<pod>
+	endpointSliceOwner = "sinabro-lab"
+)
+
+// podServiceName names the ClusterIP Service of one test pod.
+func podServiceName(pod string) string { return "svc-" + pod }
+
+func servicePorts() []corev1.ServicePort {
+	return []corev1.ServicePort{
+		{Name: "tcp", Protocol: corev1.ProtocolTCP, Port: servicePort, TargetPort: intstr.FromInt32(ServeTCPPort)},
+		{Name: "udp", Protocol: corev1.ProtocolUDP, Port: servicePort, TargetPort: intstr.FromInt32(ServeUDPPort)},
+	}
+}
+
+func labService(name string, selector map[string]string) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: podNamespace, Labels: map[string]string{labelApp: "service"}},
+		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeClusterIP, Selector: selector, Ports: servicePorts()},
+	}
+}
+
+func createService(ctx context.Context, cs *kube.Client, svc *corev1.Service) error {
+	_, err := cs.Services(podNamespace).Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create service %s: %w", svc.Name, err)
+	}
+	return nil
+}
+
+// createPodService creates the ClusterIP Service of one test pod.
+func createPodService(ctx context.Context, cs *kube.Client, pod string) error {
+	return createService(ctx, cs, labService(podServiceName(pod), map[string]string{labelPod: pod}))
+}
+
+// ensureSharedServices creates the external-endpoint and NodePort Services
+// (unless they exist).
+func (c *Config) ensureSharedServices(ctx context.Context, cs *kube.Client) error {
+	if err := createService(ctx, cs, labService(svcExternal, nil)); err != nil {
+		return err
+	}
+	ext := c.externalAddr().String()
+	ready := true
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: svcExternal, Namespace: podNamespace, Labels: map[string]string{
+			discoveryv1.LabelServiceName: svcExternal,
+			discoveryv1.LabelManagedBy:   endpointSliceOwner,
+		}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{ext}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+		Ports: []discoveryv1.EndpointPort{
+			{Name: ptrTo("tcp"), Protocol: ptrTo(corev1.ProtocolTCP), Port: ptrTo[int32](ServeTCPPort)},
+			{Name: ptrTo("udp"), Protocol: ptrTo(corev1.ProtocolUDP), Port: ptrTo[int32](ServeUDPPort)},
+		},
+	}
+	if _, err := cs.EndpointSlices(podNamespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create endpointslice %s: %w", svcExternal, err)
+	}
+	for _, np := range []struct {
+		name   string
+		policy corev1.ServiceExternalTrafficPolicy
+	}{{svcNodePort, corev1.ServiceExternalTrafficPolicyCluster}, {svcNodePortLocal, corev1.ServiceExternalTrafficPolicyLocal}} {
+		svc := labService(np.name, map[string]string{labelApp: "pod"})
+		svc.Spec.Type = corev1.ServiceTypeNodePort
+		svc.Spec.ExternalTrafficPolicy = np.policy
+		if err := createService(ctx, cs, svc); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// labServices returns the lab's Services by name.
+func labServices(ctx context.Context, cs *kube.Client) (map[string]*corev1.Service, error) {
+	list, err := cs.Services(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=service"})
+	if err != nil {
+		return nil, fmt.Errorf("list services: %w", err)
+	}
+	out := map[string]*corev1.Service{}
+	for i := range list.Items {
+		out[list.Items[i].Name] = &list.Items[i]
+	}
+	return out, nil
+}
+
+// nodePorts returns a Service's TCP and UDP node ports.
+func nodePorts(svc *corev1.Service) (tcp, udp int) {
+	for _, p := range svc.Spec.Ports {
+		switch p.Protocol {
+		case corev1.ProtocolTCP:
+			tcp = int(p.NodePort)
+		case corev1.ProtocolUDP:
+			udp = int(p.NodePort)
+		}
+	}
+	return tcp, udp
+}
+
+// ensureServices creates the Services and waits until every node's
+// kube-proxy has rules for each ClusterIP and each ready endpoint.
+func (s *supervisor) ensureServices(ctx context.Context) error {
+	l := s.cfg.layout()
+	s.progress.step(fmt.Sprintf("creating Services (a ClusterIP per pod, %s, %s, %s); waiting for kube-proxy (%s) to program them on %d nodes",
+		svcExternal, svcNodePort, svcNodePortLocal, s.cfg.KubeProxy, len(s.cfg.Nodes)))
+	start := time.Now()
+	if err := s.cfg.ensureSharedServices(ctx, s.admin); err != nil {
+		return &componentError{"supervisor", l.Log("supervisor"), err}
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	var want []string
+	for {
+		var err error
+		want, err = s.serviceRuleTokens(ctx)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return &componentError{"kube-controller-manager", l.Log("kube-controller-manager"), err}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	for _, n := range s.cfg.Nodes {
+		var missing []string
+		for {
+			dump, err := kubeProxyRules(n, s.cfg.KubeProxy)
+			missing = missing[:0]
+			for _, w := range want {
+				if !strings.Contains(dump, w) {
+					missing = append(missing, w)
+				}
+			}
+			if err == nil && len(missing) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				name := kubeProxyName(n)
+				if err == nil {
+					err = fmt.Errorf("no rules for %s", strings.Join(missing, ", "))
+				}
+				return &componentError{name, l.Log(name), fmt.Errorf("services not programmed after 60s: %w", err)}
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(300 * time.Millisecond):
+			}
+		}
+	}
+	s.progress.done(fmt.Sprintf("Services programmed by kube-proxy on every node in %.1fs", time.Since(start).Seconds()))
+	return nil
+}
+
+// serviceRuleTokens lists what kube-proxy's rules must contain once every
+// lab Service is programmed: each ClusterIP and each ready endpoint as
+// ip:port (both iptables-save and nft print DNAT targets so). It fails
+// while a Service has no ClusterIP or a pod Service no ready endpoint yet.
+func (s *supervisor) serviceRuleTokens(ctx context.Context) ([]string, error) {
+	svcs, err := labServices(ctx, s.admin)
+	if err != nil {
+		return nil, err
+	}
+	slices, err := s.admin.EndpointSlices(podNamespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list endpointslices: %w", err)
+	}
+	ready := map[string][]string{} // service → ready endpoint addresses
+	for _, sl := range slices.Items {
+		svc := sl.Labels[discoveryv1.LabelServiceName]
+		for _, e := range sl.Endpoints {
+			if e.Conditions.Ready == nil || *e.Conditions.Ready {
+				ready[svc] = append(ready[svc], e.Addresses...)
+			}
+		}
+	}
+	var out []string
+	for name, svc := range svcs {
+		if svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone {
+			return nil, fmt.Errorf("service %s has no ClusterIP", name)
+		}
+		if len(ready[name]) == 0 {
+			return nil, fmt.Errorf("service %s has no ready endpoint (endpointslice controller)", name)
+		}
+		out = append(out, svc.Spec.ClusterIP)
+		for _, a := range ready[name] {
+			out = append(out, fmt.Sprintf("%s:%d", a, ServeTCPPort), fmt.Sprintf("%s:%d", a, ServeUDPPort))
+		}
+	}
+	return out, nil
+}
+
+// kubeProxyRules dumps the NAT rules kube-proxy wrote in a node's namespace.
+func kubeProxyRules(node, mode string) (string, error) {
+	argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
+	if mode == KubeProxyIPTables {
+		argv = []string{"iptables-save", "-t", "nat"}
+	}
+	var out, errb bytes.Buffer
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := netns.Do(netns.Path(nodeNetns(node)), cmd.Run); err != nil {
+		return "", fmt.Errorf("%s in %s: %w: %s", strings.Join(argv, " "), nodeNetns(node), err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), nil
+}
+
+// serviceProbes are the Service rows of `lab check`: pod→ClusterIP with the
+// backend on the pod's node, on another node and outside the cluster;
+// pod→its own ClusterIP (hairpin); node→ClusterIP; external host→NodePort
+// on every node, and →eTP=Local NodePort on nodes with a backend, where the
+// pod must see the external host's address. Also a state check per
+// kube-proxy.
+func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pods []Endpoint, ext Endpoint, nodeIP map[string]string) ([]Probe, []StateCheck, error) {
+	var state []StateCheck
+	for _, n := range nodes {
+		at, err := kubeProxySynced(ctx, n.Name)
+		sc := StateCheck{What: fmt.Sprintf("kube-proxy (%s) on %s synced", cfg.KubeProxy, n.Name), OK: err == nil && !at.IsZero()}
+		switch {
+		case err != nil:
+			sc.Detail = err.Error()
+		case at.IsZero():
+			sc.Detail = "no rules sync yet"
+		default:
+			sc.Detail = fmt.Sprintf("last sync %s ago", time.Since(at).Round(time.Second))
+		}
+		state = append(state, sc)
+	}
+	svcs, err := labServices(ctx, cs)
+	if err != nil {
+		return nil, nil, err
+	}
+	var probes []Probe
+	add := func(cat string, src, dst Endpoint, want string, tcpPort, udpPort int) {
+		probes = append(probes,
+			Probe{Category: cat, Src: src, Dst: dst, Proto: "tcp", Port: tcpPort, Want: want},
+			Probe{Category: cat, Src: src, Dst: dst, Proto: "udp", Port: udpPort, Want: want})
+	}
+	// A missing Service is a failed state check, not an error: the other
+	// rows still tell what works.
+	missing := func(name string) {
+		state = append(state, StateCheck{What: "service " + name + " exists", Detail: "not found"})
+	}
+	clusterIP := func(name, backendNode string) (Endpoint, bool) {
+		svc, ok := svcs[name]
+		if !ok {
+			missing(name)
+			return Endpoint{}, false
+		}
+		return Endpoint{Name: name, Kind: "service", IP: svc.Spec.ClusterIP, Node: backendNode}, true
+	}
+	for _, a := range pods {
+		for _, b := range pods {
+			dst, ok := clusterIP(podServiceName(b.Name), b.Node)
+			if !ok {
+				continue
+			}
+			switch {
+			case a.Name == b.Name:
+				add(catSvcHairpin, a, dst, "", servicePort, servicePort)
+			case a.Node == b.Node:
+				add(catSvcSameNode, a, dst, a.IP, servicePort, servicePort) // no NAT of the source
+			default:
+				add(catSvcOtherNode, a, dst, a.IP, servicePort, servicePort)
+			}
+		}
+		if dst, ok := clusterIP(svcExternal, ""); ok {
+			// The external host sees the pod's node address (masquerade).
+			add(catSvcOutside, a, dst, nodeIP[a.Node], servicePort, servicePort)
+		}
+	}
+	for _, n := range nodes {
+		for _, p := range pods {
+			if dst, ok := clusterIP(podServiceName(p.Name), p.Node); ok {
+				add(catNodeSvc, n, dst, "", servicePort, servicePort)
+			}
+		}
+	}
+	hasBackend := map[string]bool{}
+	for _, p := range pods {
+		hasBackend[p.Node] = true
+	}
+	for _, np := range []string{svcNodePort, svcNodePortLocal} {
+		svc, ok := svcs[np]
+		if !ok {
+			missing(np)
+			continue
+		}
+		tcp, udp := nodePorts(svc)
+		for _, n := range nodes {
+			dst := Endpoint{Name: np + "@" + n.Name, Kind: "nodeport", IP: n.IP, Node: n.Name}
+			if np == svcNodePort {
+				add(catNodePort, ext, dst, "", tcp, udp)
+			} else if hasBackend[n.Name] {
+				// externalTrafficPolicy=Local keeps the client's address.
+				add(catNodePortLocal, ext, dst, ext.IP, tcp, udp)
+			}
+		}
+	}
+	return probes, state, nil
+}
