@@ -1,0 +1,230 @@
+//go:build linux
+
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/lab"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+)
+
+// TestUninstall runs `sinabro uninstall` on a lab node whose agent is
+// stopped and pods deleted (what an operator does before the uninstall
+// DaemonSet), asserts that nothing of Sinabro's is left in the node — no
+// programs on any interface (tcx or classic tc), no pins, no vxlan device,
+// no routes of protocol 200/201, no rules, no pod interfaces, no masquerade
+// table, no conflist, no plugin, no state — then reinstalls (`sinabro
+// install`, the agent back) and the lab check passes again. With
+// SINABRO_E2E_AGENT_ARGS=--tc-attach=classic it covers classic tc.
+func TestUninstall(t *testing.T) {
+	l, _ := newLab(t, 2, 1)
+	cs, err := lab.AdminClient(l.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := lab.LoadConfig(l.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const node, pod = "node-1", "node-1-pod-1"
+	layout := lab.Layout{Dir: l.dir}
+	nsPath := filepath.Join(netns.RunDir, lab.NetnsPrefix+node)
+	bpfRoot := filepath.Join(cfg.BPFRoot, node)
+	stateDir := filepath.Join(layout.Node(node), "state")
+	binDir, confDir := layout.NodeCNIBin(node), layout.NodeCNIConf(node)
+	// The lab works as brought up (with SINABRO_E2E_AGENT_ARGS=--tc-attach=classic:
+	// through classic tc filters, listed below).
+	t.Log(l.mustSinabro(t, "check"))
+	before := leftovers(t, node, nsPath, bpfRoot, cfg.NodePodCgroup(node), binDir, confDir, stateDir)
+	if len(before) == 0 {
+		t.Fatal("a running node shows nothing of Sinabro's: the leftover probes see nothing")
+	}
+	t.Logf("%s before uninstall:\n  %s", node, strings.Join(before, "\n  "))
+
+	// Drain: the pod's network is torn down by CNI DEL while the plugin is
+	// still there.
+	if err := cs.Pods("default").Delete(ctx, pod, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "pod gone", func() (bool, string) {
+		_, err := cs.Pods("default").Get(ctx, pod, metav1.GetOptions{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+
+	// Stop the agent as deleting its DaemonSet would. The supervisor
+	// restarts a dead agent, so its kubeconfig goes away first: restarts
+	// fail before they touch the node.
+	kc := filepath.Join(layout.Node(node), "agent.kubeconfig")
+	if err := os.Rename(kc, kc+".away"); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			if err := os.Rename(kc+".away", kc); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	defer restore()
+	pid := readPid(t, filepath.Join(l.dir, "pids", "agent-"+node+".pid"))
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "agent gone", func() (bool, string) {
+		err := syscall.Kill(pid, 0)
+		return errors.Is(err, syscall.ESRCH), fmt.Sprint(err)
+	})
+
+	uninstall := func() string {
+		t.Helper()
+		cmd := exec.Command(binary, "uninstall", "--bpf-root", bpfRoot, "--cni-bin-dir", binDir,
+			"--cni-conf-dir", confDir, "--state-dir", stateDir)
+		var out []byte
+		err := netns.Do(nsPath, func() (err error) { out, err = cmd.CombinedOutput(); return err })
+		if err != nil {
+			t.Fatalf("sinabro uninstall: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	start := time.Now()
+	out := uninstall()
+	t.Logf("figure: sinabro uninstall took %s\n%s", time.Since(start).Round(time.Millisecond), out)
+	if got := leftovers(t, node, nsPath, bpfRoot, cfg.NodePodCgroup(node), binDir, confDir, stateDir); len(got) > 0 {
+		t.Errorf("left on %s after uninstall:\n  %s", node, strings.Join(got, "\n  "))
+	}
+	// Idempotent: nothing to do the second time.
+	uninstall()
+
+	// Reinstall: the init container's `sinabro install`, then the agent.
+	inst := exec.Command(binary, "install", "--cni-bin-dir", binDir, "--cni-conf-dir", confDir)
+	if err := netns.Do(nsPath, func() error {
+		if out, err := inst.CombinedOutput(); err != nil {
+			return fmt.Errorf("sinabro install: %v\n%s", err, out)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	restore()
+	waitFor(t, 60*time.Second, "agent back and the conflist written", func() (bool, string) {
+		_, err := os.Stat(filepath.Join(confDir, cni.ConfListName))
+		return err == nil, fmt.Sprint(err)
+	})
+	if err := lab.CreatePod(ctx, cs, pod, node); err != nil {
+		t.Fatal(err)
+	}
+	waitPodRunning(t, cs, pod)
+	waitFor(t, 60*time.Second, "lab check passing after reinstall", func() (bool, string) {
+		out, err := l.sinabro("check")
+		return err == nil, lastLine(out)
+	})
+}
+
+// leftovers lists what of Sinabro's a node still has.
+func leftovers(t *testing.T, node, nsPath, bpfRoot, podCgroup, binDir, confDir, stateDir string) []string {
+	t.Helper()
+	var out []string
+	links := ipJSON(t, node, "ip", "-j", "link", "show")
+	for _, lk := range links {
+		name := str(lk, "ifname")
+		if name == "sinabro.vxlan" {
+			out = append(out, "vxlan device "+name)
+		}
+		if strings.HasPrefix(str(lk, "ifalias"), "sinabro:") {
+			out = append(out, "pod interface "+name)
+		}
+		for _, dir := range []string{"ingress", "egress"} {
+			b, err := exec.Command("tc", "-j", "-n", lab.NetnsPrefix+node, "filter", "show", "dev", name, dir).Output()
+			var filters []map[string]any
+			if err == nil && len(strings.TrimSpace(string(b))) > 0 {
+				json.Unmarshal(b, &filters)
+			}
+			if len(filters) > 0 {
+				out = append(out, fmt.Sprintf("tc %s filters on %s: %s", dir, name, strings.TrimSpace(string(b))))
+			}
+		}
+		if b, err := exec.Command("tc", "-n", lab.NetnsPrefix+node, "qdisc", "show", "dev", name).Output(); err == nil && strings.Contains(string(b), "clsact") {
+			out = append(out, "clsact qdisc on "+name)
+		}
+	}
+	err := netns.Do(nsPath, func() error {
+		for _, lk := range links {
+			idx, _ := lk["ifindex"].(float64)
+			for _, attach := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+				res, err := link.QueryPrograms(link.QueryOptions{Target: int(idx), Attach: attach})
+				if err != nil {
+					if errors.Is(err, ebpf.ErrNotSupported) {
+						return nil
+					}
+					return fmt.Errorf("query tcx on %s: %w", str(lk, "ifname"), err)
+				}
+				if len(res.Programs) > 0 {
+					out = append(out, fmt.Sprintf("%d tcx programs (%v) on %s", len(res.Programs), attach, str(lk, "ifname")))
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if podCgroup != "" {
+		if f, err := os.Open(podCgroup); err == nil {
+			for _, attach := range []ebpf.AttachType{ebpf.AttachCGroupSockOps} {
+				res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: attach})
+				if err == nil && len(res.Programs) > 0 {
+					out = append(out, fmt.Sprintf("%d %v programs on %s", len(res.Programs), attach, podCgroup))
+				}
+			}
+			f.Close()
+		}
+	}
+	for _, v := range []string{"-4", "-6"} {
+		for _, proto := range []string{"200", "201"} {
+			for _, r := range ipJSON(t, node, "ip", v, "-j", "route", "show", "table", "all", "proto", proto) {
+				out = append(out, fmt.Sprintf("route to %s (proto %s)", str(r, "dst"), proto))
+			}
+		}
+		for _, r := range ipJSON(t, node, "ip", v, "-j", "rule", "show") {
+			if p, _ := r["priority"].(float64); p != 0 && p != 32766 && p != 32767 {
+				out = append(out, fmt.Sprintf("rule %v", r))
+			}
+		}
+	}
+	if b, err := exec.Command("ip", "netns", "exec", lab.NetnsPrefix+node, "nft", "list", "tables").Output(); err == nil && strings.Contains(string(b), "sinabro") {
+		out = append(out, "nftables: "+strings.TrimSpace(string(b)))
+	}
+	filepath.WalkDir(bpfRoot, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			out = append(out, "pin "+path)
+		}
+		return nil
+	})
+	for _, p := range []string{filepath.Join(confDir, cni.ConfListName), filepath.Join(binDir, cni.DefaultBinName), stateDir} {
+		if _, err := os.Stat(p); err == nil {
+			out = append(out, "file "+p)
+		}
+	}
+	return out
+}
