@@ -3,10 +3,12 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -20,6 +22,11 @@ import (
 	"github.com/cilium/ebpf/link"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/lab"
@@ -59,6 +66,10 @@ func TestUninstall(t *testing.T) {
 		t.Fatal("a running node shows nothing of Sinabro's: the leftover probes see nothing")
 	}
 	t.Logf("%s before uninstall:\n  %s", node, strings.Join(before, "\n  "))
+
+	// The uninstall DaemonSet is valid for this API server (the lab
+	// dry-runs only manifests/*.yaml).
+	dryRunUninstallManifest(t, layout.AdminKubeconfig())
 
 	// Drain: the pod's network is torn down by CNI DEL while the plugin is
 	// still there.
@@ -139,6 +150,52 @@ func TestUninstall(t *testing.T) {
 		out, err := l.sinabro("check")
 		return err == nil, lastLine(out)
 	})
+}
+
+// dryRunUninstallManifest creates every object of
+// manifests/uninstall/uninstall.yaml with a server-side dry-run.
+func dryRunUninstallManifest(t *testing.T, kubeconfig string) {
+	t.Helper()
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(repoRoot(), "manifests", "uninstall", "uninstall.yaml")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := yaml.NewYAMLOrJSONDecoder(bytes.NewReader(b), 4096)
+	n := 0
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err != nil {
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			t.Fatalf("decode %s: %v", path, err)
+		}
+		if len(m) == 0 {
+			continue
+		}
+		o := &unstructured.Unstructured{Object: m}
+		if o.GetKind() != "DaemonSet" {
+			t.Fatalf("%s: unexpected %s", path, o.GetKind())
+		}
+		gvr := schema.GroupVersionResource{Group: "apps", Version: "v1", Resource: "daemonsets"}
+		if _, err := dyn.Resource(gvr).Namespace(o.GetNamespace()).Create(context.Background(), o,
+			metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); err != nil {
+			t.Errorf("dry-run %s %s: %v", o.GetKind(), o.GetName(), err)
+		}
+		n++
+	}
+	if n == 0 {
+		t.Errorf("%s holds no object", path)
+	}
 }
 
 // leftovers lists what of Sinabro's a node still has.
