@@ -52,6 +52,6 @@ bench-overlay: build kube-bins
 bench-sockmap *ARGS: build
     scripts/bench-sockmap.sh {{ARGS}}
 
-# eBPF datapath: host routing on/off, masquerade connection rate eBPF vs nftables.
+# eBPF datapath: host routing on/off, masquerade connection rate eBPF vs nftables, kernel conntrack check (kube-proxy coexistence) on/off.
 bench-datapath:
-    SINABRO_BENCH=1 go test -count=1 -v -run 'HostRoutingBenchmark|ConnRateBenchmark' -timeout 20m ./pkg/datapath/ | grep -vE '^(=== |--- |PASS|ok )'
+    SINABRO_BENCH=1 go test -count=1 -v -run 'HostRoutingBenchmark|ConnRateBenchmark|KernelCTBenchmark|KernelCTCost' -timeout 20m ./pkg/datapath/ | grep -vE '^(=== |--- |PASS|ok )'
