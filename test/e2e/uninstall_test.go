@@ -24,11 +24,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
@@ -66,6 +68,8 @@ func TestUninstall(t *testing.T) {
 		t.Fatal("a running node shows nothing of Sinabro's: the leftover probes see nothing")
 	}
 	t.Logf("%s before uninstall:\n  %s", node, strings.Join(before, "\n  "))
+
+	t.Run("agent RBAC", func(t *testing.T) { checkAgentRBAC(t, layout.AdminKubeconfig(), node) })
 
 	// The uninstall DaemonSet is valid for this API server (the lab
 	// dry-runs only manifests/*.yaml).
@@ -150,6 +154,40 @@ func TestUninstall(t *testing.T) {
 		out, err := l.sinabro("check")
 		return err == nil, lastLine(out)
 	})
+}
+
+// checkAgentRBAC acts as the agents' ServiceAccount (impersonated by the
+// admin): it may annotate a Node through nodes/status, as the agent does, but
+// not patch a Node itself (its spec: taints, pod CIDRs, unschedulable), nor
+// patch Events.
+func checkAgentRBAC(t *testing.T, kubeconfig, node string) {
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Impersonate.UserName = "system:serviceaccount:kube-system:sinabro"
+	cs, err := kube.New(cfg, "sinabro-e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	annotate := []byte(`{"metadata":{"annotations":{"sinabro.io/e2e-rbac":"1"}}}`)
+	if _, err := cs.Nodes().Patch(ctx, node, types.MergePatchType, annotate, metav1.PatchOptions{}, "status"); err != nil {
+		t.Errorf("annotate node %s through nodes/status as the agent: %v", node, err)
+	}
+	if _, err := cs.Nodes().List(ctx, metav1.ListOptions{}); err != nil {
+		t.Errorf("list nodes as the agent: %v", err)
+	}
+	spec := []byte(`{"spec":{"unschedulable":true}}`)
+	if _, err := cs.Nodes().Patch(ctx, node, types.MergePatchType, spec, metav1.PatchOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("patch node %s as the agent: %v, want forbidden", node, err)
+	}
+	if _, err := cs.Nodes().Patch(ctx, node, types.MergePatchType, annotate, metav1.PatchOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("annotate node %s directly as the agent: %v, want forbidden", node, err)
+	}
+	if _, err := cs.Events("default").Patch(ctx, "any", types.MergePatchType, []byte(`{}`), metav1.PatchOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("patch an event as the agent: %v, want forbidden", err)
+	}
 }
 
 // dryRunUninstallManifest creates every object of
