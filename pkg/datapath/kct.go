@@ -22,6 +22,15 @@ func probeKernelCT() (kernelCT, error) {
 	if err != nil {
 		return kernelCT{}, fmt.Errorf("read kernel BTF: %w", err)
 	}
+	// Distribution kernels build nf_conntrack as a module: its kfuncs and
+	// types are in the module's BTF (loaded once kube-proxy or any NAT
+	// rule has pulled the module in).
+	var fn *btf.Func
+	if spec.TypeByName("bpf_skb_ct_lookup", &fn) != nil {
+		if spec, err = btf.LoadKernelModuleSpec("nf_conntrack"); err != nil {
+			return kernelCT{}, fmt.Errorf("kfunc bpf_skb_ct_lookup is neither in vmlinux nor in a loaded nf_conntrack module: %w", err)
+		}
+	}
 	for _, name := range []string{"bpf_skb_ct_lookup", "bpf_ct_release"} {
 		var fn *btf.Func
 		if err := spec.TypeByName(name, &fn); err != nil {
