@@ -171,6 +171,9 @@ type Agent struct {
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
 	// to attach host routing to traffic arriving from other nodes.
 	vxlanIndex atomic.Int32
+	// remotes is the number of remote pod prefixes last written, for
+	// logging changes without reading the map back.
+	remotes int
 }
 
 // New prepares an agent; Run starts it.

@@ -149,11 +149,11 @@ func (a *Agent) setRemotes(d *datapath.Datapath, want []datapath.Remote, sel Sel
 	if err := d.SetVTEPPeers(peers); err != nil {
 		return fmt.Errorf("update datapath VTEP peers: %w", err)
 	}
-	before, _ := d.Remotes()
 	if err := d.SetRemotes(want); err != nil {
 		return fmt.Errorf("update datapath remote pod prefixes: %w", err)
 	}
-	if len(before) != len(want) {
+	if a.remotes != len(want) {
+		a.remotes = len(want)
 		a.log.Info("host routing remote pod prefixes updated", "prefixes", len(want))
 	}
 	return nil
