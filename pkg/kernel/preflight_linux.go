@@ -14,7 +14,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
-	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
@@ -49,9 +48,9 @@ func Preflight() []Feature {
 		}
 		fs = append(fs, f)
 	}
-	add("bpf() with sched_cls programs", "4.1", noDatapath, features.HaveProgramType(ebpf.SchedCLS), "")
+	add("bpf() with sched_cls programs", "4.1", noDatapath, haveProgramType(ebpf.SchedCLS), "")
 	add("LRU hash and LPM trie maps", "4.11", noDatapath,
-		errors.Join(features.HaveMapType(ebpf.LRUHash), features.HaveMapType(ebpf.LPMTrie)), "")
+		errors.Join(haveMapType(ebpf.LRUHash), haveMapType(ebpf.LPMTrie)), "")
 	for _, h := range []struct {
 		fn     asm.BuiltinFunc
 		kernel string
@@ -59,7 +58,7 @@ func Preflight() []Feature {
 		{asm.FnFibLookup, "4.18"}, {asm.FnRedirectNeigh, "5.10"}, {asm.FnRedirectPeer, "5.10"},
 	} {
 		add("helper "+helperName(h.fn), h.kernel, noDatapath+"; its programs call it",
-			features.HaveProgramHelper(ebpf.SchedCLS, h.fn), "")
+			haveHelper(ebpf.SchedCLS, h.fn), "")
 	}
 
 	tcxErr := datapath.HaveTCX()
@@ -78,7 +77,7 @@ func Preflight() []Feature {
 	add("cgroup v2", "4.5", noAccel+" (sock_ops attaches to a cgroup v2)", cgErr, cg)
 
 	add("sock_ops and sk_msg programs, sockhash maps", "4.20", noAccel,
-		errors.Join(features.HaveProgramType(ebpf.SockOps), features.HaveProgramType(ebpf.SkMsg), features.HaveMapType(ebpf.SockHash)), "")
+		errors.Join(haveProgramType(ebpf.SockOps), haveProgramType(ebpf.SkMsg), haveMapType(ebpf.SockHash)), "")
 
 	where, kfErr := conntrackKfuncs()
 	add("kfuncs bpf_skb_ct_lookup, bpf_ct_release (nf_conntrack)", "6.0",

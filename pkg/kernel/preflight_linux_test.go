@@ -1,8 +1,12 @@
 package kernel
 
 import (
+	"errors"
 	"os"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 )
 
 // TestPreflight probes this kernel: every feature has a name, the kernel
@@ -26,5 +30,23 @@ func TestPreflight(t *testing.T) {
 		if m := Missing(fs); len(m) > 0 {
 			t.Errorf("missing on a kernel with BTF: %+v", m)
 		}
+	}
+}
+
+// TestProbesSayMissing checks that the probes tell a missing feature from
+// a present one: a helper socket filters may not call, a map type this
+// kernel has no such thing as.
+func TestProbesSayMissing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the probes load programs")
+	}
+	if err := haveHelper(ebpf.SocketFilter, asm.FnRedirectPeer); !errors.Is(err, ebpf.ErrNotSupported) {
+		t.Errorf("bpf_redirect_peer from a socket filter: %v, want ErrNotSupported", err)
+	}
+	if err := haveHelper(ebpf.SchedCLS, asm.FnRedirectPeer); err != nil {
+		t.Errorf("bpf_redirect_peer from sched_cls: %v, want present", err)
+	}
+	if err := haveMapType(ebpf.MapType(4242)); err == nil {
+		t.Error("map type 4242 reported present")
 	}
 }
