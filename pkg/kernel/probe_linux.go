@@ -10,9 +10,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The probes below do what cilium/ebpf's features package does, without
-// linking it: its package init (feature-test tables) would run on every CNI
-// plugin exec of this one executable.
+// The probes below do what cilium/ebpf's features package does for the few
+// things the preflight asks (program and map types, helpers). Note that
+// cilium/ebpf/link imports features anyway, so this saves no package init.
 
 // haveProgramType loads the smallest program of type t.
 func haveProgramType(t ebpf.ProgramType) error {
