@@ -174,6 +174,9 @@ type Agent struct {
 	// remotes is the number of remote pod prefixes last written, for
 	// logging changes without reading the map back.
 	remotes int
+	// ownCIDRProblem is the last problem reported with our own pod CIDRs
+	// against the peer bounds (one Event per problem).
+	ownCIDRProblem string
 }
 
 // New prepares an agent; Run starts it.
@@ -438,6 +441,7 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	}
 	a.selfProblem = ""
 	// A malformed annotation on our own Node is ours to overwrite below.
+	a.checkOwnPodCIDRs(selfNode, self)
 
 	under, err := a.overlay.LinkByAddr(self.InternalIP)
 	if err != nil {
