@@ -255,8 +255,10 @@ func overlayCounts(node string) (routes, fdb int) {
 	return routes, fdb
 }
 
+// ipRoutes lists node's routes through the vxlan device (the node's own
+// default route leaves through the underlay).
 func ipRoutes(node string) string {
-	out, _ := inNetns(netns.Path(lab.NetnsPrefix+node), "ip", "-o", "route", "show")
+	out, _ := inNetns(netns.Path(lab.NetnsPrefix+node), "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
 	return out
 }
 
