@@ -18,6 +18,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -538,6 +539,17 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 		return errors.Join(errs...)
 	}
 	if podPathErr != nil {
+		// A conflist left from before a reboot (or written by the
+		// installer) would let pods start on a node whose datapath this
+		// agent has not loaded yet: take it back until it has.
+		if a.dp == nil && a.datapathWanted() {
+			path := filepath.Join(a.cfg.CNIConfDir, cni.ConfListName)
+			if err := os.Remove(path); err == nil {
+				a.log.Warn("removed a CNI configuration left from an earlier run: no pod starts until the datapath is loaded", "path", path)
+			} else if !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("withdraw stale CNI configuration %s: %w", path, err))
+			}
+		}
 		return errors.Join(append(errs, errors.New("CNI configuration withheld until the node's datapath is in place"))...)
 	}
 	if err := a.writeConfList(selfNode, podMTU); err != nil {

@@ -57,6 +57,11 @@ func TestConfListWithheldUntilDatapathLoads(t *testing.T) {
 	})
 
 	confDir := t.TempDir()
+	// A conflist from before a reboot: pods could start before the datapath
+	// is back, so the agent must take it back.
+	if err := os.WriteFile(filepath.Join(confDir, cni.ConfListName), []byte(`{"cniVersion":"1.0.0","name":"sinabro","plugins":[{"type":"sinabro"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg := Config{
 		NodeName: "a", CNIConfDir: confDir, StateDir: "/var/lib/sinabro-test", BPFRoot: root,
 		VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
