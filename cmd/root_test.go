@@ -26,7 +26,7 @@ func TestArgsFor(t *testing.T) {
 
 func TestSubcommands(t *testing.T) {
 	root := newRootCmd()
-	for _, name := range []string{"agent", "install", "debug", "lab", "version", "completion"} {
+	for _, name := range []string{"agent", "install", "uninstall", "debug", "lab", "version", "completion"} {
 		root.InitDefaultCompletionCmd()
 		if c, _, err := root.Find([]string{name}); err != nil || c.Name() != name {
 			t.Errorf("subcommand %q: got %v, %v", name, c, err)
@@ -43,5 +43,12 @@ func TestAgentTCPAccelerationOffByDefault(t *testing.T) {
 	}
 	if f.DefValue != "false" {
 		t.Errorf("--tcp-acceleration defaults to %s, want false", f.DefValue)
+	}
+}
+
+func TestDebugPreflightRegistered(t *testing.T) {
+	root := newRootCmd()
+	if c, _, err := root.Find([]string{"debug", "preflight"}); err != nil || c.Name() != "preflight" {
+		t.Errorf("debug preflight: got %v, %v", c, err)
 	}
 }
