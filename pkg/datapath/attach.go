@@ -288,22 +288,29 @@ func (d *Datapath) removeClassic(path string, prog *ebpf.Program) error {
 // HaveClassicTC reports whether the kernel attaches programs with classic
 // tc (sch_clsact and cls_bpf): nil when it does. The probe runs on the
 // loopback device of a network namespace of its own, which dies with the
-// probing thread; it needs CAP_SYS_ADMIN for that namespace.
+// probing thread. Without CAP_SYS_ADMIN for that namespace it runs on the
+// caller's loopback device instead and removes what it added (the probe
+// program passes every packet).
 func HaveClassicTC() error {
 	errc := make(chan error, 1)
 	go func() {
-		// Never unlocked: the thread leaves with its namespace.
 		runtime.LockOSThread()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread() // still in the caller's namespace
+			if errors.Is(err, unix.EPERM) {
+				errc <- probeClassicTC(true)
+				return
+			}
 			errc <- fmt.Errorf("network namespace for the probe: %w", err)
 			return
 		}
-		errc <- probeClassicTC()
+		// Never unlocked: the thread leaves with its namespace.
+		errc <- probeClassicTC(false)
 	}()
 	return <-errc
 }
 
-func probeClassicTC() error {
+func probeClassicTC(tidy bool) error {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Type:         ebpf.SchedCLS,
 		License:      "Dual BSD/GPL",
@@ -319,8 +326,20 @@ func probeClassicTC() error {
 	}
 	defer tc.Close()
 	const lo = 1 // the loopback device is ifindex 1 in every namespace
-	if _, err := tc.ensureClsact(lo); err != nil {
+	created, err := tc.ensureClsact(lo)
+	if err != nil {
 		return err
 	}
-	return tc.replaceFilter(lo, ingress, prog.FD(), "probe")
+	if tidy && created {
+		defer tc.deleteClsact(lo)
+	}
+	// A handle of its own, so that a tidy probe never touches a filter of
+	// ours that a datapath keeps on lo.
+	if err := tc.addFilter(lo, ingress, prog.FD(), "probe", tcProbeHandle); err != nil {
+		return err
+	}
+	if tidy {
+		return tc.deleteFilterHandle(lo, ingress, tcProbeHandle)
+	}
+	return nil
 }

@@ -142,6 +142,15 @@ func (t *tcConn) deleteClsact(ifindex int) error {
 // direct-action cls_bpf program. An existing filter (same priority and
 // handle) switches to the new program atomically: no packet goes unseen.
 func (t *tcConn) replaceFilter(ifindex int, dir direction, fd int, name string) error {
+	return t.addFilter(ifindex, dir, fd, name, tcFilterHandle)
+}
+
+// tcProbeHandle is the handle of HaveClassicTC's filter.
+const tcProbeHandle = 0x5c
+
+// addFilter adds or replaces the direct-action cls_bpf filter with handle
+// on ifindex's dir.
+func (t *tcConn) addFilter(ifindex int, dir direction, fd int, name string, handle uint32) error {
 	ae := netlink.NewAttributeEncoder()
 	ae.String(unix.TCA_KIND, "bpf")
 	ae.Nested(unix.TCA_OPTIONS, func(nae *netlink.AttributeEncoder) error {
@@ -155,7 +164,7 @@ func (t *tcConn) replaceFilter(ifindex int, dir direction, fd int, name string) 
 		return err
 	}
 	_, err = t.execute(unix.RTM_NEWTFILTER, netlink.Create|netlink.Replace|netlink.Acknowledge,
-		append(tcMsg(ifindex, tcFilterHandle, dir.tcParent(), filterInfo()), attrs...))
+		append(tcMsg(ifindex, handle, dir.tcParent(), filterInfo()), attrs...))
 	if err != nil {
 		return fmt.Errorf("replace cls_bpf filter %s on ifindex %d %s: %w", name, ifindex, dir, err)
 	}
@@ -165,12 +174,16 @@ func (t *tcConn) replaceFilter(ifindex int, dir direction, fd int, name string) 
 // deleteFilter removes our filter from ifindex's dir; a missing filter,
 // qdisc or interface is not an error.
 func (t *tcConn) deleteFilter(ifindex int, dir direction) error {
+	return t.deleteFilterHandle(ifindex, dir, tcFilterHandle)
+}
+
+func (t *tcConn) deleteFilterHandle(ifindex int, dir direction, handle uint32) error {
 	attrs, err := kindAttr("bpf")
 	if err != nil {
 		return err
 	}
 	_, err = t.execute(unix.RTM_DELTFILTER, netlink.Acknowledge,
-		append(tcMsg(ifindex, tcFilterHandle, dir.tcParent(), filterInfo()), attrs...))
+		append(tcMsg(ifindex, handle, dir.tcParent(), filterInfo()), attrs...))
 	if err != nil && !isGone(err) {
 		return fmt.Errorf("delete cls_bpf filter on ifindex %d %s: %w", ifindex, dir, err)
 	}
