@@ -201,7 +201,8 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 	var err error
 	// A Service's rules may lag its endpoints by kube-proxy's sync period:
-	// a refused connection (no endpoint yet) is tried again until timeout.
+	// a refused or unreachable connection (no endpoint or no rule yet: the
+	// ClusterIP is routed to the router) is tried again until timeout.
 	retry := p.Dst.Kind == "service" || p.Dst.Kind == "nodeport"
 	switch p.Proto {
 	case "tcp":
@@ -241,7 +242,7 @@ func probeTCP(ns, ip string, port int, timeout time.Duration, retryRefused bool)
 	var err error
 	for {
 		c, err = inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Until(deadline)) })
-		if err == nil || !retryRefused || !errors.Is(err, syscall.ECONNREFUSED) || time.Until(deadline) < 200*time.Millisecond {
+		if err == nil || !retryRefused || !transient(err) || time.Until(deadline) < 200*time.Millisecond {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -280,7 +281,7 @@ func probeUDP(ns, ip string, port int, timeout time.Duration, retryRefused bool)
 		if err == nil {
 			return parsePeer(string(buf[:n])), time.Since(start), nil
 		}
-		if retryRefused && errors.Is(err, syscall.ECONNREFUSED) {
+		if retryRefused && transient(err) {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
@@ -289,6 +290,11 @@ func probeUDP(ns, ip string, port int, timeout time.Duration, retryRefused bool)
 		}
 	}
 	return "", 0, errors.New("no UDP reply")
+}
+
+// transient tells the errors of a Service not programmed yet.
+func transient(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH)
 }
 
 func minTime(a, b time.Time) time.Time {

@@ -90,3 +90,39 @@ func TestKubeProxyConfig(t *testing.T) {
 		t.Errorf("clientConnection.kubeconfig = %v", cc["kubeconfig"])
 	}
 }
+
+func TestServiceRulesDiff(t *testing.T) {
+	want := &serviceRules{
+		clusterIPs: []string{"10.96.0.20"},
+		endpoints:  map[string]bool{"10.244.1.4:8080": true, "10.244.1.4:8081": true},
+	}
+	tests := []struct {
+		name, dump     string
+		missing, stale string
+	}{
+		{"nftables current", `
+	chain endpoint-ABC-default/svc-node-1-pod-1/tcp/tcp__10.244.1.4/8080 {
+		ip saddr 10.244.1.4 jump mark-for-masquerade
+		meta l4proto tcp dnat to 10.244.1.4:8080
+	}
+	chain endpoint-DEF-default/svc-node-1-pod-1/udp/udp__10.244.1.4/8081 {
+		meta l4proto udp dnat to 10.244.1.4:8081
+	}
+	map service-ips { elements = { 10.96.0.20 . tcp . 80 : goto service-X, 10.96.0.1 . tcp . 443 : goto service-K } }
+	chain endpoint-K { meta l4proto tcp dnat to 172.31.250.2:6443 }`, "[]", "[]"},
+		{"iptables stale endpoint", `
+-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m comment --comment "default/svc-node-1-pod-1:tcp cluster IP" -m tcp --dport 80 -j KUBE-SVC-X
+-A KUBE-SEP-A -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:8080
+-A KUBE-SEP-B -p tcp -m tcp -j DNAT --to-destination 10.244.1.4:8080
+-A KUBE-SEP-C -p udp -m udp -j DNAT --to-destination 10.244.1.4:8081`, "[]", "[10.244.1.2:8080]"},
+		{"not programmed", `-A KUBE-SEP-C -p udp -m udp -j DNAT --to-destination 10.244.1.4:8081`, "[10.244.1.4:8080 10.96.0.20]", "[]"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			missing, stale := want.diff(tt.dump)
+			if fmt.Sprint(missing) != tt.missing || fmt.Sprint(stale) != tt.stale {
+				t.Errorf("diff = missing %v, stale %v; want missing %s, stale %s", missing, stale, tt.missing, tt.stale)
+			}
+		})
+	}
+}

@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"regexp"
+	"sort"
 	"strings"
 	"time"
 
@@ -131,7 +133,7 @@ func nodePorts(svc *corev1.Service) (tcp, udp int) {
 }
 
 // ensureServices creates the Services and waits until every node's
-// kube-proxy has rules for each ClusterIP and each ready endpoint.
+// kube-proxy has programmed them as the API has them.
 func (s *supervisor) ensureServices(ctx context.Context) error {
 	l := s.cfg.layout()
 	s.progress.step(fmt.Sprintf("creating Services (a ClusterIP per pod, %s, %s, %s); waiting for kube-proxy (%s) to program them on %d nodes",
@@ -141,12 +143,14 @@ func (s *supervisor) ensureServices(ctx context.Context) error {
 		return &componentError{"supervisor", l.Log("supervisor"), err}
 	}
 	deadline := time.Now().Add(60 * time.Second)
-	var want []string
+	// Every Service gets its ClusterIP and ready endpoints first.
 	for {
-		var err error
-		want, err = s.serviceRuleTokens(ctx)
-		if err == nil {
+		want, err := desiredServiceRules(ctx, s.admin)
+		if err == nil && len(want.empty) == 0 {
 			break
+		}
+		if err == nil {
+			err = fmt.Errorf("services without a ready endpoint: %s", strings.Join(want.empty, ", "))
 		}
 		if time.Now().After(deadline) {
 			return &componentError{"kube-controller-manager", l.Log("kube-controller-manager"), err}
@@ -158,46 +162,32 @@ func (s *supervisor) ensureServices(ctx context.Context) error {
 		}
 	}
 	for _, n := range s.cfg.Nodes {
-		var missing []string
-		for {
-			dump, err := kubeProxyRules(n, s.cfg.KubeProxy)
-			missing = missing[:0]
-			for _, w := range want {
-				if !strings.Contains(dump, w) {
-					missing = append(missing, w)
-				}
-			}
-			if err == nil && len(missing) == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				name := kubeProxyName(n)
-				if err == nil {
-					err = fmt.Errorf("no rules for %s", strings.Join(missing, ", "))
-				}
-				return &componentError{name, l.Log(name), fmt.Errorf("services not programmed after 60s: %w", err)}
-			}
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-time.After(300 * time.Millisecond):
-			}
+		if err := waitServicesProgrammed(ctx, s.admin, n, s.cfg.KubeProxy, time.Until(deadline)); err != nil {
+			name := kubeProxyName(n)
+			return &componentError{name, l.Log(name), err}
 		}
 	}
 	s.progress.done(fmt.Sprintf("Services programmed by kube-proxy on every node in %.1fs", time.Since(start).Seconds()))
 	return nil
 }
 
-// serviceRuleTokens lists what kube-proxy's rules must contain once every
-// lab Service is programmed: each ClusterIP and each ready endpoint as
-// ip:port (both iptables-save and nft print DNAT targets so). It fails
-// while a Service has no ClusterIP or a pod Service no ready endpoint yet.
-func (s *supervisor) serviceRuleTokens(ctx context.Context) ([]string, error) {
-	svcs, err := labServices(ctx, s.admin)
+// serviceRules is what kube-proxy's rules hold for the lab's Services once
+// it has caught up with the API: the ClusterIP of each Service with a ready
+// endpoint, and each ready endpoint as ip:port — both iptables-save and nft
+// print DNAT targets so, and only lab Services target the test server's
+// ports.
+type serviceRules struct {
+	clusterIPs []string
+	endpoints  map[string]bool
+	empty      []string // Services without ClusterIP or ready endpoint
+}
+
+func desiredServiceRules(ctx context.Context, cs *kube.Client) (*serviceRules, error) {
+	svcs, err := labServices(ctx, cs)
 	if err != nil {
 		return nil, err
 	}
-	slices, err := s.admin.EndpointSlices(podNamespace).List(ctx, metav1.ListOptions{})
+	slices, err := cs.EndpointSlices(podNamespace).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list endpointslices: %w", err)
 	}
@@ -210,20 +200,79 @@ func (s *supervisor) serviceRuleTokens(ctx context.Context) ([]string, error) {
 			}
 		}
 	}
-	var out []string
+	out := &serviceRules{endpoints: map[string]bool{}}
 	for name, svc := range svcs {
-		if svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone {
-			return nil, fmt.Errorf("service %s has no ClusterIP", name)
+		if svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone || len(ready[name]) == 0 {
+			out.empty = append(out.empty, name)
+			continue
 		}
-		if len(ready[name]) == 0 {
-			return nil, fmt.Errorf("service %s has no ready endpoint (endpointslice controller)", name)
-		}
-		out = append(out, svc.Spec.ClusterIP)
+		out.clusterIPs = append(out.clusterIPs, svc.Spec.ClusterIP)
 		for _, a := range ready[name] {
-			out = append(out, fmt.Sprintf("%s:%d", a, ServeTCPPort), fmt.Sprintf("%s:%d", a, ServeUDPPort))
+			out.endpoints[fmt.Sprintf("%s:%d", a, ServeTCPPort)] = true
+			out.endpoints[fmt.Sprintf("%s:%d", a, ServeUDPPort)] = true
 		}
 	}
+	sort.Strings(out.empty)
 	return out, nil
+}
+
+var endpointToken = regexp.MustCompile(fmt.Sprintf(`\b(\d+\.\d+\.\d+\.\d+:(?:%d|%d))\b`, ServeTCPPort, ServeUDPPort))
+
+// diff compares a dump of kube-proxy's rules with r: what is missing (a
+// ClusterIP or endpoint not programmed yet) and what is stale (an endpoint
+// the API no longer has).
+func (r *serviceRules) diff(dump string) (missing, stale []string) {
+	for _, ip := range r.clusterIPs {
+		if !strings.Contains(dump, ip) {
+			missing = append(missing, ip)
+		}
+	}
+	have := map[string]bool{}
+	for _, m := range endpointToken.FindAllStringSubmatch(dump, -1) {
+		have[m[1]] = true
+	}
+	for e := range r.endpoints {
+		if !have[e] {
+			missing = append(missing, e)
+		}
+	}
+	for e := range have {
+		if !r.endpoints[e] {
+			stale = append(stale, e)
+		}
+	}
+	sort.Strings(missing)
+	sort.Strings(stale)
+	return missing, stale
+}
+
+// waitServicesProgrammed waits until a node's kube-proxy rules match the
+// lab's Services and their ready endpoints in the API (kube-proxy lags
+// endpoint changes by up to its minimum sync period).
+func waitServicesProgrammed(ctx context.Context, cs *kube.Client, node, mode string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		want, err := desiredServiceRules(ctx, cs)
+		if err != nil {
+			return err
+		}
+		dump, err := kubeProxyRules(node, mode)
+		if err == nil {
+			missing, stale := want.diff(dump)
+			if len(missing)+len(stale) == 0 {
+				return nil
+			}
+			err = fmt.Errorf("rules of %s lack %v, still have %v", node, missing, stale)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kube-proxy did not catch up with the Services within %s: %w", timeout.Round(time.Second), err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
 }
 
 // kubeProxyRules dumps the NAT rules kube-proxy wrote in a node's namespace.
@@ -249,6 +298,16 @@ func kubeProxyRules(node, mode string) (string, error) {
 // kube-proxy.
 func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pods []Endpoint, ext Endpoint, nodeIP map[string]string) ([]Probe, []StateCheck, error) {
 	var state []StateCheck
+	// Probe what the API says, once kube-proxy has caught up with it (a
+	// pod just recreated may still have its old endpoint in the rules).
+	for _, n := range nodes {
+		err := waitServicesProgrammed(ctx, cs, n.Name, cfg.KubeProxy, 10*time.Second)
+		sc := StateCheck{What: fmt.Sprintf("kube-proxy on %s programmed the Services", n.Name), OK: err == nil, Detail: "rules match the API's Services and ready endpoints"}
+		if err != nil {
+			sc.Detail = err.Error()
+		}
+		state = append(state, sc)
+	}
 	for _, n := range nodes {
 		at, err := kubeProxySynced(ctx, n.Name)
 		sc := StateCheck{What: fmt.Sprintf("kube-proxy (%s) on %s synced", cfg.KubeProxy, n.Name), OK: err == nil && !at.IsZero()}

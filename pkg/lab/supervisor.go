@@ -651,6 +651,9 @@ func (s *supervisor) serveControl(ctx context.Context) (io.Closer, error) {
 		if err == nil {
 			err = s.waitNodesReady(r.Context(), []string{name}, 120*time.Second)
 		}
+		if err == nil && s.cfg.kubeProxy() {
+			err = s.waitKubeProxySynced(r.Context(), []string{name}, time.Time{}, 60*time.Second)
+		}
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return

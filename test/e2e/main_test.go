@@ -108,12 +108,12 @@ type testLab struct {
 	dir string
 }
 
-// newLab brings a lab up without kube-proxy: the tests of Sinabro's own
-// paths (pod↔pod, node↔pod, masquerade, acceleration, lifecycle) do not
-// depend on it; TestServices brings up labs with each kube-proxy mode.
+// newLab brings the default lab up: kube-proxy in nftables mode, as in most
+// clusters, so every `lab check` also probes Services; TestServices covers
+// each kube-proxy mode.
 func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
 	t.Helper()
-	return newLabWith(t, nodes, podsPerNode, lab.KubeProxyNone)
+	return newLabWith(t, nodes, podsPerNode, lab.DefaultKubeProxy)
 }
 
 // newLabWith brings a lab up with kube-proxy in the given mode and registers
