@@ -107,7 +107,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
 			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
 		nodeIP[n.Name] = internalIP(&n)
-		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: nodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
+		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
 	}
 	podList, err := cs.Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
 	if err != nil {
@@ -116,12 +116,12 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	for _, p := range podList.Items {
 		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
-			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, PodNetns(string(p.UID)))})
+			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, cfg.PodNetns(string(p.UID)))})
 		if running {
-			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
+			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: cfg.PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
 		}
 	}
-	ext := Endpoint{Name: "external", Kind: "external", Netns: nsExternal, IP: cfg.externalAddr().String()}
+	ext := Endpoint{Name: "external", Kind: "external", Netns: cfg.nsExternal(), IP: cfg.externalAddr().String()}
 
 	var probes []Probe
 	add := func(cat string, src, dst Endpoint, want string) {
@@ -235,14 +235,14 @@ func inNetns[T any](ns string, fn func() (T, error)) (T, error) {
 
 // The probes time one request/reply exchange (after the TCP handshake).
 
-func probeTCP(ns, ip string, port int, timeout time.Duration, retryRefused bool) (string, time.Duration, error) {
+func probeTCP(ns, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
 	addr := net.JoinHostPort(ip, fmt.Sprint(port))
 	deadline := time.Now().Add(timeout)
 	var c net.Conn
 	var err error
 	for {
 		c, err = inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Until(deadline)) })
-		if err == nil || !retryRefused || !transient(err) || time.Until(deadline) < 200*time.Millisecond {
+		if err == nil || !retry || !transient(err) || time.Until(deadline) < 200*time.Millisecond {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -263,7 +263,7 @@ func probeTCP(ns, ip string, port int, timeout time.Duration, retryRefused bool)
 	return parsePeer(line), time.Since(start), nil
 }
 
-func probeUDP(ns, ip string, port int, timeout time.Duration, retryRefused bool) (string, time.Duration, error) {
+func probeUDP(ns, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
 	addr := net.JoinHostPort(ip, fmt.Sprint(port))
 	c, err := inNetns(ns, func() (net.Conn, error) { return net.Dial("udp", addr) })
 	if err != nil {
@@ -281,7 +281,7 @@ func probeUDP(ns, ip string, port int, timeout time.Duration, retryRefused bool)
 		if err == nil {
 			return parsePeer(string(buf[:n])), time.Since(start), nil
 		}
-		if retryRefused && transient(err) {
+		if retry && transient(err) {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
