@@ -66,11 +66,12 @@ func newLabUpCmd(dir *string) *cobra.Command {
 	f := c.Flags()
 	f.StringVar(&o.KubeBinDir, "kube-bin-dir", "", "directory with etcd, kube-apiserver, kube-controller-manager and kube-proxy (default $SINABRO_KUBE_BIN_DIR)")
 	f.StringVar(&o.Manifests, "manifests", "", "directory of sinabro manifests to take the agent's RBAC from (default: ./manifests or next to the executable)")
+	f.StringVar(&o.Name, "name", lab.DefaultName, "lab name: prefix of its network namespaces (NAME-*), suffix of its bpffs root and cgroup; labs of different names and --dir run side by side (other subcommands read it from the dir's lab.json)")
 	f.IntVar(&o.Nodes, "nodes", lab.DefaultNodes, "number of nodes")
 	f.IntVar(&o.PodsPerNode, "pods-per-node", lab.DefaultPodsPerNode, "test pods per node")
 	f.StringVar(&o.ClusterCIDR, "cluster-cidr", lab.DefaultClusterCIDR, "pod CIDR of the cluster (one /24 per node)")
 	f.StringVar(&o.ServiceCIDR, "service-cidr", lab.DefaultServiceCIDR, "service ClusterIP range")
-	f.StringVar(&o.ProxyAddr, "api-proxy", lab.DefaultProxyAddr, "loopback address where the admin kubeconfig reaches the apiserver")
+	f.StringVar(&o.ProxyAddr, "api-proxy", "", "loopback address where the admin kubeconfig reaches the apiserver (default "+lab.DefaultProxyAddr+" for the default --name, a free loopback port for any other)")
 	f.StringVar(&o.KubeProxy, "kube-proxy", lab.DefaultKubeProxy, "run the real kube-proxy in every node in this mode (iptables, nftables), or none")
 	f.StringArrayVar(&o.AgentArgs, "agent-arg", nil, "extra flag for every agent, repeatable (development: e.g. --agent-arg=--host-routing=false)")
 	f.MarkHidden("agent-arg")
@@ -80,15 +81,17 @@ func newLabUpCmd(dir *string) *cobra.Command {
 
 func newLabDownCmd(dir *string) *cobra.Command {
 	var keepLogs bool
+	var name string
 	c := &cobra.Command{
 		Use:   "down",
 		Short: "Stop the lab and remove everything it created (idempotent)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return lab.Down(cmd.Context(), lab.DownOptions{Dir: *dir, KeepLogs: keepLogs}, cmd.OutOrStdout())
+			return lab.Down(cmd.Context(), lab.DownOptions{Dir: *dir, Name: name, KeepLogs: keepLogs}, cmd.OutOrStdout())
 		},
 	}
 	c.Flags().BoolVar(&keepLogs, "keep-logs", false, "keep the logs directory")
+	c.Flags().StringVar(&name, "name", "", "the lab's name, for a dir whose lab.json is gone (a crash); default: the name in lab.json, else "+lab.DefaultName)
 	return c
 }
 

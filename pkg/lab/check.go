@@ -107,7 +107,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
 			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
 		nodeIP[n.Name] = internalIP(&n)
-		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: nodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
+		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
 	}
 	podList, err := cs.Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
 	if err != nil {
@@ -116,12 +116,12 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	for _, p := range podList.Items {
 		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
-			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, PodNetns(string(p.UID)))})
+			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, cfg.PodNetns(string(p.UID)))})
 		if running {
-			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
+			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: cfg.PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
 		}
 	}
-	ext := Endpoint{Name: "external", Kind: "external", Netns: nsExternal, IP: cfg.externalAddr().String()}
+	ext := Endpoint{Name: "external", Kind: "external", Netns: cfg.nsExternal(), IP: cfg.externalAddr().String()}
 
 	var probes []Probe
 	add := func(cat string, src, dst Endpoint, want string) {

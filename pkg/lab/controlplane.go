@@ -129,7 +129,7 @@ func firstServiceIP(cidr string) (net.IP, error) {
 func (c *Config) etcdSpec() procSpec {
 	d := filepath.Join(c.Dir, "etcd")
 	return procSpec{
-		name: "etcd", netns: nsControlPlane, restart: true,
+		name: "etcd", netns: c.nsControlPlane(), restart: true,
 		argv: []string{filepath.Join(c.KubeBinDir, "etcd"),
 			"--name=lab", "--data-dir=" + d,
 			"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
@@ -148,7 +148,7 @@ func (c *Config) apiserverSpec() procSpec {
 	f := func(n string) string { return filepath.Join(pki, n) }
 	addr := c.controlPlaneAddr().String()
 	return procSpec{
-		name: "kube-apiserver", netns: nsControlPlane, restart: true,
+		name: "kube-apiserver", netns: c.nsControlPlane(), restart: true,
 		argv: []string{filepath.Join(c.KubeBinDir, "kube-apiserver"),
 			"--etcd-servers=http://127.0.0.1:2379",
 			"--bind-address=" + addr, "--advertise-address=" + addr,
@@ -172,7 +172,7 @@ func (c *Config) controllerManagerSpec() procSpec {
 	pki := c.layout().PKI()
 	kc := filepath.Join(c.Dir, "kube-controller-manager.kubeconfig")
 	return procSpec{
-		name: "kube-controller-manager", netns: nsControlPlane, restart: true,
+		name: "kube-controller-manager", netns: c.nsControlPlane(), restart: true,
 		argv: []string{filepath.Join(c.KubeBinDir, "kube-controller-manager"),
 			"--kubeconfig=" + kc, "--authentication-kubeconfig=" + kc, "--authorization-kubeconfig=" + kc,
 			"--bind-address=127.0.0.1", "--secure-port=10257",

@@ -20,7 +20,11 @@ import (
 
 // DownOptions are the flags of `sinabro lab down`.
 type DownOptions struct {
-	Dir      string
+	Dir string
+	// Name is the lab's name, needed only when its dir has no lab.json any
+	// more (a crash): "" means DefaultName. The name in lab.json wins; a
+	// different Name is an error.
+	Name     string
 	KeepLogs bool
 }
 
@@ -32,8 +36,18 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	l := Layout{o.Dir}
 	cfg, err := LoadConfig(o.Dir)
 	if err != nil {
-		cfg = &Config{Dir: o.Dir, BPFRoot: DefaultBPFRoot}
+		name := o.Name
+		if name == "" {
+			name = DefaultName
+		}
+		if err := ValidateName(name); err != nil {
+			return err
+		}
+		cfg = &Config{Dir: o.Dir, Name: name, BPFRoot: BPFRootFor(name)}
+	} else if o.Name != "" && o.Name != cfg.LabName() {
+		return fmt.Errorf("the lab in %s is named %q, not %q", o.Dir, cfg.LabName(), o.Name)
 	}
+	prefix := NetnsPrefix(cfg.LabName())
 	var errs []error
 
 	// 1. The supervisor stops its children in order on SIGTERM.
@@ -53,7 +67,7 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	}
 	// 2. Whatever survived (a killed supervisor leaves orphans): the cgroup
 	// holds every lab process, the pid files name them too.
-	n, err := killCgroup(cfg.CgroupPath)
+	n, err := killCgroup(cfg.CgroupPath, cfg.LabName())
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -64,7 +78,7 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 		fmt.Fprintf(out, "killed %d leftover processes\n", n)
 	}
 	// 3. Namespaces: pods first, so their veths go before the nodes.
-	names, _ := filepath.Glob(filepath.Join(netns.RunDir, NetnsPrefix+"*"))
+	names, _ := filepath.Glob(filepath.Join(netns.RunDir, prefix+"*"))
 	sort.Slice(names, func(i, j int) bool {
 		return strings.Contains(names[i], "-pod-") && !strings.Contains(names[j], "-pod-")
 	})
@@ -79,7 +93,7 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	// Mounts of namespace files can outlive their directory entry (another
 	// tool re-mounted /run/netns over them, or copies in other mount
 	// namespaces): unmount what can be reached, report what cannot.
-	if left := netnsMountsLeft(); len(left) > 0 {
+	if left := netnsMountsLeft(prefix); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("namespace mounts left behind (shadowed by a later mount on %s?): %s", netns.RunDir, strings.Join(left, ", ")))
 	}
 	// 4. bpffs pins of the agents.
@@ -154,9 +168,10 @@ func removeLabDir(l Layout, keepLogs bool) error {
 	return errors.Join(errs...)
 }
 
-// netnsMountsLeft unmounts (lazily) namespace mounts of the lab still listed
-// in this process's mount table and returns those it could not remove.
-func netnsMountsLeft() []string {
+// netnsMountsLeft unmounts (lazily) namespace mounts of the lab (names
+// starting with prefix) still listed in this process's mount table and
+// returns those it could not remove.
+func netnsMountsLeft(prefix string) []string {
 	var left []string
 	for range 8 { // stacked mounts of one path come off one per pass
 		left = left[:0]
@@ -166,7 +181,7 @@ func netnsMountsLeft() []string {
 		}
 		for _, line := range strings.Split(string(b), "\n") {
 			f := strings.Fields(line)
-			if len(f) < 5 || !strings.HasPrefix(f[4], filepath.Join(netns.RunDir, NetnsPrefix)) {
+			if len(f) < 5 || !strings.HasPrefix(f[4], filepath.Join(netns.RunDir, prefix)) {
 				continue
 			}
 			left = append(left, f[4])

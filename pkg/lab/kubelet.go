@@ -193,7 +193,7 @@ func (k *kubelet) networkReady(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return netns.Do(netns.Path(nodeNetns(k.node)), func() error {
+	return netns.Do(netns.Path(k.cfg.NodeNetns(k.node)), func() error {
 		if err := k.cniConfig().GetStatusNetworkList(ctx, list); err != nil {
 			return fmt.Errorf("CNI STATUS: %w", err)
 		}
@@ -382,7 +382,7 @@ func (k *kubelet) runtimeConf(sb *sandbox) *libcni.RuntimeConf {
 func (k *kubelet) setup(ctx context.Context, p *corev1.Pod) (*sandbox, error) {
 	uid := string(p.UID)
 	sb := &sandbox{
-		Namespace: p.Namespace, Name: p.Name, UID: uid, Netns: PodNetns(uid),
+		Namespace: p.Namespace, Name: p.Name, UID: uid, Netns: k.cfg.PodNetns(uid),
 		ContainerID: strings.ReplaceAll(uid, "-", ""),
 	}
 	// The record goes first, so a crash between here and ADD leaves
@@ -400,7 +400,7 @@ func (k *kubelet) setup(ctx context.Context, p *corev1.Pod) (*sandbox, error) {
 	addCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var res100 *types100.Result
-	err = netns.Do(netns.Path(nodeNetns(k.node)), func() error {
+	err = netns.Do(netns.Path(k.cfg.NodeNetns(k.node)), func() error {
 		res, err := k.cniConfig().AddNetworkList(addCtx, list, k.runtimeConf(sb))
 		if err != nil {
 			return err
@@ -411,7 +411,7 @@ func (k *kubelet) setup(ctx context.Context, p *corev1.Pod) (*sandbox, error) {
 	if err != nil {
 		// As containerd does: a failed ADD is followed by a DEL so a retry
 		// starts clean.
-		netns.Do(netns.Path(nodeNetns(k.node)), func() error {
+		netns.Do(netns.Path(k.cfg.NodeNetns(k.node)), func() error {
 			return k.cniConfig().DelNetworkList(ctx, list, k.runtimeConf(sb))
 		})
 		return nil, fmt.Errorf("CNI ADD for %s/%s: %w", p.Namespace, p.Name, err)
@@ -446,7 +446,7 @@ func (k *kubelet) teardown(ctx context.Context, sb *sandbox) error {
 	if list, err := libcni.ConfListFromFile(k.conflist()); err == nil {
 		delCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		err := netns.Do(netns.Path(nodeNetns(k.node)), func() error {
+		err := netns.Do(netns.Path(k.cfg.NodeNetns(k.node)), func() error {
 			return k.cniConfig().DelNetworkList(delCtx, list, k.runtimeConf(sb))
 		})
 		if err != nil {

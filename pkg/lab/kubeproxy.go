@@ -55,7 +55,7 @@ conntrack:
 
 func (c *Config) kubeProxySpec(node string) procSpec {
 	return procSpec{
-		name: kubeProxyName(node), netns: nodeNetns(node), restart: true,
+		name: kubeProxyName(node), netns: c.NodeNetns(node), restart: true,
 		argv: []string{filepath.Join(c.KubeBinDir, "kube-proxy"),
 			"--config=" + c.layout().NodeKubeProxyConfig(node),
 			"--v=1",
@@ -65,8 +65,8 @@ func (c *Config) kubeProxySpec(node string) procSpec {
 
 // kubeProxySynced returns when kube-proxy last wrote its rules (zero before
 // its first sync), from its metrics in the node's namespace.
-func kubeProxySynced(ctx context.Context, node string) (time.Time, error) {
-	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: dialIn(nodeNetns(node))}}
+func kubeProxySynced(ctx context.Context, cfg *Config, node string) (time.Time, error) {
+	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: dialIn(cfg.NodeNetns(node))}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+kubeProxyMetricsAddr+"/metrics", nil)
 	if err != nil {
 		return time.Time{}, err
@@ -102,7 +102,7 @@ func (s *supervisor) waitKubeProxySynced(ctx context.Context, nodes []string, si
 	deadline := time.Now().Add(timeout)
 	for _, n := range nodes {
 		for {
-			at, err := kubeProxySynced(ctx, n)
+			at, err := kubeProxySynced(ctx, s.cfg, n)
 			if err == nil && at.After(since) {
 				break
 			}
@@ -133,7 +133,7 @@ func kubeProxyHealth(ctx context.Context, cfg *Config, node string) string {
 	if err != nil {
 		return "healthz unknown"
 	}
-	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: dialIn(nodeNetns(node))}}
+	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: dialIn(cfg.NodeNetns(node))}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+netip.AddrPortFrom(addr, kubeProxyHealthPort).String()+"/healthz", nil)
 	if err != nil {
 		return "healthz unknown"

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"github.com/sinabro-io/sinabro/pkg/atomicfile"
@@ -30,9 +31,11 @@ const (
 	DefaultPodsPerNode = 2
 	DefaultKubeProxy   = KubeProxyNFTables
 
-	// NetnsPrefix starts the name of every network namespace the lab makes,
-	// so `lab down` can find them all, even after a crash.
-	NetnsPrefix = "sblab-"
+	// DefaultName is the name of a lab made without --name. Every name a lab
+	// makes outside its dir derives from its name (see NetnsPrefix,
+	// BPFRootFor, CgroupNameFor), so labs of different names and dirs run
+	// side by side.
+	DefaultName = "sblab"
 
 	// Ports of the test server in pods, nodes and the external host.
 	ServeTCPPort = 8080
@@ -55,6 +58,8 @@ const (
 
 // Config is the lab's desired shape, saved as lab.json in the lab dir.
 type Config struct {
+	// Name is the lab's name ("" in a lab.json of before names: DefaultName).
+	Name        string   `json:"name,omitempty"`
 	Dir         string   `json:"dir"`
 	KubeBinDir  string   `json:"kubeBinDir"`
 	Executable  string   `json:"executable"` // the sinabro binary installed on nodes
@@ -192,21 +197,65 @@ func nodeIndex(name string) (int, error) {
 	return n, nil
 }
 
-// Network namespace names.
-const (
-	nsUnderlay     = NetnsPrefix + "underlay"
-	nsControlPlane = NetnsPrefix + "cp"
-	nsExternal     = NetnsPrefix + "ext"
-	nsRouter       = NetnsPrefix + "router"
-)
+var validName = regexp.MustCompile(`^[a-z][a-z0-9]{0,11}$`)
 
-func nodeNetns(node string) string { return NetnsPrefix + node }
-
-// PodNetns names the network namespace of the pod with this UID: after the
-// UID, so a recreated pod of the same name never reuses its predecessor's.
-func PodNetns(uid string) string {
-	return NetnsPrefix + "pod-" + strings.ReplaceAll(uid, "-", "")[:16]
+// ValidateName checks a lab name: a lowercase letter, then up to 11
+// lowercase letters or digits. No dash, so no lab's namespace prefix
+// (name + "-") is a prefix of another's.
+func ValidateName(name string) error {
+	if !validName.MatchString(name) {
+		return fmt.Errorf("lab name %q: want a lowercase letter, then up to 11 lowercase letters or digits", name)
+	}
+	return nil
 }
+
+// NetnsPrefix starts the name of every network namespace of the lab named
+// name, so `lab down` can find them all, even after a crash.
+func NetnsPrefix(name string) string { return name + "-" }
+
+// PodNetnsOf names the network namespace of the pod with this UID in the lab
+// named name: after the UID, so a recreated pod of the same name never
+// reuses its predecessor's.
+func PodNetnsOf(name, uid string) string {
+	return NetnsPrefix(name) + "pod-" + strings.ReplaceAll(uid, "-", "")[:16]
+}
+
+// BPFRootFor is the bpffs directory of the lab named name: DefaultBPFRoot
+// for the default lab, DefaultBPFRoot-<name> for any other.
+func BPFRootFor(name string) string { return scopedName(DefaultBPFRoot, name) }
+
+// CgroupNameFor names the cgroup (under the cgroup v2 mount) holding every
+// process of the lab named name.
+func CgroupNameFor(name string) string { return scopedName(cgroupName, name) }
+
+func scopedName(base, name string) string {
+	if name == "" || name == DefaultName {
+		return base
+	}
+	return base + "-" + name
+}
+
+// LabName is the lab's name, DefaultName for a lab.json without one.
+func (c *Config) LabName() string {
+	if c.Name == "" {
+		return DefaultName
+	}
+	return c.Name
+}
+
+func (c *Config) netns(suffix string) string { return NetnsPrefix(c.LabName()) + suffix }
+
+// Network namespace names.
+func (c *Config) nsUnderlay() string     { return c.netns("underlay") }
+func (c *Config) nsControlPlane() string { return c.netns("cp") }
+func (c *Config) nsExternal() string     { return c.netns("ext") }
+func (c *Config) nsRouter() string       { return c.netns("router") }
+
+// NodeNetns names a node's network namespace.
+func (c *Config) NodeNetns(node string) string { return c.netns(node) }
+
+// PodNetns names the network namespace of the pod with this UID.
+func (c *Config) PodNetns(uid string) string { return PodNetnsOf(c.LabName(), uid) }
 
 func (c *Config) nodeBPFRoot(node string) string { return filepath.Join(c.BPFRoot, node) }
 

@@ -57,9 +57,54 @@ func TestParsePeer(t *testing.T) {
 }
 
 func TestPodNetnsName(t *testing.T) {
-	got := PodNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8")
+	got := (&Config{}).PodNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8")
 	if want := "sblab-pod-0e6a1b2c3d4e5f60"; got != want {
 		t.Errorf("podNetns = %q, want %q", got, want)
+	}
+}
+
+// TestLabNames: every name a lab makes outside its dir derives from its
+// name; the default lab keeps the names of before --name.
+func TestLabNames(t *testing.T) {
+	tests := []struct {
+		name                                string
+		wantNode, wantPod, wantBPF, wantCgr string
+	}{
+		{"", "sblab-node-1", "sblab-pod-0e6a1b2c3d4e5f60", "/sys/fs/bpf/sinabro-lab", "sinabro-lab"},
+		{DefaultName, "sblab-node-1", "sblab-pod-0e6a1b2c3d4e5f60", "/sys/fs/bpf/sinabro-lab", "sinabro-lab"},
+		{"sbe2eab12", "sbe2eab12-node-1", "sbe2eab12-pod-0e6a1b2c3d4e5f60", "/sys/fs/bpf/sinabro-lab-sbe2eab12", "sinabro-lab-sbe2eab12"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &Config{Name: tt.name}
+			if got := c.NodeNetns("node-1"); got != tt.wantNode {
+				t.Errorf("NodeNetns = %q, want %q", got, tt.wantNode)
+			}
+			if got := c.PodNetns("0e6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8"); got != tt.wantPod {
+				t.Errorf("PodNetns = %q, want %q", got, tt.wantPod)
+			}
+			if got := BPFRootFor(c.LabName()); got != tt.wantBPF {
+				t.Errorf("BPFRootFor = %q, want %q", got, tt.wantBPF)
+			}
+			if got := CgroupNameFor(c.LabName()); got != tt.wantCgr {
+				t.Errorf("CgroupNameFor = %q, want %q", got, tt.wantCgr)
+			}
+		})
+	}
+}
+
+func TestValidateName(t *testing.T) {
+	for _, name := range []string{"sblab", "sbe2eab12", "a", "lab2"} {
+		if err := ValidateName(name); err != nil {
+			t.Errorf("ValidateName(%q) = %v, want nil", name, err)
+		}
+	}
+	// A dash would let one lab's prefix ("sblab-") match another's
+	// namespaces ("sblab-x-node-1"), and `lab down` remove them.
+	for _, name := range []string{"", "sblab-x", "Lab", "2lab", "a_b", "abcdefghijklm"} {
+		if err := ValidateName(name); err == nil {
+			t.Errorf("ValidateName(%q) = nil, want an error", name)
+		}
 	}
 }
 

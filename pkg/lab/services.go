@@ -162,7 +162,7 @@ func (s *supervisor) ensureServices(ctx context.Context) error {
 		}
 	}
 	for _, n := range s.cfg.Nodes {
-		if err := waitServicesProgrammed(ctx, s.admin, n, s.cfg.KubeProxy, time.Until(deadline)); err != nil {
+		if err := waitServicesProgrammed(ctx, s.admin, s.cfg, n, time.Until(deadline)); err != nil {
 			name := kubeProxyName(n)
 			return &componentError{name, l.Log(name), err}
 		}
@@ -249,14 +249,14 @@ func (r *serviceRules) diff(dump string) (missing, stale []string) {
 // waitServicesProgrammed waits until a node's kube-proxy rules match the
 // lab's Services and their ready endpoints in the API (kube-proxy lags
 // endpoint changes by up to its minimum sync period).
-func waitServicesProgrammed(ctx context.Context, cs *kube.Client, node, mode string, timeout time.Duration) error {
+func waitServicesProgrammed(ctx context.Context, cs *kube.Client, cfg *Config, node string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		want, err := desiredServiceRules(ctx, cs)
 		if err != nil {
 			return err
 		}
-		dump, err := kubeProxyRules(node, mode)
+		dump, err := kubeProxyRules(cfg, node)
 		if err == nil {
 			missing, stale := want.diff(dump)
 			if len(missing)+len(stale) == 0 {
@@ -276,16 +276,16 @@ func waitServicesProgrammed(ctx context.Context, cs *kube.Client, node, mode str
 }
 
 // kubeProxyRules dumps the NAT rules kube-proxy wrote in a node's namespace.
-func kubeProxyRules(node, mode string) (string, error) {
+func kubeProxyRules(cfg *Config, node string) (string, error) {
 	argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
-	if mode == KubeProxyIPTables {
+	if cfg.KubeProxy == KubeProxyIPTables {
 		argv = []string{"iptables-save", "-t", "nat"}
 	}
 	var out, errb bytes.Buffer
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := netns.Do(netns.Path(nodeNetns(node)), cmd.Run); err != nil {
-		return "", fmt.Errorf("%s in %s: %w: %s", strings.Join(argv, " "), nodeNetns(node), err, strings.TrimSpace(errb.String()))
+	if err := netns.Do(netns.Path(cfg.NodeNetns(node)), cmd.Run); err != nil {
+		return "", fmt.Errorf("%s in %s: %w: %s", strings.Join(argv, " "), cfg.NodeNetns(node), err, strings.TrimSpace(errb.String()))
 	}
 	return out.String(), nil
 }
@@ -301,7 +301,7 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 	// Probe what the API says, once kube-proxy has caught up with it (a
 	// pod just recreated may still have its old endpoint in the rules).
 	for _, n := range nodes {
-		err := waitServicesProgrammed(ctx, cs, n.Name, cfg.KubeProxy, 10*time.Second)
+		err := waitServicesProgrammed(ctx, cs, cfg, n.Name, 10*time.Second)
 		sc := StateCheck{What: fmt.Sprintf("kube-proxy on %s programmed the Services", n.Name), OK: err == nil, Detail: "rules match the API's Services and ready endpoints"}
 		if err != nil {
 			sc.Detail = err.Error()
@@ -309,7 +309,7 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 		state = append(state, sc)
 	}
 	for _, n := range nodes {
-		at, err := kubeProxySynced(ctx, n.Name)
+		at, err := kubeProxySynced(ctx, cfg, n.Name)
 		sc := StateCheck{What: fmt.Sprintf("kube-proxy (%s) on %s synced", cfg.KubeProxy, n.Name), OK: err == nil && !at.IsZero()}
 		switch {
 		case err != nil:

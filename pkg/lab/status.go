@@ -165,7 +165,7 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 	tw = tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
 	fmt.Fprintln(tw, "POD\tNODE\tPHASE\tIP\tNETNS")
 	for _, p := range pods.Items {
-		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\n", p.Namespace, p.Name, p.Spec.NodeName, p.Status.Phase, p.Status.PodIP, PodNetns(string(p.UID)))
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\n", p.Namespace, p.Name, p.Spec.NodeName, p.Status.Phase, p.Status.PodIP, cfg.PodNetns(string(p.UID)))
 	}
 	return tw.Flush()
 }

@@ -73,7 +73,7 @@ func Supervise(ctx context.Context, dir string) error {
 	if err := os.WriteFile(l.SupervisorPID(), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return fmt.Errorf("write supervisor pid: %w", err)
 	}
-	if cg, err := joinCgroup(); err != nil {
+	if cg, err := joinCgroup(cfg.LabName()); err != nil {
 		s.log.Warn("no lab cgroup; lab down will kill by pid files only", "err", err)
 	} else {
 		s.cfg.CgroupPath = cg
@@ -120,28 +120,28 @@ func (s *supervisor) shutdown() {
 
 func (s *supervisor) up(ctx context.Context) error {
 	l := s.cfg.layout()
-	s.progress.step("creating the underlay network (namespaces " + NetnsPrefix + "*, bridge " + underlayBridge + " " + s.cfg.Underlay + ", router " + s.cfg.routerAddr().String() + ")")
+	s.progress.step("creating the underlay network (namespaces " + NetnsPrefix(s.cfg.LabName()) + "*, bridge " + underlayBridge + " " + s.cfg.Underlay + ", router " + s.cfg.routerAddr().String() + ")")
 	if err := ensureBPFFS(); err != nil {
 		return err
 	}
-	if err := setupUnderlay(); err != nil {
+	if err := s.cfg.setupUnderlay(); err != nil {
 		return err
 	}
 	cpPrefix := netip.PrefixFrom(s.cfg.controlPlaneAddr(), s.cfg.underlayPrefix().Bits())
-	if err := attachHost(nsControlPlane, "u-cp", cpPrefix); err != nil {
+	if err := s.cfg.attachHost(s.cfg.nsControlPlane(), "u-cp", cpPrefix); err != nil {
 		return err
 	}
 	extPrefix := netip.PrefixFrom(s.cfg.externalAddr(), s.cfg.underlayPrefix().Bits())
-	if err := attachHost(nsExternal, "u-ext", extPrefix); err != nil {
+	if err := s.cfg.attachHost(s.cfg.nsExternal(), "u-ext", extPrefix); err != nil {
 		return err
 	}
 	// The router stands for the uplink of real nodes: their default
 	// gateway, which forwards (and here has nowhere further to go).
 	routerPrefix := netip.PrefixFrom(s.cfg.routerAddr(), s.cfg.underlayPrefix().Bits())
-	if err := attachHost(nsRouter, "u-router", routerPrefix); err != nil {
+	if err := s.cfg.attachHost(s.cfg.nsRouter(), "u-router", routerPrefix); err != nil {
 		return err
 	}
-	if err := setSysctl(nsRouter, "net/ipv4/ip_forward", "1"); err != nil {
+	if err := setSysctl(s.cfg.nsRouter(), "net/ipv4/ip_forward", "1"); err != nil {
 		return err
 	}
 	s.progress.done("underlay ready")
@@ -152,7 +152,7 @@ func (s *supervisor) up(ctx context.Context) error {
 	if err := s.startAndWait(ctx, s.cfg.apiserverSpec(), s.cfg.apiserverURL()+"/readyz", waitLabCA, 120*time.Second); err != nil {
 		return err
 	}
-	admin, err := s.cfg.clientset(nsControlPlane, "admin")
+	admin, err := s.cfg.clientset(s.cfg.nsControlPlane(), "admin")
 	if err != nil {
 		return err
 	}
@@ -169,7 +169,7 @@ func (s *supervisor) up(ctx context.Context) error {
 		src = "built-in RBAC (no manifests directory found)"
 	}
 	s.progress.step("applying agent RBAC from " + src + " and dry-running its DaemonSet")
-	sa, err := applyManifests(ctx, s.cfg.certConfig(nsControlPlane, "admin"), s.cfg.Manifests)
+	sa, err := applyManifests(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), s.cfg.Manifests)
 	if err != nil {
 		return &componentError{"manifests", l.Log("supervisor"), err}
 	}
@@ -182,7 +182,7 @@ func (s *supervisor) up(ctx context.Context) error {
 	}
 	s.progress.done("default ServiceAccount exists")
 
-	if err := s.procs.start(ctx, procSpec{name: "serve-external", netns: nsExternal, restart: true,
+	if err := s.procs.start(ctx, procSpec{name: "serve-external", netns: s.cfg.nsExternal(), restart: true,
 		argv: []string{s.cfg.Executable, "lab", "serve", "--name", "external"}}); err != nil {
 		return &componentError{"serve-external", l.Log("serve-external"), err}
 	}
@@ -272,14 +272,14 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	s.progress.step(fmt.Sprintf("%s: netns %s, underlay %s", name, nodeNetns(name), addr))
-	if err := attachHost(nodeNetns(name), "u-"+name, netip.PrefixFrom(addr, s.cfg.underlayPrefix().Bits())); err != nil {
+	s.progress.step(fmt.Sprintf("%s: netns %s, underlay %s", name, s.cfg.NodeNetns(name), addr))
+	if err := s.cfg.attachHost(s.cfg.NodeNetns(name), "u-"+name, netip.PrefixFrom(addr, s.cfg.underlayPrefix().Bits())); err != nil {
 		return fail("supervisor", err)
 	}
-	if err := setSysctl(nodeNetns(name), "net/ipv4/ip_forward", "1"); err != nil {
+	if err := setSysctl(s.cfg.NodeNetns(name), "net/ipv4/ip_forward", "1"); err != nil {
 		return fail("supervisor", err)
 	}
-	if err := setDefaultRoute(nodeNetns(name), s.cfg.routerAddr()); err != nil {
+	if err := setDefaultRoute(s.cfg.NodeNetns(name), s.cfg.routerAddr()); err != nil {
 		return fail("supervisor", err)
 	}
 
@@ -310,7 +310,7 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 		return fail("install-"+name, err)
 	}
 
-	cs, err := s.cfg.clientset(nodeNetns(name), user)
+	cs, err := s.cfg.clientset(s.cfg.NodeNetns(name), user)
 	if err != nil {
 		return fail("supervisor", err)
 	}
@@ -349,7 +349,7 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 	if err := s.procs.start(ctx, s.agentSpec(name, agentKC)); err != nil {
 		return fail("agent-"+name, err)
 	}
-	if err := s.procs.start(ctx, procSpec{name: "serve-" + name, netns: nodeNetns(name), restart: true,
+	if err := s.procs.start(ctx, procSpec{name: "serve-" + name, netns: s.cfg.NodeNetns(name), restart: true,
 		argv: []string{s.cfg.Executable, "lab", "serve", "--name", name}}); err != nil {
 		return fail("serve-"+name, err)
 	}
@@ -368,7 +368,7 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 	l := s.cfg.layout()
 	spec := procSpec{
-		name: "agent-" + name, netns: nodeNetns(name), restart: true,
+		name: "agent-" + name, netns: s.cfg.NodeNetns(name), restart: true,
 		argv: []string{s.cfg.Executable, "agent",
 			"--node-name", name,
 			"--kubeconfig", kubeconfig,
@@ -398,7 +398,7 @@ func (s *supervisor) install(name string) error {
 	defer logf.Close()
 	cmd := exec.Command(s.cfg.Executable, "install", "--cni-bin-dir", l.NodeCNIBin(name), "--cni-conf-dir", l.NodeCNIConf(name))
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := netns.Do(netns.Path(nodeNetns(name)), cmd.Run); err != nil {
+	if err := netns.Do(netns.Path(s.cfg.NodeNetns(name)), cmd.Run); err != nil {
 		return fmt.Errorf("sinabro install: %w", err)
 	}
 	return nil
@@ -545,7 +545,7 @@ func (s *supervisor) removeNode(ctx context.Context, name string) error {
 	if err := s.admin.Nodes().Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("delete node %s: %w", name, err)
 	}
-	if err := netns.Delete(nodeNetns(name)); err != nil {
+	if err := netns.Delete(s.cfg.NodeNetns(name)); err != nil {
 		return err
 	}
 	os.RemoveAll(s.cfg.nodeBPFRoot(name))
@@ -571,7 +571,7 @@ func (s *supervisor) startProxy(ctx context.Context) error {
 		return fmt.Errorf("listen %s: %w", s.cfg.ProxyAddr, err)
 	}
 	target := netip.AddrPortFrom(s.cfg.controlPlaneAddr(), apiPort).String()
-	dial := dialIn(nsControlPlane)
+	dial := dialIn(s.cfg.nsControlPlane())
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()

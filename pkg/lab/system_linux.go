@@ -18,15 +18,16 @@ const (
 	bpffsMount = "/sys/fs/bpf"
 )
 
-// joinCgroup moves the calling process into the lab's cgroup; children
+// joinCgroup moves the calling process into the cgroup of the lab named
+// name; children
 // inherit it, so `lab down` can kill every lab process through cgroup.kill
 // even after the supervisor itself was killed.
-func joinCgroup() (string, error) {
+func joinCgroup(name string) (string, error) {
 	mnt, err := cgroup.V2Mount()
 	if err != nil {
 		return "", err
 	}
-	dir := filepath.Join(mnt, cgroupName)
+	dir := filepath.Join(mnt, CgroupNameFor(name))
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
 	}
@@ -36,15 +37,16 @@ func joinCgroup() (string, error) {
 	return dir, nil
 }
 
-// killCgroup kills every process of the lab cgroup and removes it. It
-// returns how many processes it found there.
-func killCgroup(dir string) (int, error) {
+// killCgroup kills every process of the lab cgroup (dir, or the one of the
+// lab named name when dir is "") and removes it. It returns how many
+// processes it found there.
+func killCgroup(dir, name string) (int, error) {
 	if dir == "" {
 		mnt, err := cgroup.V2Mount()
 		if err != nil {
 			return 0, nil
 		}
-		dir = filepath.Join(mnt, cgroupName)
+		dir = filepath.Join(mnt, CgroupNameFor(name))
 	}
 	if !fileExists(dir) {
 		return 0, nil

@@ -49,11 +49,11 @@ func ensureNetns(name string) error {
 }
 
 // setupUnderlay creates the underlay namespace and its bridge.
-func setupUnderlay() error {
-	if err := ensureNetns(nsUnderlay); err != nil {
+func (cfg *Config) setupUnderlay() error {
+	if err := ensureNetns(cfg.nsUnderlay()); err != nil {
 		return err
 	}
-	c, err := dialNetns(nsUnderlay)
+	c, err := dialNetns(cfg.nsUnderlay())
 	if err != nil {
 		return err
 	}
@@ -71,7 +71,7 @@ func setupUnderlay() error {
 			},
 		}
 		if err := c.Link.New(req); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("create bridge %s in %s: %w", underlayBridge, nsUnderlay, err)
+			return fmt.Errorf("create bridge %s in %s: %w", underlayBridge, cfg.nsUnderlay(), err)
 		}
 	}
 	return linkUp(c, underlayBridge)
@@ -80,11 +80,11 @@ func setupUnderlay() error {
 // attachHost creates the namespace name (unless it exists) and plugs it into
 // the underlay bridge with addr/len on its eth0. port names the bridge-side
 // veth (at most 15 bytes).
-func attachHost(name, port string, addr netip.Prefix) error {
+func (cfg *Config) attachHost(name, port string, addr netip.Prefix) error {
 	if err := ensureNetns(name); err != nil {
 		return err
 	}
-	uc, err := dialNetns(nsUnderlay)
+	uc, err := dialNetns(cfg.nsUnderlay())
 	if err != nil {
 		return err
 	}

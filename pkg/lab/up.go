@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -13,18 +14,21 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
 // UpOptions are the flags of `sinabro lab up`.
 type UpOptions struct {
 	Dir         string
+	Name        string // "" means DefaultName
 	KubeBinDir  string
 	Manifests   string
 	Nodes       int
 	PodsPerNode int
 	ClusterCIDR string
 	ServiceCIDR string
-	ProxyAddr   string
+	ProxyAddr   string   // "": DefaultProxyAddr for the default lab, a free loopback port for others
 	KubeProxy   string   // "none", "iptables" or "nftables"
 	AgentArgs   []string // extra agent flags (development)
 	Timeout     time.Duration
@@ -36,6 +40,12 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	start := time.Now()
 	if os.Geteuid() != 0 {
 		return errors.New("the lab needs root: it creates network namespaces, mounts bpffs and runs agents")
+	}
+	if o.Name == "" {
+		o.Name = DefaultName
+	}
+	if err := ValidateName(o.Name); err != nil {
+		return err
 	}
 	if o.Nodes < 1 || o.Nodes > 200 {
 		return fmt.Errorf("--nodes %d: want 1..200", o.Nodes)
@@ -59,9 +69,15 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 			return fmt.Errorf("clean up previous lab: %w", err)
 		}
 	}
-	// Namespace names are global: a lab from another --dir would collide.
-	if names, _ := filepath.Glob(filepath.Join("/run/netns", NetnsPrefix+"*")); len(names) > 0 {
-		return fmt.Errorf("namespaces of another lab exist (%s, …): run `sinabro lab down --dir <its dir>` first", filepath.Base(names[0]))
+	// Namespace names are global: a lab of the same name from another
+	// --dir would collide (labs of other names do not).
+	if names, _ := filepath.Glob(filepath.Join(netns.RunDir, NetnsPrefix(o.Name)+"*")); len(names) > 0 {
+		return fmt.Errorf("namespaces of another lab named %s exist (%s, …): run `sinabro lab down --dir <its dir>` first, or pick another --name", o.Name, filepath.Base(names[0]))
+	}
+	if o.ProxyAddr == "" {
+		if o.ProxyAddr, err = defaultProxyAddr(o.Name); err != nil {
+			return err
+		}
 	}
 	exe, err := os.Executable()
 	if err != nil {
@@ -70,9 +86,9 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	kubeBin, _ := filepath.Abs(o.KubeBinDir)
 	dir, _ := filepath.Abs(o.Dir)
 	cfg := &Config{
-		Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
+		Name: o.Name, Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
-		BPFRoot: DefaultBPFRoot, ProxyAddr: o.ProxyAddr, PodsPerNode: o.PodsPerNode,
+		BPFRoot: BPFRootFor(o.Name), ProxyAddr: o.ProxyAddr, PodsPerNode: o.PodsPerNode,
 		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs,
 	}
 	for i := 1; i <= o.Nodes; i++ {
@@ -85,8 +101,8 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err := cfg.save(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "lab dir %s: %d nodes × %d pods, cluster CIDR %s, kube-proxy %s, control plane from %s\n",
-		dir, o.Nodes, o.PodsPerNode, o.ClusterCIDR, kubeProxy, kubeBin)
+	fmt.Fprintf(out, "lab %s in %s: %d nodes × %d pods, cluster CIDR %s, kube-proxy %s, control plane from %s\n",
+		o.Name, dir, o.Nodes, o.PodsPerNode, o.ClusterCIDR, kubeProxy, kubeBin)
 	if len(o.AgentArgs) > 0 {
 		fmt.Fprintf(out, "agents run with extra flags %s\n", strings.Join(o.AgentArgs, " "))
 	}
@@ -101,8 +117,24 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "\nlab up in %.1fs\n  kubeconfig: %s   (export KUBECONFIG=%s)\n  in-lab kubeconfig: %s\n  logs: %s\n  a node's shell: ip netns exec %s bash\n  next: sinabro lab check; sinabro lab status; sinabro lab down\n",
-		time.Since(start).Seconds(), l.AdminKubeconfig(), l.AdminKubeconfig(), l.InternalKubeconfig(), l.Logs(), nodeNetns(cfg.Nodes[0]))
+		time.Since(start).Seconds(), l.AdminKubeconfig(), l.AdminKubeconfig(), l.InternalKubeconfig(), l.Logs(), cfg.NodeNetns(cfg.Nodes[0]))
 	return nil
+}
+
+// defaultProxyAddr is where the admin kubeconfig of the lab named name
+// reaches the apiserver: DefaultProxyAddr for the default lab, so its
+// kubeconfig stays the same from one lab to the next; a loopback port free
+// now for any other, so it runs beside the default lab.
+func defaultProxyAddr(name string) (string, error) {
+	if name == DefaultName {
+		return DefaultProxyAddr, nil
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("find a free loopback port for the api proxy: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
 }
 
 // startSupervisor launches `sinabro lab supervise` detached (own session,

@@ -149,7 +149,7 @@ func newAccelLab(t *testing.T, l *testLab) *accelLab {
 		if p.Status.PodIP == "" {
 			t.Fatalf("%s has no IP", name)
 		}
-		a.pods[name] = labPod{name: name, node: p.Spec.NodeName, ip: p.Status.PodIP, netns: lab.PodNetns(string(p.UID))}
+		a.pods[name] = labPod{name: name, node: p.Spec.NodeName, ip: p.Status.PodIP, netns: lab.PodNetnsOf(labName, string(p.UID))}
 	}
 	return a
 }

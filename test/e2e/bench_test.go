@@ -51,7 +51,7 @@ func TestBenchOverlay(t *testing.T) {
 	for _, n := range nodes.Items {
 		for _, a := range n.Status.Addresses {
 			if a.Type == corev1.NodeInternalIP {
-				ends[n.Name] = endpoint{netns.Path(lab.NetnsPrefix + n.Name), a.Address}
+				ends[n.Name] = endpoint{netns.Path(labNetns(n.Name)), a.Address}
 			}
 		}
 	}
@@ -63,7 +63,7 @@ func TestBenchOverlay(t *testing.T) {
 		if p.Spec.HostNetwork || p.Status.PodIP == "" {
 			continue
 		}
-		ends["pod-on-"+p.Spec.NodeName] = endpoint{netns.Path(lab.PodNetns(string(p.UID))), p.Status.PodIP}
+		ends["pod-on-"+p.Spec.NodeName] = endpoint{netns.Path(lab.PodNetnsOf(labName, string(p.UID))), p.Status.PodIP}
 	}
 	pairs := []struct{ name, from, to string }{
 		{"pod→pod across nodes (vxlan)", "pod-on-node-1", "pod-on-node-2"},
@@ -147,7 +147,7 @@ func TestBenchAgentMemory(t *testing.T) {
 	// Wait until node-1 has a route to every other node's pod CIDR.
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		out, _ := inNetns(netns.Path(lab.NetnsPrefix+"node-1"), "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
+		out, _ := inNetns(netns.Path(labNetns("node-1")), "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
 		if strings.Count(out, " via ") >= 99 {
 			break
 		}

@@ -97,7 +97,7 @@ func newDatapathLab(t *testing.T, l *testLab, node string) *datapathLab {
 	for _, p := range pods.Items {
 		if p.Spec.NodeName == node && !p.Spec.HostNetwork && p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" {
 			d.podIP, _ = netip.ParseAddr(p.Status.PodIP)
-			d.podNetns = netns.Path(lab.PodNetns(string(p.UID)))
+			d.podNetns = netns.Path(lab.PodNetnsOf(labName, string(p.UID)))
 			break
 		}
 	}
@@ -363,7 +363,7 @@ func (d *datapathLab) killAgent(t *testing.T) {
 // agent health address, 127.0.0.1:9962).
 func (d *datapathLab) agentReady() bool {
 	ok := false
-	netns.Do(netns.Path(lab.NetnsPrefix+d.node), func() error {
+	netns.Do(netns.Path(labNetns(d.node)), func() error {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:9962", time.Second)
 		if err != nil {
 			return err

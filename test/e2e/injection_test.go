@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/sinabro-io/sinabro/pkg/agent"
-	"github.com/sinabro-io/sinabro/pkg/lab"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -75,14 +74,14 @@ func TestOverlayInjection(t *testing.T) {
 	}
 
 	before := counterValue(t, d, "drop_vxlan_unknown_peer")
-	send(lab.NetnsPrefix+"ext", "from the external host")
+	send(labNetns("ext"), "from the external host")
 	if received("from the external host") {
 		t.Error("a VXLAN packet from the external host reached the pod")
 	}
 	if after := counterValue(t, d, "drop_vxlan_unknown_peer"); after < before+3 {
 		t.Errorf("masq_ingress drop_vxlan_unknown_peer went %d → %d, want +3", before, after)
 	}
-	send(lab.NetnsPrefix+"node-2", "from the peer node")
+	send(labNetns("node-2"), "from the peer node")
 	if !received("from the peer node") {
 		t.Error("a VXLAN packet from the peer node-2 did not reach the pod")
 	}

@@ -56,26 +56,26 @@ func TestLab(t *testing.T) {
 		if !strings.Contains(out, "3/3 accelerated") {
 			t.Errorf("check did not confirm TCP acceleration on all 3 nodes")
 		}
-		dbg, err := exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_sock_counters").CombinedOutput()
+		dbg, err := exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.BPFRootFor(labName), "node-1"), "sb_sock_counters").CombinedOutput()
 		if err != nil || !regexp.MustCompile(`message\s+redirect\s+[1-9]`).Match(dbg) {
 			t.Errorf("debug maps sb_sock_counters shows no redirected messages (%v):\n%s", err, dbg)
 		}
 		// Cross-node pod traffic left node-1 encapsulated in eBPF, and
 		// came back decapsulated in eBPF, one remote prefix per other node;
 		// traffic for the external host left through the uplink directly.
-		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_counters").CombinedOutput()
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.BPFRootFor(labName), "node-1"), "sb_counters").CombinedOutput()
 		for _, re := range []string{`host_route\s+redirect_tunnel\s+[1-9]`, `host_route\s+encap\s+[1-9]`, `masq_ingress\s+decap\s+[1-9]`, `host_route\s+redirect_neigh\s+[1-9]`} {
 			if err != nil || !regexp.MustCompile(re).Match(dbg) {
 				t.Errorf("debug maps sb_counters has no %q: cross-node traffic missed the eBPF tunnel (%v):\n%s", re, err, dbg)
 			}
 		}
-		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1"), "sb_remote_cidrs").CombinedOutput()
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.BPFRootFor(labName), "node-1"), "sb_remote_cidrs").CombinedOutput()
 		// Each with the node's underlay address and, from the routing
 		// table, its next hop (on link in the lab: the same address).
 		if err != nil || len(regexp.MustCompile(`(?m)^10\.\S+\s.*\s(172\.31\.250\.\d+)\s+172\.31\.250\.\d+\s*$`).FindAll(dbg, -1)) != 2 {
 			t.Errorf("debug maps sb_remote_cidrs does not list the 2 other nodes' pod CIDRs with VTEP and next hop (%v):\n%s", err, dbg)
 		}
-		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.DefaultBPFRoot, "node-1")).CombinedOutput()
+		dbg, err = exec.Command(binary, "debug", "maps", "--bpf-root", filepath.Join(lab.BPFRootFor(labName), "node-1")).CombinedOutput()
 		if err != nil || !strings.Contains(string(dbg), "sb_sock_hash") || !strings.Contains(string(dbg), "sb_ct") {
 			t.Errorf("debug maps does not list the datapath and acceleration maps (%v):\n%s", err, dbg)
 		}
@@ -271,11 +271,11 @@ func TestLabDownAfterCrash(t *testing.T) {
 		out := l.mustSinabro(t, "down")
 		t.Logf("lab down #%d:\n%s", i+1, out)
 	}
-	assertClean(t, l.dir)
+	assertClean(t, l.dir, l.name)
 }
 
 func podNetnsName(p *corev1.Pod) string {
-	return lab.NetnsPrefix + "pod-" + strings.ReplaceAll(string(p.UID), "-", "")[:16]
+	return lab.PodNetnsOf(labName, string(p.UID))
 }
 
 func waitPodRunning(t *testing.T, cs *kube.Client, name string) {
@@ -305,7 +305,7 @@ func readPid(t *testing.T, path string) int {
 // ipJSON runs iproute2 with JSON output inside a node's namespace.
 func ipJSON(t *testing.T, node string, args ...string) []map[string]any {
 	t.Helper()
-	full := append([]string{"netns", "exec", lab.NetnsPrefix + node}, args...)
+	full := append([]string{"netns", "exec", labNetns(node)}, args...)
 	out, err := exec.Command("ip", full...).Output()
 	if err != nil {
 		t.Fatalf("ip %s: %v", strings.Join(full, " "), err)

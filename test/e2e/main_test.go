@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,7 +26,24 @@ var (
 	binary     string // the sinabro executable under test
 	kubeBinDir string
 	skipReason string
+	// labName names this run's labs (they run one after another, except in
+	// TestLabsSideBySide): its own namespace prefix, bpffs root and cgroup,
+	// so the suite runs beside a user's lab (named lab.DefaultName).
+	labName = randomLabName("sbe2e")
 )
+
+// randomLabName is prefix followed by 4 random lowercase letters or digits.
+func randomLabName(prefix string) string {
+	const chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := []byte(prefix)
+	for range 4 {
+		b = append(b, chars[rand.IntN(len(chars))])
+	}
+	return string(b)
+}
+
+// labNetns names a network namespace of this run's lab ("node-1", "ext").
+func labNetns(suffix string) string { return lab.NetnsPrefix(labName) + suffix }
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -43,8 +61,6 @@ func run(m *testing.M) int {
 		kubeBinDir = findKubeBins(root)
 		if kubeBinDir == "" {
 			skipReason = "no control-plane binaries: set SINABRO_KUBE_BIN_DIR or run scripts/build-kube.sh"
-		} else if names, _ := filepath.Glob("/run/netns/" + lab.NetnsPrefix + "*"); len(names) > 0 {
-			skipReason = fmt.Sprintf("another lab is running (%d %s* namespaces); run `sinabro lab down`", len(names), lab.NetnsPrefix)
 		}
 	}
 	if skipReason == "" {
@@ -104,8 +120,9 @@ func findKubeBins(root string) string {
 
 // testLab is one lab under test, in its own dir.
 type testLab struct {
-	t   *testing.T
-	dir string
+	t    *testing.T
+	dir  string
+	name string // --name
 }
 
 // newLab brings the default lab up: kube-proxy in nftables mode, as in most
@@ -122,6 +139,12 @@ func newLab(t *testing.T, nodes, podsPerNode int) (*testLab, time.Duration) {
 // e.g. --host-routing=false to tell a datapath bug from a lab bug.
 func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLab, time.Duration) {
 	t.Helper()
+	return newNamedLab(t, labName, nodes, podsPerNode, kubeProxy)
+}
+
+// newNamedLab brings up a lab named name, in a dir of its own.
+func newNamedLab(t *testing.T, name string, nodes, podsPerNode int, kubeProxy string) (*testLab, time.Duration) {
+	t.Helper()
 	if skipReason != "" {
 		t.Skip(skipReason)
 	}
@@ -136,7 +159,7 @@ func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLa
 	}
 	t.Cleanup(func() { os.RemoveAll(base) }) // after lab down
 	dir := filepath.Join(base, "lab")
-	l := &testLab{t: t, dir: dir}
+	l := &testLab{t: t, dir: dir, name: name}
 	t.Cleanup(func() {
 		if t.Failed() {
 			l.dumpLogs()
@@ -144,9 +167,9 @@ func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLa
 		if out, err := l.sinabro("down"); err != nil {
 			t.Errorf("lab down: %v\n%s", err, out)
 		}
-		assertClean(t, dir)
+		assertClean(t, dir, name)
 	})
-	args := []string{"up", "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
+	args := []string{"up", "--name", name, "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
 		"--nodes", fmt.Sprint(nodes), "--pods-per-node", fmt.Sprint(podsPerNode), "--kube-proxy", kubeProxy}
 	for _, a := range strings.Fields(os.Getenv("SINABRO_E2E_AGENT_ARGS")) {
 		args = append(args, "--agent-arg="+a)
@@ -157,7 +180,7 @@ func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLa
 	if err != nil {
 		t.Fatalf("lab up: %v\n%s", err, out)
 	}
-	t.Logf("lab up (%d×%d, kube-proxy %s) in %s\n%s", nodes, podsPerNode, kubeProxy, took.Round(100*time.Millisecond), out)
+	t.Logf("lab %s up (%d×%d, kube-proxy %s) in %s\n%s", name, nodes, podsPerNode, kubeProxy, took.Round(100*time.Millisecond), out)
 	return l, took
 }
 
@@ -165,6 +188,11 @@ func (l *testLab) sinabro(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	full := append([]string{"lab", "--dir", l.dir}, args...)
+	if len(args) > 0 && args[0] == "down" {
+		// Once lab.json is gone, a plain `lab down` means the default
+		// lab's leftovers: a user's lab, never this one.
+		full = append(full, "--name", l.name)
+	}
 	// `lab --dir` is a persistent flag: it may come before the subcommand.
 	cmd := exec.CommandContext(ctx, binary, full...)
 	var buf bytes.Buffer
@@ -198,20 +226,22 @@ func (l *testLab) dumpLogs() {
 	}
 }
 
-// assertClean checks `lab down` left nothing behind.
-func assertClean(t *testing.T, dir string) {
+// assertClean checks `lab down` left nothing of the lab named name (in dir)
+// behind; other labs (a user's) may run.
+func assertClean(t *testing.T, dir, name string) {
 	t.Helper()
-	if names, _ := filepath.Glob("/run/netns/" + lab.NetnsPrefix + "*"); len(names) > 0 {
+	if names, _ := filepath.Glob("/run/netns/" + lab.NetnsPrefix(name) + "*"); len(names) > 0 {
 		t.Errorf("network namespaces left: %v", names)
 	}
-	if _, err := os.Stat(lab.DefaultBPFRoot); err == nil {
-		t.Errorf("bpffs root %s left", lab.DefaultBPFRoot)
+	if root := lab.BPFRootFor(name); exists(root) {
+		t.Errorf("bpffs root %s left", root)
 	}
-	if _, err := os.Stat(dir); err == nil {
+	if exists(dir) {
 		t.Errorf("lab dir %s left", dir)
 	}
-	for _, cg := range []string{"/sys/fs/cgroup/unified/sinabro-lab", "/sys/fs/cgroup/sinabro-lab"} {
-		if _, err := os.Stat(cg); err == nil {
+	cgroup := lab.CgroupNameFor(name)
+	for _, cg := range []string{"/sys/fs/cgroup/unified/" + cgroup, "/sys/fs/cgroup/" + cgroup} {
+		if exists(cg) {
 			t.Errorf("cgroup %s left", cg)
 		}
 	}
@@ -235,6 +265,11 @@ func assertClean(t *testing.T, dir string) {
 			t.Errorf("process left: %s", strings.ReplaceAll(string(b), "\x00", " "))
 		}
 	}
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
 
 // waitFor polls cond until it holds or timeout passes.

@@ -247,7 +247,7 @@ func podOn(t *testing.T, cs *kube.Client, node string) netip.Addr {
 
 // overlayCounts counts node's routes and FDB entries on the vxlan device.
 func overlayCounts(node string) (routes, fdb int) {
-	ns := netns.Path(lab.NetnsPrefix + node)
+	ns := netns.Path(labNetns(node))
 	out, _ := inNetns(ns, "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
 	routes = strings.Count(out, " via ")
 	out, _ = inNetns(ns, "bridge", "fdb", "show", "dev", "sinabro.vxlan")
@@ -258,7 +258,7 @@ func overlayCounts(node string) (routes, fdb int) {
 // ipRoutes lists node's routes through the vxlan device (the node's own
 // default route leaves through the underlay).
 func ipRoutes(node string) string {
-	out, _ := inNetns(netns.Path(lab.NetnsPrefix+node), "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
+	out, _ := inNetns(netns.Path(labNetns(node)), "ip", "-o", "route", "show", "dev", "sinabro.vxlan")
 	return out
 }
 
@@ -267,7 +267,7 @@ func ipRoutes(node string) string {
 func agentMetrics(t *testing.T, node string) map[string]float64 {
 	t.Helper()
 	out := map[string]float64{}
-	err := netns.Do(netns.Path(lab.NetnsPrefix+node), func() error {
+	err := netns.Do(netns.Path(labNetns(node)), func() error {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:9962", 2*time.Second)
 		if err != nil {
 			return err
@@ -299,7 +299,7 @@ func agentMetrics(t *testing.T, node string) map[string]float64 {
 
 func readyz(node string) bool {
 	ok := false
-	netns.Do(netns.Path(lab.NetnsPrefix+node), func() error {
+	netns.Do(netns.Path(labNetns(node)), func() error {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:9962", time.Second)
 		if err != nil {
 			return err

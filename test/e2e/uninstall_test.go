@@ -56,7 +56,7 @@ func TestUninstall(t *testing.T) {
 	ctx := context.Background()
 	const node, pod = "node-1", "node-1-pod-1"
 	layout := lab.Layout{Dir: l.dir}
-	nsPath := filepath.Join(netns.RunDir, lab.NetnsPrefix+node)
+	nsPath := filepath.Join(netns.RunDir, labNetns(node))
 	bpfRoot := filepath.Join(cfg.BPFRoot, node)
 	stateDir := filepath.Join(layout.Node(node), "state")
 	binDir, confDir := layout.NodeCNIBin(node), layout.NodeCNIConf(node)
@@ -250,7 +250,7 @@ func leftovers(t *testing.T, node, nsPath, bpfRoot, podCgroup, binDir, confDir, 
 			out = append(out, "pod interface "+name)
 		}
 		for _, dir := range []string{"ingress", "egress"} {
-			b, err := exec.Command("tc", "-j", "-n", lab.NetnsPrefix+node, "filter", "show", "dev", name, dir).Output()
+			b, err := exec.Command("tc", "-j", "-n", labNetns(node), "filter", "show", "dev", name, dir).Output()
 			var filters []map[string]any
 			if err == nil && len(strings.TrimSpace(string(b))) > 0 {
 				json.Unmarshal(b, &filters)
@@ -259,7 +259,7 @@ func leftovers(t *testing.T, node, nsPath, bpfRoot, podCgroup, binDir, confDir, 
 				out = append(out, fmt.Sprintf("tc %s filters on %s: %s", dir, name, strings.TrimSpace(string(b))))
 			}
 		}
-		if b, err := exec.Command("tc", "-n", lab.NetnsPrefix+node, "qdisc", "show", "dev", name).Output(); err == nil && strings.Contains(string(b), "clsact") {
+		if b, err := exec.Command("tc", "-n", labNetns(node), "qdisc", "show", "dev", name).Output(); err == nil && strings.Contains(string(b), "clsact") {
 			out = append(out, "clsact qdisc on "+name)
 		}
 	}
@@ -307,7 +307,7 @@ func leftovers(t *testing.T, node, nsPath, bpfRoot, podCgroup, binDir, confDir, 
 			}
 		}
 	}
-	if b, err := exec.Command("ip", "netns", "exec", lab.NetnsPrefix+node, "nft", "list", "tables").Output(); err == nil && strings.Contains(string(b), "sinabro") {
+	if b, err := exec.Command("ip", "netns", "exec", labNetns(node), "nft", "list", "tables").Output(); err == nil && strings.Contains(string(b), "sinabro") {
 		out = append(out, "nftables: "+strings.TrimSpace(string(b)))
 	}
 	filepath.WalkDir(bpfRoot, func(path string, d fs.DirEntry, err error) error {
