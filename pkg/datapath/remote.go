@@ -172,30 +172,36 @@ func addrString(a netip.Addr) string {
 // from any other source is dropped and counted (drop_vxlan_unknown_peer).
 func (d *Datapath) SetVTEPPeers(want []netip.Addr) error {
 	m := d.objs.SbVtepPeers
+	var (
+		k, v uint32
+		have = map[uint32]bool{}
+		errs []error
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		have[k] = true
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list VTEP peers: %w", err)
+	}
 	keep := make(map[uint32]bool, len(want))
-	var errs []error
 	for _, a := range want {
 		if !a.Is4() {
 			continue // IPv6 underlays are the vxlan device's
 		}
 		k := be32(a)
 		keep[k] = true
+		if have[k] {
+			continue // written once, never changes
+		}
 		if err := m.Put(k, uint32(1)); err != nil {
 			errs = append(errs, fmt.Errorf("put %v in VTEP peers: %w", a, err))
 		}
 	}
-	var k, v uint32
-	var stale []uint32
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if !keep[k] {
-			stale = append(stale, k)
+	for k := range have {
+		if keep[k] {
+			continue
 		}
-	}
-	if err := it.Err(); err != nil {
-		errs = append(errs, fmt.Errorf("list VTEP peers: %w", err))
-	}
-	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("delete %v from VTEP peers: %w", addrFromBE32(k), err))
 		}

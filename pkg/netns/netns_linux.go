@@ -22,8 +22,8 @@ func Path(name string) string { return filepath.Join(RunDir, name) }
 // Create makes a new named network namespace and returns its path. It fails
 // with an error wrapping os.ErrExist when the name is taken.
 func Create(name string) (string, error) {
-	if err := os.MkdirAll(RunDir, 0o755); err != nil {
-		return "", fmt.Errorf("create %s: %w", RunDir, err)
+	if err := ensureRunDir(); err != nil {
+		return "", err
 	}
 	path := Path(name)
 	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
@@ -54,6 +54,27 @@ func Create(name string) (string, error) {
 		return "", err
 	}
 	return path, nil
+}
+
+// ensureRunDir makes RunDir a shared mount point of its own, as `ip netns
+// add` does before its first namespace. Were it left a plain directory, the
+// next `ip netns add` (any tool's) would turn it into a bind mount of itself
+// then, and namespaces mounted here before would no longer be reachable by
+// their path (entering fails with EINVAL, removing with EBUSY).
+func ensureRunDir() error {
+	if err := os.MkdirAll(RunDir, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", RunDir, err)
+	}
+	err := unix.Mount("", RunDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	if errors.Is(err, unix.EINVAL) { // not a mount point yet
+		if err = unix.Mount(RunDir, RunDir, "none", unix.MS_BIND|unix.MS_REC, ""); err == nil {
+			err = unix.Mount("", RunDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("make %s a shared mount point: %w", RunDir, err)
+	}
+	return nil
 }
 
 // Delete unmounts and removes the named namespace. A missing one is not an error.
