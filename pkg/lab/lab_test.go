@@ -1,8 +1,10 @@
 package lab
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -105,6 +107,25 @@ func TestValidateName(t *testing.T) {
 		if err := ValidateName(name); err == nil {
 			t.Errorf("ValidateName(%q) = nil, want an error", name)
 		}
+	}
+}
+
+// TestDownName: `lab down` takes the name from lab.json and refuses another
+// --name (it would remove that lab's namespaces); without lab.json, a bad
+// --name is refused before anything is touched.
+func TestDownName(t *testing.T) {
+	dir := t.TempDir()
+	cfg := &Config{Name: "laba", Dir: dir}
+	if err := cfg.save(); err != nil {
+		t.Fatal(err)
+	}
+	err := Down(context.Background(), DownOptions{Dir: dir, Name: "labb"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), `named "laba"`) {
+		t.Errorf("Down(--name labb) of lab laba = %v, want a name mismatch", err)
+	}
+	err = Down(context.Background(), DownOptions{Dir: t.TempDir(), Name: "sblab-x"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "lab name") {
+		t.Errorf("Down(--name sblab-x) = %v, want an invalid name", err)
 	}
 }
 
