@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -300,14 +301,23 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 	var state []StateCheck
 	// Probe what the API says, once kube-proxy has caught up with it (a
 	// pod just recreated may still have its old endpoint in the rules).
-	for _, n := range nodes {
-		err := waitServicesProgrammed(ctx, cs, cfg, n.Name, 10*time.Second)
-		sc := StateCheck{What: fmt.Sprintf("kube-proxy on %s programmed the Services", n.Name), OK: err == nil, Detail: "rules match the API's Services and ready endpoints"}
-		if err != nil {
-			sc.Detail = err.Error()
-		}
-		state = append(state, sc)
+	programmed := make([]StateCheck, len(nodes))
+	var wg sync.WaitGroup
+	for i, n := range nodes {
+		wg.Go(func() {
+			err := fmt.Errorf("no network namespace %s (not a lab node)", n.Netns)
+			if fileExists(netns.Path(n.Netns)) {
+				err = waitServicesProgrammed(ctx, cs, cfg, n.Name, 10*time.Second)
+			}
+			programmed[i] = StateCheck{What: fmt.Sprintf("kube-proxy on %s programmed the Services", n.Name), OK: err == nil,
+				Detail: "rules match the API's Services and ready endpoints"}
+			if err != nil {
+				programmed[i].Detail = err.Error()
+			}
+		})
 	}
+	wg.Wait()
+	state = append(state, programmed...)
 	for _, n := range nodes {
 		at, err := kubeProxySynced(ctx, cfg, n.Name)
 		sc := StateCheck{What: fmt.Sprintf("kube-proxy (%s) on %s synced", cfg.KubeProxy, n.Name), OK: err == nil && !at.IsZero()}
