@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -85,6 +86,11 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	}
 	kubeBin, _ := filepath.Abs(o.KubeBinDir)
 	dir, _ := filepath.Abs(o.Dir)
+	// Node state dirs under the lab dir become the conflists' dataDir,
+	// which the CNI plugin confines to /var/lib.
+	if rel, err := filepath.Rel(cni.DataDirRoot, dir); err != nil || rel == "." || !filepath.IsLocal(rel) {
+		return fmt.Errorf("--dir %s: the lab dir must lie under %s (its nodes' IPAM state is the CNI plugin's dataDir, confined there)", dir, cni.DataDirRoot)
+	}
 	cfg := &Config{
 		Name: o.Name, Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
