@@ -14,7 +14,8 @@ import (
 
 // TestLabsSideBySide runs two labs of different names and dirs at once
 // (1 node × 1 pod each, no kube-proxy, to stay quick): both pass `lab
-// check`, each through its own admin proxy port. The second then crashes
+// check`, each through its own admin proxy port, and a third lab of the
+// first one's name is refused. The second then crashes
 // (supervisor killed, lab.json gone) and `lab down --name` removes all of it
 // and nothing of the first, which still passes its check.
 func TestLabsSideBySide(t *testing.T) {
@@ -28,6 +29,11 @@ func TestLabsSideBySide(t *testing.T) {
 	}
 	a.mustSinabro(t, "check")
 	b.mustSinabro(t, "check")
+	// Only a lab of the same name is in the way.
+	dup := &testLab{t: t, dir: filepath.Join(t.TempDir(), "lab"), name: a.name}
+	if out, err := dup.sinabro("up", "--name", a.name, "--kube-bin-dir", kubeBinDir, "--nodes", "1"); err == nil || !strings.Contains(out, "named "+a.name) {
+		t.Errorf("a second lab named %s started or failed for another reason (%v):\n%s", a.name, err, out)
+	}
 	for _, l := range []*testLab{a, b} {
 		if out := l.mustSinabro(t, "status"); !strings.Contains(out, lab.NetnsPrefix(l.name)+"node-1") {
 			t.Errorf("lab %s status does not show its node namespace %s:\n%s", l.name, lab.NetnsPrefix(l.name)+"node-1", out)
