@@ -159,6 +159,31 @@ func (a *Agent) setRemotes(d *datapath.Datapath, want []datapath.Remote, sel Sel
 	return nil
 }
 
+// datapathConfig is the configuration the datapath is loaded with.
+func (a *Agent) datapathConfig(self nodeInfo, under overlay.Link, cluster, nonMasq []netip.Prefix) datapath.Config {
+	cfg := datapath.Config{
+		BPFRoot:       a.cfg.BPFRoot,
+		UplinkIfindex: int(under.Index),
+		NodeIP:        self.InternalIP,
+		ClusterCIDRs:  cluster,
+		NonMasqCIDRs:  nonMasq,
+		Attach:        a.cfg.TCAttach,
+	}
+	if a.cfg.HostRouting { // decapsulation hands packets straight to pods
+		cfg.VXLANPort, cfg.VXLANVNI = a.cfg.VXLANPort, a.cfg.VXLANVNI
+		// Straight out of the uplink only where no nftables masquerade
+		// in the stack would be skipped.
+		cfg.RouteOut = !a.cfg.Masquerade || a.cfg.MasqueradeBackend == BackendEBPF
+		// Only host routing's shortcuts (redirects, decapsulation, the
+		// reply path into local pods) can skip a translation the stack
+		// made. Masquerading alone hands every reply to the stack, so it
+		// needs no kfuncs: on a kernel without them (New turned host
+		// routing off) Load must not fail for want of them.
+		cfg.KernelCT = a.cfg.KubeProxyCoexistence
+	}
+	return cfg
+}
+
 // ensureDatapath loads (or adopts) the eBPF datapath on the underlay device
 // and keeps its prefixes in line with the cluster, or removes a datapath
 // left by an earlier run when this configuration uses none. The peers' pod
@@ -194,21 +219,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	// First load, or the node's address or uplink changed (the node IP is
 	// compiled into the programs): load anew. Links are re-pointed
 	// atomically and the pinned maps, conntrack included, are kept.
-	cfg := datapath.Config{
-		BPFRoot:       a.cfg.BPFRoot,
-		UplinkIfindex: int(under.Index),
-		NodeIP:        self.InternalIP,
-		ClusterCIDRs:  cluster,
-		NonMasqCIDRs:  nonMasq,
-		Attach:        a.cfg.TCAttach,
-	}
-	if a.cfg.HostRouting { // decapsulation hands packets straight to pods
-		cfg.VXLANPort, cfg.VXLANVNI = a.cfg.VXLANPort, a.cfg.VXLANVNI
-		// Straight out of the uplink only where no nftables masquerade
-		// in the stack would be skipped.
-		cfg.RouteOut = !a.cfg.Masquerade || a.cfg.MasqueradeBackend == BackendEBPF
-	}
-	cfg.KernelCT = a.cfg.KubeProxyCoexistence
+	cfg := a.datapathConfig(self, under, cluster, nonMasq)
 	var d *datapath.Datapath
 	if err := a.inNetNS(func() (err error) {
 		d, err = datapath.Load(ctx, cfg)

@@ -107,6 +107,37 @@ func TestEndpointRelevant(t *testing.T) {
 	}
 }
 
+func TestDatapathConfig(t *testing.T) {
+	self := nodeInfo{InternalIP: netip.MustParseAddr("192.168.1.1")}
+	under := overlay.Link{Index: 2}
+	tests := []struct {
+		name         string
+		cfg          Config
+		wantKernelCT bool
+		wantRouteOut bool
+		wantVXLAN    bool
+	}{
+		{"host routing with coexistence asks the kernel's conntrack",
+			Config{HostRouting: true, KubeProxyCoexistence: true, Masquerade: true, MasqueradeBackend: BackendEBPF, VXLANPort: 8472, VXLANVNI: 1}, true, true, true},
+		{"host routing without coexistence",
+			Config{HostRouting: true, Masquerade: true, MasqueradeBackend: BackendNFTables, VXLANPort: 8472, VXLANVNI: 1}, false, false, true},
+		// New turns host routing off where the kfuncs are missing: the
+		// masquerade-only datapath must then load without them.
+		{"masquerading only: no kfuncs needed",
+			Config{KubeProxyCoexistence: true, Masquerade: true, MasqueradeBackend: BackendEBPF, VXLANPort: 8472, VXLANVNI: 1}, false, false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := &Agent{cfg: tt.cfg}
+			got := a.datapathConfig(self, under, nil, nil)
+			if got.KernelCT != tt.wantKernelCT || got.RouteOut != tt.wantRouteOut || (got.VXLANPort != 0) != tt.wantVXLAN {
+				t.Errorf("KernelCT, RouteOut, VXLAN = %v, %v, %v; want %v, %v, %v",
+					got.KernelCT, got.RouteOut, got.VXLANPort != 0, tt.wantKernelCT, tt.wantRouteOut, tt.wantVXLAN)
+			}
+		})
+	}
+}
+
 func TestDatapathRemotes(t *testing.T) {
 	local, _ := net.ParseMAC("02:00:00:00:00:01")
 	peerB, _ := net.ParseMAC("02:00:00:00:00:02")
