@@ -19,6 +19,11 @@ import (
 // changed is replaced instead of failing the load. Every other map
 // (conntrack, counters) must be adopted as it is.
 func LoadPinned(spec *ebpf.CollectionSpec, objs any, pinDir, what string, rebuildable ...string) error {
+	return LoadPinnedWith(spec, objs, pinDir, what, ebpf.ProgramOptions{}, rebuildable...)
+}
+
+// LoadPinnedWith is LoadPinned with program options (the CO-RE targets).
+func LoadPinnedWith(spec *ebpf.CollectionSpec, objs any, pinDir, what string, progs ebpf.ProgramOptions, rebuildable ...string) error {
 	if pinDir == "" {
 		for _, m := range spec.Maps {
 			m.Pinning = ebpf.PinNone
@@ -42,7 +47,7 @@ func LoadPinned(spec *ebpf.CollectionSpec, objs any, pinDir, what string, rebuil
 			}
 		}
 	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, Programs: progs}
 	if err := spec.LoadAndAssign(objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {

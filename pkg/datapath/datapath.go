@@ -38,6 +38,7 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"golang.org/x/sys/unix"
 
 	"github.com/sinabro-io/sinabro/pkg/bpffs"
@@ -249,7 +250,31 @@ func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
 	sizePrefixMaps(spec)
 	// The prefix and endpoint maps are rewritten by the agent after every
 	// load; conntrack and counters are kept.
-	return bpffs.LoadPinned(spec, objs, pinDir, "datapath", "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers")
+	progs, err := programOptions(cfg)
+	if err != nil {
+		return err
+	}
+	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers")
+}
+
+// programOptions are the options the programs load with. The programs'
+// only CO-RE read (nf_conn's status, bpf/lib/kct.h) is dead code without
+// cfg.KernelCT: it is then relocated against no types at all (the read is
+// poisoned, and the verifier never reaches it), so that a kernel without
+// BTF still loads the datapath, and no module's BTF is read at load.
+func programOptions(cfg Config) (ebpf.ProgramOptions, error) {
+	if cfg.KernelCT {
+		return ebpf.ProgramOptions{}, nil
+	}
+	none, err := btf.NewBuilder(nil, nil)
+	if err != nil {
+		return ebpf.ProgramOptions{}, fmt.Errorf("empty BTF for CO-RE: %w", err)
+	}
+	spec, err := none.Spec()
+	if err != nil {
+		return ebpf.ProgramOptions{}, fmt.Errorf("empty BTF for CO-RE: %w", err)
+	}
+	return ebpf.ProgramOptions{KernelTypes: spec}, nil
 }
 
 // Close releases the process's handles. The pinned maps and links, and so
