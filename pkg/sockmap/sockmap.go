@@ -14,10 +14,10 @@
 // A restarted agent adopts what it finds (links are re-pointed to the new
 // programs with link.Update). The agent uses it like this:
 //
-//	a, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: root, CgroupPath: cg, PodPrefixes: podIPs})
+//	a, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: root, CgroupPath: cg, PodPrefixes: pods, Excluded: optedOut})
 //	defer a.Close()                          // leaves acceleration running
 //	prometheus.MustRegister(a.Collector())
-//	a.SetPodPrefixes(podIPs)                 // local pods changed
+//	a.SetPods(pods, optedOut)                // local pods or annotations changed
 //
 // and, while nothing is to be accelerated (--tcp-acceleration off and no
 // pod opted in), calls Disable(ctx, root) (a.Disable in a process that
@@ -282,15 +282,9 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-// SetPodPrefixes makes the local pod set exactly prefixes. Sockets already
-// accelerated stay so.
-func (a *Accelerator) SetPodPrefixes(prefixes []netip.Prefix) error {
-	return a.SetPods(prefixes, nil)
-}
-
 // SetPods makes the local pod set exactly prefixes minus the excluded
 // addresses (stored as /32 entries with value 0, which the longest-prefix
-// match finds first).
+// match finds first). Sockets already accelerated stay so.
 func (a *Accelerator) SetPods(prefixes []netip.Prefix, excluded []netip.Addr) error {
 	want := map[sockopsPodKey]uint8{}
 	for _, p := range prefixes {
