@@ -289,8 +289,9 @@ func (d *Datapath) removeClassic(path string, prog *ebpf.Program) error {
 // tc (sch_clsact and cls_bpf): nil when it does. The probe runs on the
 // loopback device of a network namespace of its own, which dies with the
 // probing thread. Without CAP_SYS_ADMIN for that namespace it runs on the
-// caller's loopback device instead and removes what it added (the probe
-// program passes every packet).
+// loopback device of the process's network namespace instead (not that of
+// a caller locked into another one: the probe runs on a thread of its own)
+// and removes what it added (the probe program passes every packet).
 func HaveClassicTC() error {
 	errc := make(chan error, 1)
 	go func() {

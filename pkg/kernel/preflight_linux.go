@@ -1,9 +1,10 @@
 // Package kernel finds out, before the agent needs them, which kernel
 // features Sinabro relies on are present, and says what is turned off (or
 // fails) without each. The agent logs the list at start; `sinabro debug
-// preflight` prints it. Nothing here changes the node: probes load tiny
-// programs, read BTF and mounts, and try classic tc in a throw-away network
-// namespace.
+// preflight` prints it. Nothing here changes the node for good: probes load
+// tiny programs, read BTF and mounts, and try classic tc in a throw-away
+// network namespace (without CAP_SYS_ADMIN, on the loopback device of the
+// process's namespace, removing what they added).
 package kernel
 
 import (
