@@ -12,6 +12,8 @@ import (
 type kernelCT struct {
 	// OptsSize is sizeof(struct bpf_ct_opts) in this kernel.
 	OptsSize uint32
+	// Where names the BTF the kfuncs are declared in.
+	Where string
 }
 
 // probeKernelCT finds the conntrack kfuncs in the kernel's BTF; an error
@@ -25,8 +27,10 @@ func probeKernelCT() (kernelCT, error) {
 	// Distribution kernels build nf_conntrack as a module: its kfuncs and
 	// types are in the module's BTF (loaded once kube-proxy or any NAT
 	// rule has pulled the module in).
+	where := "vmlinux BTF"
 	var fn *btf.Func
 	if spec.TypeByName("bpf_skb_ct_lookup", &fn) != nil {
+		where = "nf_conntrack module BTF"
 		if spec, err = btf.LoadKernelModuleSpec("nf_conntrack"); err != nil {
 			return kernelCT{}, fmt.Errorf("kfunc bpf_skb_ct_lookup is neither in vmlinux nor in a loaded nf_conntrack module: %w", err)
 		}
@@ -44,7 +48,7 @@ func probeKernelCT() (kernelCT, error) {
 	if opts.Size != 12 && opts.Size != 16 {
 		return kernelCT{}, fmt.Errorf("struct bpf_ct_opts has an unknown size %d", opts.Size)
 	}
-	return kernelCT{OptsSize: opts.Size}, nil
+	return kernelCT{OptsSize: opts.Size, Where: where}, nil
 }
 
 // ErrNoKernelCT is wrapped by Load when Config.KernelCT asks for the
@@ -54,8 +58,16 @@ var ErrNoKernelCT = errors.New("the kernel's conntrack kfuncs are unavailable")
 // KernelCTAvailable reports whether the running kernel lets the datapath
 // ask its conntrack (Linux >= 6.0 with nf_conntrack and BTF), and why not.
 func KernelCTAvailable() error {
-	if _, err := probeKernelCT(); err != nil {
-		return fmt.Errorf("%w: %w", ErrNoKernelCT, err)
+	_, err := KernelCTLocation()
+	return err
+}
+
+// KernelCTLocation is KernelCTAvailable that also names the BTF the kfuncs
+// were found in (vmlinux, or the nf_conntrack module's), for the preflight.
+func KernelCTLocation() (string, error) {
+	kct, err := probeKernelCT()
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrNoKernelCT, err)
 	}
-	return nil
+	return kct.Where, nil
 }

@@ -80,45 +80,16 @@ func Preflight() []Feature {
 	add("sock_ops and sk_msg programs, sockhash maps", "4.20", noAccel,
 		errors.Join(haveProgramType(ebpf.SockOps), haveProgramType(ebpf.SkMsg), haveMapType(ebpf.SockHash)), "")
 
-	where, kfErr := conntrackKfuncs()
+	// The datapath's own check: what it reports is what the agent does.
+	where, kfErr := datapath.KernelCTLocation()
+	if kfErr == nil {
+		where = "in the " + where
+	}
 	add("kfuncs bpf_skb_ct_lookup, bpf_ct_release (nf_conntrack)", "6.0",
 		"with --kube-proxy-coexistence (default): host routing off, so kube-proxy's Service translations are not skipped", kfErr, where)
 
 	add("bpffs on /sys/fs/bpf", "4.4", "the agent mounts one; inside a container that mount does not outlive it, so a restarted agent cannot adopt the datapath", bpffsMounted("/sys/fs/bpf"), "")
 	return fs
-}
-
-// conntrackKfuncs finds the conntrack kfuncs in the kernel's BTF, or in
-// nf_conntrack's module BTF where conntrack is a module (distribution
-// kernels).
-func conntrackKfuncs() (string, error) {
-	names := []string{"bpf_skb_ct_lookup", "bpf_ct_release"}
-	var errs []error
-	for _, src := range []struct {
-		where string
-		load  func() (*btf.Spec, error)
-	}{
-		{"vmlinux BTF", btf.LoadKernelSpec},
-		{"nf_conntrack module BTF", func() (*btf.Spec, error) { return btf.LoadKernelModuleSpec("nf_conntrack") }},
-	} {
-		spec, err := src.load()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", src.where, err))
-			continue
-		}
-		var missing []string
-		for _, n := range names {
-			var fn *btf.Func
-			if err := spec.TypeByName(n, &fn); err != nil {
-				missing = append(missing, n)
-			}
-		}
-		if len(missing) == 0 {
-			return "in the " + src.where, nil
-		}
-		errs = append(errs, fmt.Errorf("%s lacks %s", src.where, strings.Join(missing, ", ")))
-	}
-	return "", errors.Join(errs...)
 }
 
 func bpffsMounted(path string) error {
