@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -309,6 +310,10 @@ func cmdGC(args *cmdArgs) error {
 	defer hostConn.Close()
 	var errs []string
 	stale := map[string]bool{}
+	// keep is valid plus the attachments whose veth could not be deleted:
+	// their addresses stay recorded, so the next GC finds the veth again
+	// (released, nothing would ever point at it).
+	keep := maps.Clone(valid)
 	for _, a := range allocs {
 		name := HostVethName(a.ContainerID, a.IfName)
 		if valid[a.Attachment] || stale[name] {
@@ -317,9 +322,10 @@ func cmdGC(args *cmdArgs) error {
 		stale[name] = true
 		if _, err := deleteLink(hostConn, name); err != nil {
 			errs = append(errs, err.Error())
+			keep[a.Attachment] = true
 		}
 	}
-	if _, err := store.ReleaseExcept(valid); err != nil {
+	if _, err := store.ReleaseExcept(keep); err != nil {
 		errs = append(errs, err.Error())
 	}
 	if len(errs) > 0 {

@@ -165,6 +165,27 @@ func TestGCReleasesUncachedLeftovers(t *testing.T) {
 	}
 }
 
+// TestGCKeepsAddressOfUndeletableVeth: when GC cannot delete a stale
+// attachment's host interface, the attachment's address stays recorded, so
+// a later GC tries again; released, nothing would point at the interface.
+// The node's loopback device, renamed to the veth's name, cannot be deleted.
+func TestGCKeepsAddressOfUndeletableVeth(t *testing.T) {
+	b := newBed(t, "1.1.0", "10.88.10.0/24")
+	b.mustAdd("stuck", newNetns(t, "sbt-pod-"))
+	name := cni.HostVethName("stuck", "eth0")
+	for _, args := range [][]string{{"link", "del", name}, {"link", "set", "lo", "down"}, {"link", "set", "lo", "name", name}} {
+		if out, err := run(b.node, "ip", args...); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	if err := b.gc(); err == nil {
+		t.Fatal("GC deleted the node's loopback device, want an error")
+	}
+	if a := b.allocations(); len(a) != 1 {
+		t.Errorf("addresses after a failed GC = %v, want stuck's kept", a)
+	}
+}
+
 // TestGCLeavesOtherNetworks runs two networks of the plugin on one node (a
 // second conflist with another name): GC of one, with no valid
 // attachments, removes its own pods only.
