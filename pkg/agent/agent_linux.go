@@ -85,10 +85,11 @@ type Config struct {
 	// skipping the host's stack.
 	HostRouting bool
 	// KubeProxyCoexistence keeps the eBPF fast paths off flows that
-	// netfilter translated (kube-proxy's Services, hostPort DNAT): each
-	// TCP/UDP packet is checked in the kernel's conntrack (datapath
-	// Config.KernelCT). Where the kernel cannot be asked, host routing is
-	// turned off instead.
+	// netfilter translated (kube-proxy's Services, hostPort DNAT): with
+	// host routing, each TCP/UDP packet on its fast paths is checked in
+	// the kernel's conntrack (datapath Config.KernelCT); without it the
+	// stack carries such flows anyway. Where the kernel cannot be asked,
+	// host routing is turned off instead.
 	KubeProxyCoexistence bool
 	// TCPAcceleration is the node's default for redirecting TCP between its
 	// pods at the socket layer (sock_ops + sk_msg, pkg/sockmap) for sockets
