@@ -20,12 +20,31 @@ import (
 // annotation opts pods in or out; without it acceleration is never
 // decided) and acceleration off by default.
 func TestManifestsTCPAcceleration(t *testing.T) {
-	b, err := os.ReadFile("../../manifests/sinabro.yaml")
+	var role rbacv1.ClusterRole
+	var config corev1.ConfigMap
+	manifestObjects(t, "../../manifests/sinabro.yaml", map[string]any{"ClusterRole": &role, "ConfigMap": &config})
+	for _, verb := range []string{"list", "watch"} {
+		if !slices.ContainsFunc(role.Rules, func(r rbacv1.PolicyRule) bool {
+			return slices.Contains(r.APIGroups, "") && slices.Contains(r.Resources, "namespaces") && slices.Contains(r.Verbs, verb)
+		}) {
+			t.Errorf("ClusterRole %s does not allow %s namespaces", role.Name, verb)
+		}
+	}
+	if got := config.Data["tcp-acceleration"]; got != "false" {
+		t.Errorf("ConfigMap tcp-acceleration = %q, want \"false\" (opt-in)", got)
+	}
+}
+
+// manifestObjects decodes the documents of the YAML file at path whose
+// kind is a key of into (the last of each kind) into its value, failing
+// the test when one of the kinds is missing.
+func manifestObjects(t *testing.T, path string, into map[string]any) {
+	t.Helper()
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var role *rbacv1.ClusterRole
-	var config *corev1.ConfigMap
+	found := map[string]bool{}
 	r := yaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(b)))
 	for {
 		doc, err := r.Read()
@@ -42,29 +61,16 @@ func TestManifestsTCPAcceleration(t *testing.T) {
 		if err := json.Unmarshal(js, &kind); err != nil {
 			t.Fatal(err)
 		}
-		switch kind.Kind {
-		case "ClusterRole":
-			role = &rbacv1.ClusterRole{}
-			err = json.Unmarshal(js, role)
-		case "ConfigMap":
-			config = &corev1.ConfigMap{}
-			err = json.Unmarshal(js, config)
-		}
-		if err != nil {
-			t.Fatal(err)
+		if obj, ok := into[kind.Kind]; ok {
+			if err := json.Unmarshal(js, obj); err != nil {
+				t.Fatal(err)
+			}
+			found[kind.Kind] = true
 		}
 	}
-	if role == nil || config == nil {
-		t.Fatalf("manifests lack the ClusterRole or the ConfigMap")
-	}
-	for _, verb := range []string{"list", "watch"} {
-		if !slices.ContainsFunc(role.Rules, func(r rbacv1.PolicyRule) bool {
-			return slices.Contains(r.APIGroups, "") && slices.Contains(r.Resources, "namespaces") && slices.Contains(r.Verbs, verb)
-		}) {
-			t.Errorf("ClusterRole %s does not allow %s namespaces", role.Name, verb)
+	for k := range into {
+		if !found[k] {
+			t.Fatalf("%s has no %s", path, k)
 		}
-	}
-	if got := config.Data["tcp-acceleration"]; got != "false" {
-		t.Errorf("ConfigMap tcp-acceleration = %q, want \"false\" (opt-in)", got)
 	}
 }

@@ -1,19 +1,12 @@
 package agent
 
 import (
-	"bufio"
-	"bytes"
-	"encoding/json"
-	"errors"
-	"io"
-	"os"
 	"slices"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
-	"k8s.io/apimachinery/pkg/util/yaml"
 )
 
 // TestManifestsLeastPrivilege pins down the agent's privileges in
@@ -23,45 +16,11 @@ import (
 // capability list, the host's /proc/sys/net for its sysctls and no
 // Bidirectional mount.
 func TestManifestsLeastPrivilege(t *testing.T) {
-	b, err := os.ReadFile("../../manifests/sinabro.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var (
-		role *rbacv1.ClusterRole
-		ds   *appsv1.DaemonSet
+		role rbacv1.ClusterRole
+		ds   appsv1.DaemonSet
 	)
-	r := yaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(b)))
-	for {
-		doc, err := r.Read()
-		if errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		js, err := yaml.ToJSON(doc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var kind struct{ Kind string }
-		if err := json.Unmarshal(js, &kind); err != nil {
-			t.Fatal(err)
-		}
-		switch kind.Kind {
-		case "ClusterRole":
-			role = &rbacv1.ClusterRole{}
-			err = json.Unmarshal(js, role)
-		case "DaemonSet":
-			ds = &appsv1.DaemonSet{}
-			err = json.Unmarshal(js, ds)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	if role == nil || ds == nil {
-		t.Fatal("manifests lack the ClusterRole or the DaemonSet")
-	}
+	manifestObjects(t, "../../manifests/sinabro.yaml", map[string]any{"ClusterRole": &role, "DaemonSet": &ds})
 
 	// Every (resource, verb) granted, against what pkg/agent calls.
 	want := map[string]bool{
