@@ -24,6 +24,7 @@ volatile const bool kernel_ct_enabled = false;
 volatile const __u32 kernel_ct_opts_size = 12;
 
 #define BPF_F_CURRENT_NETNS (-1)
+#define KCT_ENOENT 2 /* opts.error of a lookup that found no entry is -ENOENT */
 #define IPS_SRC_NAT (1 << 4)
 #define IPS_DST_NAT (1 << 5)
 
@@ -67,7 +68,7 @@ extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
 enum kct {
 	KCT_PLAIN = 0, /* tracked without NAT, or not asked (disabled, not TCP/UDP) */
 	KCT_NONE = 1,  /* no entry: the flow's first packet, or never seen by the stack */
-	KCT_NAT = 2,   /* translated by the kernel (or unknown: a fragment), the stack's to carry */
+	KCT_NAT = 2,   /* translated by the kernel (or unknown: a fragment, a failed lookup), the stack's to carry */
 };
 
 /* kct_lookup tells how the kernel's conntrack sees the IPv4 packet whose
@@ -91,8 +92,10 @@ static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct i
 	t.ipv4.daddr = ip->daddr;
 	opts.l4proto = ip->protocol;
 	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, kernel_ct_opts_size);
+	/* Only a lookup that found nothing says "no entry"; one that failed
+	 * (the kernel refused the arguments) knows nothing: the stack decides. */
 	if (!ct)
-		return KCT_NONE;
+		return opts.error == -KCT_ENOENT ? KCT_NONE : KCT_NAT;
 	if (ct->status & (IPS_SRC_NAT | IPS_DST_NAT))
 		ret = KCT_NAT;
 	bpf_ct_release(ct);

@@ -218,15 +218,22 @@ func Load(ctx context.Context, cfg Config) (*Datapath, error) {
 // pinned in (and adopted from) pinDir; an empty pinDir loads unpinned maps,
 // for tests.
 func loadObjects(objs *datapathObjects, cfg Config, pinDir string) error {
-	spec, err := loadDatapath()
-	if err != nil {
-		return fmt.Errorf("load datapath spec: %w", err)
-	}
 	var kct kernelCT
 	if cfg.KernelCT {
+		var err error
 		if kct, err = probeKernelCT(); err != nil {
 			return fmt.Errorf("%w: %w", ErrNoKernelCT, err)
 		}
+	}
+	return loadObjectsCT(objs, cfg, pinDir, kct)
+}
+
+// loadObjectsCT is loadObjects with the kernel's conntrack kfuncs as kct
+// describes them (used with cfg.KernelCT).
+func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelCT) error {
+	spec, err := loadDatapath()
+	if err != nil {
+		return fmt.Errorf("load datapath spec: %w", err)
 	}
 	vars := map[string]any{
 		"node_ip":           be32(cfg.NodeIP),
