@@ -129,6 +129,27 @@ func TestDownName(t *testing.T) {
 	}
 }
 
+// TestUpRefusesDirOutsideVarLib: a --dir outside /var/lib is refused
+// before anything else is checked or done; a lab left in it (here its
+// lab.json) is not taken down first.
+func TestUpRefusesDirOutsideVarLib(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("lab up refuses to start without root before looking at --dir")
+	}
+	dir := t.TempDir() // under /tmp
+	cfg := &Config{Name: "laba", Dir: dir}
+	if err := cfg.save(); err != nil {
+		t.Fatal(err)
+	}
+	err := Up(context.Background(), UpOptions{Dir: dir, Nodes: 1, ClusterCIDR: "10.244.0.0/16", KubeBinDir: t.TempDir()}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "must lie under /var/lib") {
+		t.Errorf("Up(--dir %s) = %v, want the dir refused", dir, err)
+	}
+	if _, err := LoadConfig(dir); err != nil {
+		t.Errorf("the lab left in %s was touched: %v", dir, err)
+	}
+}
+
 func TestFirstServiceIP(t *testing.T) {
 	tests := []struct{ cidr, want string }{
 		{"10.96.0.0/16", "10.96.0.1"},

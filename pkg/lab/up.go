@@ -48,6 +48,13 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err := ValidateName(o.Name); err != nil {
 		return err
 	}
+	// Node state dirs under the lab dir become the conflists' dataDir,
+	// which the CNI plugin confines to /var/lib. Checked before anything
+	// is done (a previous lab in the dir would be taken down first).
+	dir, _ := filepath.Abs(o.Dir)
+	if rel, err := filepath.Rel(cni.DataDirRoot, dir); err != nil || rel == "." || !filepath.IsLocal(rel) {
+		return fmt.Errorf("--dir %s: the lab dir must lie under %s (its nodes' IPAM state is the CNI plugin's dataDir, confined there)", dir, cni.DataDirRoot)
+	}
 	if o.Nodes < 1 || o.Nodes > 200 {
 		return fmt.Errorf("--nodes %d: want 1..200", o.Nodes)
 	}
@@ -85,12 +92,6 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		return fmt.Errorf("find own executable: %w", err)
 	}
 	kubeBin, _ := filepath.Abs(o.KubeBinDir)
-	dir, _ := filepath.Abs(o.Dir)
-	// Node state dirs under the lab dir become the conflists' dataDir,
-	// which the CNI plugin confines to /var/lib.
-	if rel, err := filepath.Rel(cni.DataDirRoot, dir); err != nil || rel == "." || !filepath.IsLocal(rel) {
-		return fmt.Errorf("--dir %s: the lab dir must lie under %s (its nodes' IPAM state is the CNI plugin's dataDir, confined there)", dir, cni.DataDirRoot)
-	}
 	cfg := &Config{
 		Name: o.Name, Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
