@@ -67,6 +67,7 @@ func (c *Config) kubeProxySpec(node string) procSpec {
 // its first sync), from its metrics in the node's namespace.
 func kubeProxySynced(ctx context.Context, cfg *Config, node string) (time.Time, error) {
 	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: dialIn(cfg.NodeNetns(node))}}
+	defer c.CloseIdleConnections() // a Transport per call: its kept-alive connection would outlive it
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+kubeProxyMetricsAddr+"/metrics", nil)
 	if err != nil {
 		return time.Time{}, err
@@ -134,6 +135,7 @@ func kubeProxyHealth(ctx context.Context, cfg *Config, node string) string {
 		return "healthz unknown"
 	}
 	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: dialIn(cfg.NodeNetns(node))}}
+	defer c.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+netip.AddrPortFrom(addr, kubeProxyHealthPort).String()+"/healthz", nil)
 	if err != nil {
 		return "healthz unknown"

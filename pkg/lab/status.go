@@ -182,6 +182,7 @@ func internalIP(n *corev1.Node) string {
 // agentReadiness asks an agent's /readyz inside its node's namespace.
 func agentReadiness(ctx context.Context, ns string) string {
 	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: dialIn(ns)}}
+	defer c.CloseIdleConnections() // a Transport per call: its kept-alive connection would outlive it
 	resp, err := c.Get("http://" + agentHealthAddr + "/readyz")
 	if err != nil {
 		return "readyz unreachable"
