@@ -74,6 +74,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_counters SEC(".maps");
 
+/* is_icmp_error reports whether an ICMP type quotes a packet it is about. */
+static __always_inline bool is_icmp_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
 static __always_inline void count(struct __sk_buff *skb, __u32 prog, __u32 reason)
 {
 	__u32 key = prog * REASON_MAX + reason;

@@ -81,7 +81,21 @@ static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct i
 	struct nf_conn *ct;
 	enum kct ret = KCT_PLAIN;
 
-	if (!kernel_ct_enabled || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+	if (!kernel_ct_enabled)
+		return KCT_PLAIN;
+	/* An ICMP error (fragmentation needed, unreachable, time exceeded)
+	 * may be about a translated flow, which the stack's conntrack
+	 * translates as related traffic: it always takes the stack (they are
+	 * rare). Echo and other ICMP are not translated by kube-proxy. */
+	if (ip->protocol == IPPROTO_ICMP) {
+		__u8 type;
+
+		if (ip->frag_off & bpf_htons(IP_OFFSET) ||
+		    bpf_skb_load_bytes(skb, l3off + ip->ihl * 4, &type, 1))
+			return KCT_NAT;
+		return is_icmp_error(type) ? KCT_NAT : KCT_PLAIN;
+	}
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return KCT_PLAIN;
 	/* A later fragment has no ports to look up: the stack decides. */
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))

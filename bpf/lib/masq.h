@@ -288,11 +288,6 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u8 proto, __u32 off,
 	return -1;
 }
 
-static __always_inline bool is_icmp_error(__u8 type)
-{
-	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
-}
-
 /* nat_icmp_error translates an ICMP error whose embedded packet belongs to
  * a NATed flow. dir is CT_REV on ingress (error about a packet we sent with
  * the node address; embedded source becomes the pod again) and CT_FWD on

@@ -51,3 +51,37 @@ func TestKernelCTFailedLookup(t *testing.T) {
 		})
 	}
 }
+
+// TestKernelCTICMPErrors: with the conntrack check on, an ICMP error for a
+// local pod (say "fragmentation needed" about a Service flow, which the
+// stack's conntrack translates as related traffic) takes the stack, while
+// an echo reply keeps the fast path; with the check off both are
+// redirected, as before.
+func TestKernelCTICMPErrors(t *testing.T) {
+	if err := KernelCTAvailable(); err != nil {
+		t.Skipf("kernel without conntrack kfuncs: %v", err)
+	}
+	local := Endpoint{IP: netip.MustParseAddr("10.244.1.6"), Ifindex: 42,
+		PodMAC: net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 6}, HostMAC: net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 6}, Local: true}
+	quoted := quote(pkt{proto: layers.IPProtocolTCP, src: local.IP, dst: netip.MustParseAddr("10.96.0.10"), sport: 40000, dport: 80, tcpFlags: "A"}.bytes(t), 8)
+	unreach := pkt{proto: layers.IPProtocolICMPv4, src: testPod, dst: local.IP, icmpType: 3, inner: quoted}.bytes(t)
+	echo := pkt{proto: layers.IPProtocolICMPv4, src: testPod, dst: local.IP, icmpType: 0, sport: 9}.bytes(t)
+	for _, kernelCT := range []bool{false, true} {
+		cfg := testConfig()
+		cfg.KernelCT = kernelCT
+		objs := newTestObjects(t, cfg)
+		if err := (&Datapath{cfg: cfg, objs: *objs}).UpsertEndpoint(local); err != nil {
+			t.Fatal(err)
+		}
+		wantUnreach := verdictRedirect
+		if kernelCT {
+			wantUnreach = verdictNext
+		}
+		if ret, _ := run(t, objs.HostRoute, unreach); ret != wantUnreach {
+			t.Errorf("KernelCT=%v: ICMP unreachable verdict %d, want %d", kernelCT, int32(ret), int32(wantUnreach))
+		}
+		if ret, _ := run(t, objs.HostRoute, echo); ret != verdictRedirect {
+			t.Errorf("KernelCT=%v: ICMP echo reply verdict %d, want redirect", kernelCT, int32(ret))
+		}
+	}
+}
