@@ -123,6 +123,11 @@ type masquerader interface {
 
 // Agent is the node agent.
 type Agent struct {
+	// hostRoutingWaitsForKCT: host routing is off only because the
+	// kernel's conntrack kfuncs were missing at start (nf_conntrack, a
+	// module on distribution kernels, not loaded yet: kube-proxy loads it).
+	hostRoutingWaitsForKCT bool
+
 	cfg     Config
 	log     *slog.Logger
 	cluster Cluster
@@ -199,21 +204,24 @@ func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = DefaultResyncInterval
 	}
+	waitsForKCT := false
 	if cfg.HostRouting && cfg.KubeProxyCoexistence {
 		// Host routing past kube-proxy's translations breaks Services.
-		if err := datapath.KernelCTAvailable(); err != nil {
-			log.Warn("host routing turned off: it would skip kube-proxy's Service translations, and the kernel's conntrack cannot be asked from eBPF (Linux >= 6.0 with nf_conntrack and BTF needed)", "err", err)
+		if err := kernelCTAvailable(); err != nil {
+			log.Warn("host routing turned off: it would skip kube-proxy's Service translations, and the kernel's conntrack cannot be asked from eBPF (Linux >= 6.0 with nf_conntrack and BTF needed); the agent restarts itself once it can", "err", err)
 			cfg.HostRouting = false
+			waitsForKCT = true
 		}
 	}
 	a := &Agent{
-		cfg:     cfg,
-		log:     log,
-		cluster: cluster,
-		metrics: newMetrics(),
-		kick:    make(chan struct{}, 1),
-		epKick:  make(chan struct{}, 1),
-		skipped: map[string]Skip{},
+		hostRoutingWaitsForKCT: waitsForKCT,
+		cfg:                    cfg,
+		log:                    log,
+		cluster:                cluster,
+		metrics:                newMetrics(),
+		kick:                   make(chan struct{}, 1),
+		epKick:                 make(chan struct{}, 1),
+		skipped:                map[string]Skip{},
 	}
 	fd := 0
 	if cfg.NetNS != "" {
@@ -395,9 +403,31 @@ func (a *Agent) loop(ctx context.Context) error {
 			backoff = minBackoff
 		}
 		a.lastPass.Store(time.Now().UnixNano())
+		if a.restartWanted() {
+			return ErrRestart
+		}
 		timer.Reset(wait)
 	}
 }
+
+// restartWanted reports (and logs) whether the kernel now offers what a
+// feature turned off at start needed.
+func (a *Agent) restartWanted() bool {
+	if a.hostRoutingWaitsForKCT && kernelCTAvailable() == nil {
+		a.log.Info("the kernel's conntrack kfuncs are available now (nf_conntrack loaded): restarting to turn host routing on; the datapath stays in place")
+		return true
+	}
+	return false
+}
+
+// ErrRestart is returned by Run when the agent should be started again
+// with the same configuration (the datapath stays pinned meanwhile): the
+// kernel now offers what a turned-off feature needed.
+var ErrRestart = errors.New("agent restart requested")
+
+// kernelCTAvailable reports whether the datapath can ask the kernel's
+// conntrack; a variable for tests.
+var kernelCTAvailable = datapath.KernelCTAvailable
 
 // waiting logs, once per distinct reason, why the node cannot be set up yet.
 func (a *Agent) waiting(reason string) {
