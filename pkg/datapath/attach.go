@@ -64,10 +64,14 @@ func HaveTCX() error {
 		l.Close()
 		return nil
 	}
+	if errors.Is(err, unix.ENODEV) {
+		return nil
+	}
 	if errors.Is(err, ebpf.ErrNotSupported) {
 		return fmt.Errorf("tcx: %w", err)
 	}
-	return nil
+	// Anything else (EPERM without privileges) proves nothing either way.
+	return fmt.Errorf("probe tcx: %w", err)
 }
 
 // Resolve turns AttachAuto into the mode this kernel supports.
