@@ -30,7 +30,13 @@ func TestLabsSideBySide(t *testing.T) {
 	a.mustSinabro(t, "check")
 	b.mustSinabro(t, "check")
 	// Only a lab of the same name is in the way.
-	dup := &testLab{t: t, dir: filepath.Join(t.TempDir(), "lab"), name: a.name}
+	// (Under /var/lib, where lab dirs must be, so the name is what refuses it.)
+	dupBase, err := os.MkdirTemp("/var/lib", "sinabro-e2e-dup-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dupBase) })
+	dup := &testLab{t: t, dir: filepath.Join(dupBase, "lab"), name: a.name}
 	if out, err := dup.sinabro("up", "--name", a.name, "--kube-bin-dir", kubeBinDir, "--nodes", "1"); err == nil || !strings.Contains(out, "named "+a.name) {
 		t.Errorf("a second lab named %s started or failed for another reason (%v):\n%s", a.name, err, out)
 	}
