@@ -254,26 +254,7 @@ func TestAgentTCPAcceleration(t *testing.T) {
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
-		runCtx, cancel := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- a.Run(runCtx) }()
-		stopped := false
-		stop := func() {
-			if stopped {
-				return
-			}
-			stopped = true
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Run: %v", err)
-			}
-			if err := a.Close(); err != nil {
-				t.Errorf("Close: %v", err)
-			}
-		}
-		t.Cleanup(stop)
-		eventually(t, "agent ready", a.Ready)
-		return stop
+		return runReady(t, ctx, a)
 	}
 	// accelerated waits until a new connection from pod a to pod b is
 	// redirected (want true) or not, its bytes intact either way.

@@ -223,26 +223,7 @@ func TestAgentEBPFDatapath(t *testing.T) {
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- a.Run(ctx) }()
-		stopped := false
-		stop := func() {
-			if stopped {
-				return
-			}
-			stopped = true
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Run: %v", err)
-			}
-			if err := a.Close(); err != nil {
-				t.Errorf("Close: %v", err)
-			}
-		}
-		t.Cleanup(stop)
-		eventually(t, "agent ready", a.Ready)
-		return a, stop
+		return a, runReady(t, context.Background(), a)
 	}
 
 	a, stop := start(1)
@@ -341,4 +322,30 @@ func TestAgentEBPFDatapath(t *testing.T) {
 	if v := metricValue(t, a, "sinabro_datapath_packets_total", map[string]string{"program": "masq_egress", "reason": "snat_new"}); v < 2 {
 		t.Errorf("masq_egress snat_new = %v after the reload, want >= 2 (metrics not re-registered?)", v)
 	}
+}
+
+// runReady runs a until the test ends (or the returned stop is called,
+// which is idempotent) and waits for it to be ready.
+func runReady(t *testing.T, ctx context.Context, a *Agent) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		if err := a.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	}
+	t.Cleanup(stop)
+	eventually(t, "agent ready", a.Ready)
+	return stop
 }
