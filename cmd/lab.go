@@ -36,6 +36,7 @@ network namespace is changed. Needs root.`,
 		newLabSuperviseCmd(&dir),
 		newLabServeCmd(),
 		newLabExchangeCmd(),
+		newLabImagesCmd(),
 	)
 	return c
 }
