@@ -176,6 +176,10 @@ func (c *Client) DaemonSets(ns string) Resource[appsv1.DaemonSet, appsv1.DaemonS
 	return Resource[appsv1.DaemonSet, appsv1.DaemonSetList, *appsv1.DaemonSet, *appsv1.DaemonSetList]{rc: c.apps, resource: "daemonsets", namespace: ns}
 }
 
+func (c *Client) Deployments(ns string) Resource[appsv1.Deployment, appsv1.DeploymentList, *appsv1.Deployment, *appsv1.DeploymentList] {
+	return Resource[appsv1.Deployment, appsv1.DeploymentList, *appsv1.Deployment, *appsv1.DeploymentList]{rc: c.apps, resource: "deployments", namespace: ns}
+}
+
 func (c *Client) EndpointSlices(ns string) Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList] {
 	return Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList]{rc: c.discovery, resource: "endpointslices", namespace: ns}
 }

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -113,12 +115,21 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list pods: %w", err)
 	}
+	var realPods map[string]string
+	if cfg.realNodes() {
+		realPods = realPodNetns(cfg.LabName())
+	}
 	for _, p := range podList.Items {
 		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
+		ns := cfg.PodNetns(string(p.UID))
+		if cfg.realNodes() {
+			ns = realPods[p.Name]
+			running = running && ns != ""
+		}
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
-			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, cfg.PodNetns(string(p.UID)))})
+			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, ns)})
 		if running {
-			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: cfg.PodNetns(string(p.UID)), IP: p.Status.PodIP, Node: p.Spec.NodeName})
+			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: ns, IP: p.Status.PodIP, Node: p.Spec.NodeName})
 		}
 	}
 	ext := Endpoint{Name: "external", Kind: "external", Netns: cfg.nsExternal(), IP: cfg.externalAddr().String()}
@@ -189,7 +200,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		byNode[p.Node] = append(byNode[p.Node], p)
 	}
 	for _, n := range nodes {
-		if ps := byNode[n.Name]; len(ps) >= 2 {
+		if ps := byNode[n.Name]; len(ps) >= 2 && !cfg.realNodes() {
 			sp := ShortcutProbe{Node: n.Name, Src: ps[0], Dst: ps[1]}
 			cfg.probeShortcut(ctx, exe, &sp)
 			res.Shortcuts = append(res.Shortcuts, sp)
@@ -225,12 +236,41 @@ func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 // inNetns creates a socket inside the namespace; it stays there afterwards.
 func inNetns[T any](ns string, fn func() (T, error)) (T, error) {
 	var out T
-	err := netns.Do(netns.Path(ns), func() error {
+	err := netns.Do(nsPath(ns), func() error {
 		var err error
 		out, err = fn()
 		return err
 	})
 	return out, err
+}
+
+// nsPath is the file of a namespace named ns: a lab namespace's name, or a
+// path already (a real pod's /proc/PID/ns/net).
+func nsPath(ns string) string {
+	if strings.HasPrefix(ns, "/") {
+		return ns
+	}
+	return netns.Path(ns)
+}
+
+// realPodNetns finds the test pods of real nodes by the lab's variable in
+// their server's environment: pod name → /proc/PID/ns/net.
+func realPodNetns(lab string) map[string]string {
+	out := map[string]string{}
+	envs, _ := filepath.Glob("/proc/[0-9]*/environ")
+	want := []byte(labPodEnv + "=" + lab + "/")
+	for _, e := range envs {
+		b, err := os.ReadFile(e)
+		if err != nil || !bytes.Contains(b, want) {
+			continue
+		}
+		for _, kv := range bytes.Split(b, []byte{0}) {
+			if pod, ok := bytes.CutPrefix(kv, want); ok {
+				out[string(pod)] = filepath.Join(filepath.Dir(e), "ns", "net")
+			}
+		}
+	}
+	return out
 }
 
 // The probes time one request/reply exchange (after the TCP handshake).

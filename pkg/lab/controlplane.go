@@ -34,12 +34,16 @@ var kcmControllers = []string{
 	"service-cidr-controller",
 }
 
-// CheckKubeBins verifies dir holds the control-plane binaries, and
-// kube-proxy unless kubeProxyMode is "none" (or "").
-func CheckKubeBins(dir, kubeProxyMode string) error {
+// CheckKubeBins verifies dir holds the control-plane binaries, kube-proxy
+// unless kubeProxyMode is "none" (or ""), and the nodes' binaries for
+// the containerd runtime.
+func CheckKubeBins(dir, kubeProxyMode, runtime string) error {
 	bins := controlPlaneBins
 	if kubeProxyMode != "" && kubeProxyMode != KubeProxyNone {
 		bins = append(bins[:len(bins):len(bins)], "kube-proxy")
+	}
+	if runtime == RuntimeContainerd {
+		bins = append(bins[:len(bins):len(bins)], nodeBins...)
 	}
 	for _, b := range bins {
 		st, err := os.Stat(filepath.Join(dir, b))
@@ -79,7 +83,8 @@ func (c *Config) writeControlPlanePKI() error {
 		"kube-controller-manager": {commonName: "system:kube-controller-manager"},
 		// The bootstrap ClusterRoleBinding system:node-proxier grants this
 		// user what kube-proxy needs, as in kubeadm clusters.
-		"kube-proxy": {commonName: "system:kube-proxy"},
+		"kube-proxy":     {commonName: "system:kube-proxy"},
+		"kube-scheduler": {commonName: "system:kube-scheduler"},
 	}
 	for name, spec := range certs {
 		if err := ca.issue(filepath.Join(pki, name+".crt"), filepath.Join(pki, name+".key"), spec); err != nil {
@@ -103,6 +108,11 @@ func (c *Config) writeControlPlanePKI() error {
 	kcm := kubeconfig{server: c.apiserverURL(), caFile: caFile, user: "kube-controller-manager",
 		certFile: filepath.Join(pki, "kube-controller-manager.crt"), keyFile: filepath.Join(pki, "kube-controller-manager.key")}
 	if err := kcm.write(filepath.Join(l.Dir, "kube-controller-manager.kubeconfig")); err != nil {
+		return err
+	}
+	sched := kubeconfig{server: c.apiserverURL(), caFile: caFile, user: "kube-scheduler",
+		certFile: filepath.Join(pki, "kube-scheduler.crt"), keyFile: filepath.Join(pki, "kube-scheduler.key")}
+	if err := sched.write(filepath.Join(l.Dir, "kube-scheduler.kubeconfig")); err != nil {
 		return err
 	}
 	kp := kubeconfig{server: c.apiserverURL(), caFile: caFile, user: "kube-proxy",
@@ -162,6 +172,9 @@ func (c *Config) apiserverSpec() procSpec {
 			"--enable-admission-plugins=NodeRestriction",
 			"--service-cluster-ip-range=" + c.ServiceCIDR,
 			"--allow-privileged=true",
+			// exec, logs and port-forward reach kubelets by address: node
+			// names resolve nowhere.
+			"--kubelet-preferred-address-types=InternalIP",
 			"--profiling=false",
 			"--v=1",
 		},
@@ -182,7 +195,31 @@ func (c *Config) controllerManagerSpec() procSpec {
 			"--use-service-account-credentials=true",
 			"--service-account-private-key-file=" + filepath.Join(pki, "sa.key"),
 			"--root-ca-file=" + filepath.Join(pki, "ca.crt"),
-			"--controllers=" + strings.Join(kcmControllers, ","),
+			"--controllers=" + strings.Join(c.controllers(), ","),
+			"--profiling=false",
+			"--v=1",
+		},
+	}
+}
+
+// controllers are the controller manager's: all of its defaults with real
+// nodes (Deployments, DaemonSets, Jobs… the conformance specs use them),
+// the few the kubelet stand-ins need otherwise.
+func (c *Config) controllers() []string {
+	if c.realNodes() {
+		return []string{"*"}
+	}
+	return kcmControllers
+}
+
+func (c *Config) schedulerSpec() procSpec {
+	kc := filepath.Join(c.Dir, "kube-scheduler.kubeconfig")
+	return procSpec{
+		name: "kube-scheduler", netns: c.nsControlPlane(), restart: true,
+		argv: []string{filepath.Join(c.KubeBinDir, "kube-scheduler"),
+			"--kubeconfig=" + kc, "--authentication-kubeconfig=" + kc, "--authorization-kubeconfig=" + kc,
+			"--bind-address=127.0.0.1", "--secure-port=10259",
+			"--leader-elect=false",
 			"--profiling=false",
 			"--v=1",
 		},

@@ -77,6 +77,20 @@ func Down(ctx context.Context, o DownOptions, out io.Writer) error {
 	if n := killPidFiles(l); n > 0 {
 		fmt.Fprintf(out, "killed %d leftover processes\n", n)
 	}
+	// Real nodes' containers live in the nodes' cgroups, not the lab's.
+	n, err = killNodeCgroups(cfg.LabName())
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if n > 0 {
+		fmt.Fprintf(out, "killed %d container processes of the nodes\n", n)
+	}
+	// With no process left in them, the nodes' mount namespaces (and every
+	// mount a node made) go with their files.
+	if err := releaseNodeNamespaces(l); err != nil {
+		errs = append(errs, err)
+	}
+	removeCreatedDirs(l)
 	// 3. Namespaces: pods first, so their veths go before the nodes.
 	names, _ := filepath.Glob(filepath.Join(netns.RunDir, prefix+"*"))
 	sort.Slice(names, func(i, j int) bool {
@@ -145,7 +159,7 @@ func killPidFiles(l Layout) int {
 // labEntries are the names the lab creates in its dir.
 var labEntries = []string{"lab.json", "pki", "nodes", "etcd", "pids", "progress.jsonl",
 	"supervisor.pid", "supervisor.sock", "admin.kubeconfig", "admin-underlay.kubeconfig",
-	"kube-controller-manager.kubeconfig", "kube-proxy.kubeconfig"}
+	"kube-controller-manager.kubeconfig", "kube-proxy.kubeconfig", "kube-scheduler.kubeconfig", "ns", "created-dirs"}
 
 func removeLabDir(l Layout, keepLogs bool) error {
 	if !fileExists(l.Dir) {

@@ -37,7 +37,7 @@ func TestCheckKubeBins(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			err := CheckKubeBins(dir, tt.mode)
+			err := CheckKubeBins(dir, tt.mode, RuntimeStandin)
 			switch {
 			case tt.wantErr == "" && err != nil:
 				t.Errorf("CheckKubeBins(%q) = %v, want nil", tt.mode, err)

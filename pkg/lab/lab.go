@@ -78,6 +78,9 @@ type Config struct {
 	// AgentArgs are extra flags for every agent (a development knob, e.g.
 	// --host-routing=false).
 	AgentArgs []string `json:"agentArgs,omitempty"`
+	// Runtime runs the nodes: RuntimeStandin ("" in older lab.json) or
+	// RuntimeContainerd (real kubelets and containerd, see node_linux.go).
+	Runtime string `json:"runtime,omitempty"`
 }
 
 // kube-proxy modes of `lab up --kube-proxy`.

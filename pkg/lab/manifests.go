@@ -97,6 +97,10 @@ func readManifests(dir string) ([]*unstructured.Unstructured, error) {
 			sources = append(sources, b)
 		}
 	}
+	return decodeManifests(sources)
+}
+
+func decodeManifests(sources [][]byte) ([]*unstructured.Unstructured, error) {
 	var objs []*unstructured.Unstructured
 	for _, src := range sources {
 		dec := yaml.NewYAMLOrJSONDecoder(bytes.NewReader(src), 4096)
@@ -126,11 +130,28 @@ type applied struct {
 // applyManifests applies the RBAC and other static objects with server-side
 // apply and validates workloads (DaemonSet, Deployment) with a server-side
 // dry-run, since the lab runs the agent itself.
-func applyManifests(ctx context.Context, cfg *rest.Config, dir string) (*applied, error) {
+func applyManifests(ctx context.Context, cfg *rest.Config, dir string, workloads bool) (*applied, error) {
 	objs, err := readManifests(dir)
 	if err != nil {
 		return nil, err
 	}
+	return applyObjects(ctx, cfg, objs, workloads)
+}
+
+// applyYAML applies every object of a multi-document YAML, workloads too.
+func applyYAML(ctx context.Context, cfg *rest.Config, src string) error {
+	objs, err := decodeManifests([][]byte{[]byte(src)})
+	if err != nil {
+		return err
+	}
+	_, err = applyObjects(ctx, cfg, objs, true)
+	return err
+}
+
+// applyObjects applies objs with server-side apply; workloads only with a
+// dry-run unless workloads is set (real nodes run the DaemonSet; the
+// kubelet stand-ins run the agent as a lab process instead).
+func applyObjects(ctx context.Context, cfg *rest.Config, objs []*unstructured.Unstructured, workloads bool) (*applied, error) {
 	kc, err := kube.New(cfg, "sinabro-lab")
 	if err != nil {
 		return nil, err
@@ -158,6 +179,9 @@ func applyManifests(ctx context.Context, cfg *rest.Config, dir string) (*applied
 		}
 		switch gvk.Kind {
 		case "DaemonSet", "Deployment", "StatefulSet", "Job", "Pod":
+			if workloads {
+				break
+			}
 			if _, err := ri.Create(ctx, o, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); err != nil {
 				return nil, fmt.Errorf("dry-run %s %s/%s: %w", gvk.Kind, o.GetNamespace(), o.GetName(), err)
 			}

@@ -23,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sinabro-io/sinabro/pkg/kube"
+	"github.com/sinabro-io/sinabro/pkg/lab/images"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -45,6 +46,7 @@ type supervisor struct {
 	log      *slog.Logger
 	admin    *kube.Client
 	sa       *applied
+	images   []images.Image // real nodes: the archives each node imports
 
 	mu    sync.Mutex
 	nodes map[string]*nodeRuntime
@@ -115,7 +117,10 @@ func (s *supervisor) shutdown() {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
-	s.procs.stopAll("pod-", "serve-", "kube-proxy-", "agent-", "kube-controller-manager", "kube-apiserver", "etcd")
+	if s.cfg.realNodes() {
+		s.stopRealNodes()
+	}
+	s.procs.stopAll("pod-", "serve-", "kube-proxy-", "agent-", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 }
 
 func (s *supervisor) up(ctx context.Context) error {
@@ -163,13 +168,22 @@ func (s *supervisor) up(ctx context.Context) error {
 	if err := s.startAndWait(ctx, s.cfg.controllerManagerSpec(), "https://127.0.0.1:10257/healthz", waitInsecure, 90*time.Second); err != nil {
 		return err
 	}
+	if s.cfg.realNodes() {
+		if err := s.startAndWait(ctx, s.cfg.schedulerSpec(), "https://127.0.0.1:10259/healthz", waitInsecure, 90*time.Second); err != nil {
+			return err
+		}
+	}
 
 	src := s.cfg.Manifests
 	if src == "" {
 		src = "built-in RBAC (no manifests directory found)"
 	}
-	s.progress.step("applying agent RBAC from " + src + " and dry-running its DaemonSet")
-	sa, err := applyManifests(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), s.cfg.Manifests)
+	if s.cfg.realNodes() {
+		s.progress.step("applying " + src + " (the sinabro DaemonSet runs on the real nodes)")
+	} else {
+		s.progress.step("applying agent RBAC from " + src + " and dry-running its DaemonSet")
+	}
+	sa, err := applyManifests(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), s.cfg.Manifests, s.cfg.realNodes())
 	if err != nil {
 		return &componentError{"manifests", l.Log("supervisor"), err}
 	}
@@ -187,6 +201,11 @@ func (s *supervisor) up(ctx context.Context) error {
 		return &componentError{"serve-external", l.Log("serve-external"), err}
 	}
 
+	if s.cfg.realNodes() {
+		if err := s.buildImages(ctx); err != nil {
+			return err
+		}
+	}
 	errc := make(chan error, len(s.cfg.Nodes))
 	for _, n := range s.cfg.Nodes {
 		go func() { errc <- s.addNode(ctx, n) }()
@@ -206,6 +225,11 @@ func (s *supervisor) up(ctx context.Context) error {
 			return err
 		}
 		s.progress.done(fmt.Sprintf("kube-proxy synced on every node in %.1fs", time.Since(start).Seconds()))
+	}
+	if s.cfg.realNodes() {
+		if err := s.deployClusterDNS(ctx); err != nil {
+			return err
+		}
 	}
 	if err := s.ensurePods(ctx); err != nil {
 		return err
@@ -294,6 +318,14 @@ func (s *supervisor) addNode(ctx context.Context, name string) error {
 	if err := ca.issue(filepath.Join(pki, user+".crt"), filepath.Join(pki, user+".key"),
 		certSpec{commonName: "system:node:" + name, orgs: []string{"system:nodes"}}); err != nil {
 		return fail("supervisor", err)
+	}
+	if s.cfg.realNodes() {
+		kc := filepath.Join(l.Node(name), "kubelet.kubeconfig")
+		if err := (kubeconfig{server: s.cfg.apiserverURL(), caFile: filepath.Join(pki, "ca.crt"), user: user,
+			certFile: filepath.Join(pki, user+".crt"), keyFile: filepath.Join(pki, user+".key")}).write(kc); err != nil {
+			return fail("supervisor", err)
+		}
+		return s.addRealNode(ctx, name, addr, kc)
 	}
 	token, err := agentToken(ctx, s.admin, s.sa.saNamespace, s.sa.saName)
 	if err != nil {
@@ -456,28 +488,59 @@ func (s *supervisor) ensurePods(ctx context.Context) error {
 		for i := 1; i <= s.cfg.PodsPerNode; i++ {
 			p := fmt.Sprintf("%s-pod-%d", n, i)
 			want = append(want, p)
-			if err := CreatePod(ctx, s.admin, p, n); err != nil {
+			if err := createPod(ctx, s.admin, p, n, s.cfg.podRuntime()); err != nil {
 				return &componentError{"supervisor", s.cfg.layout().Log("supervisor"), err}
 			}
 		}
 	}
-	s.progress.step(fmt.Sprintf("waiting for %d pods to run (CNI ADD by the kubelet stand-ins)", len(want)))
+	by := "the kubelet stand-ins"
+	if s.cfg.realNodes() {
+		by = "the kubelets and containerd"
+	}
+	s.progress.step(fmt.Sprintf("waiting for %d pods to run (CNI ADD by %s)", len(want), by))
 	return s.waitPodsRunning(ctx, want, 120*time.Second)
 }
 
 // CreatePod creates a lab test pod bound to node (no scheduler in the lab)
-// and its ClusterIP Service (see services.go), unless they exist.
+// and its ClusterIP Service (see services.go), unless they exist, for a lab
+// of kubelet stand-ins.
 func CreatePod(ctx context.Context, cs *kube.Client, name, node string) error {
+	return createPod(ctx, cs, name, node, podRuntime{})
+}
+
+// podRuntime is what a test pod needs to know of real nodes: the image
+// holding the sinabro binary (the test server) and the lab's name, set in
+// the pod's environment so `lab check` finds its process (the pod's
+// network namespace is the runtime's, not one of the lab's).
+type podRuntime struct{ image, lab string }
+
+func (c *Config) podRuntime() podRuntime {
+	if !c.realNodes() {
+		return podRuntime{}
+	}
+	return podRuntime{image: images.SinabroRef, lab: c.LabName()}
+}
+
+// labPodEnv names a real pod's lab and pod in its environment.
+const labPodEnv = "SINABRO_LAB_POD"
+
+func createPod(ctx context.Context, cs *kube.Client, name, node string, rt podRuntime) error {
 	if err := createPodService(ctx, cs, name); err != nil {
 		return err
+	}
+	image, command := "sinabro-lab/serve", []string{"sinabro", "lab", "serve"}
+	var env []corev1.EnvVar
+	if rt.image != "" {
+		image, command = rt.image, []string{"/usr/local/bin/sinabro", "lab", "serve", "--name", podNamespace + "/" + name}
+		env = []corev1.EnvVar{{Name: labPodEnv, Value: rt.lab + "/" + name}}
 	}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: podNamespace, Labels: map[string]string{labelApp: "pod", labelPod: name}},
 		Spec: corev1.PodSpec{
 			NodeName: node,
 			Containers: []corev1.Container{{
-				Name: "serve", Image: "sinabro-lab/serve",
-				Command: []string{"sinabro", "lab", "serve"},
+				Name: "serve", Image: image, ImagePullPolicy: corev1.PullIfNotPresent,
+				Command: command, Env: env,
 				Ports: []corev1.ContainerPort{
 					{Name: "tcp", ContainerPort: ServeTCPPort, Protocol: corev1.ProtocolTCP},
 					{Name: "udp", ContainerPort: ServeUDPPort, Protocol: corev1.ProtocolUDP},

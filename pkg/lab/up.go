@@ -32,6 +32,7 @@ type UpOptions struct {
 	ProxyAddr   string   // "": DefaultProxyAddr for the default lab, a free loopback port for others
 	KubeProxy   string   // "none", "iptables" or "nftables"
 	AgentArgs   []string // extra agent flags (development)
+	Runtime     string   // "standin" or "containerd"
 	Timeout     time.Duration
 }
 
@@ -65,7 +66,16 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := CheckKubeBins(o.KubeBinDir, kubeProxy); err != nil {
+	runtime, err := ParseRuntime(o.Runtime)
+	if err != nil {
+		return err
+	}
+	if runtime == RuntimeContainerd && kubeProxy == KubeProxyNone {
+		// The DaemonSet's agents reach the apiserver through the kubernetes
+		// Service, and Sinabro does not load-balance Services yet.
+		return errors.New("--runtime containerd needs --kube-proxy iptables or nftables: the agents reach the apiserver through the kubernetes Service")
+	}
+	if err := CheckKubeBins(o.KubeBinDir, kubeProxy, runtime); err != nil {
 		return err
 	}
 	if pid, ok := supervisorAlive(o.Dir); ok {
@@ -96,7 +106,7 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		Name: o.Name, Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
 		BPFRoot: BPFRootFor(o.Name), ProxyAddr: o.ProxyAddr, PodsPerNode: o.PodsPerNode,
-		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs,
+		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs, Runtime: runtime,
 	}
 	for i := 1; i <= o.Nodes; i++ {
 		cfg.Nodes = append(cfg.Nodes, nodeName(i))
@@ -108,8 +118,8 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err := cfg.save(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "lab %s in %s: %d nodes × %d pods, cluster CIDR %s, kube-proxy %s, control plane from %s\n",
-		o.Name, dir, o.Nodes, o.PodsPerNode, o.ClusterCIDR, kubeProxy, kubeBin)
+	fmt.Fprintf(out, "lab %s in %s: %d nodes (%s) × %d pods, cluster CIDR %s, kube-proxy %s, control plane from %s\n",
+		o.Name, dir, o.Nodes, runtime, o.PodsPerNode, o.ClusterCIDR, kubeProxy, kubeBin)
 	if len(o.AgentArgs) > 0 {
 		fmt.Fprintf(out, "agents run with extra flags %s\n", strings.Join(o.AgentArgs, " "))
 	}

@@ -91,7 +91,7 @@ func repoRoot() string {
 // scripts/build-kube.sh (only if already built: a cold build takes minutes).
 func findKubeBins(root string) string {
 	if d := os.Getenv("SINABRO_KUBE_BIN_DIR"); d != "" {
-		if lab.CheckKubeBins(d, lab.KubeProxyNone) == nil {
+		if lab.CheckKubeBins(d, lab.KubeProxyNone, lab.RuntimeStandin) == nil {
 			return d
 		}
 		return ""
@@ -112,7 +112,7 @@ func findKubeBins(root string) string {
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	d := lines[len(lines)-1]
-	if lab.CheckKubeBins(d, lab.KubeProxyNone) != nil {
+	if lab.CheckKubeBins(d, lab.KubeProxyNone, lab.RuntimeStandin) != nil {
 		return ""
 	}
 	return d
@@ -142,14 +142,21 @@ func newLabWith(t *testing.T, nodes, podsPerNode int, kubeProxy string) (*testLa
 	return newNamedLab(t, labName, nodes, podsPerNode, kubeProxy)
 }
 
-// newNamedLab brings up a lab named name, in a dir of its own.
-func newNamedLab(t *testing.T, name string, nodes, podsPerNode int, kubeProxy string) (*testLab, time.Duration) {
+// newNamedLab brings up a lab named name, in a dir of its own; extra are
+// more `lab up` flags.
+func newNamedLab(t *testing.T, name string, nodes, podsPerNode int, kubeProxy string, extra ...string) (*testLab, time.Duration) {
 	t.Helper()
 	if skipReason != "" {
 		t.Skip(skipReason)
 	}
-	if err := lab.CheckKubeBins(kubeBinDir, kubeProxy); err != nil {
-		t.Skip(err)
+	runtime := lab.RuntimeStandin
+	for _, a := range extra {
+		if v, ok := strings.CutPrefix(a, "--runtime="); ok {
+			runtime = v
+		}
+	}
+	if err := lab.CheckKubeBins(kubeBinDir, kubeProxy, runtime); err != nil {
+		t.Fatal(err)
 	}
 	// Under /var/lib: the lab's node state dirs become the conflists'
 	// dataDir, which the plugin confines there (cni.DataDirRoot).
@@ -171,6 +178,7 @@ func newNamedLab(t *testing.T, name string, nodes, podsPerNode int, kubeProxy st
 	})
 	args := []string{"up", "--name", name, "--kube-bin-dir", kubeBinDir, "--manifests", filepath.Join(repoRoot(), "manifests"),
 		"--nodes", fmt.Sprint(nodes), "--pods-per-node", fmt.Sprint(podsPerNode), "--kube-proxy", kubeProxy}
+	args = append(args, extra...)
 	for _, a := range strings.Fields(os.Getenv("SINABRO_E2E_AGENT_ARGS")) {
 		args = append(args, "--agent-arg="+a)
 	}
@@ -185,7 +193,7 @@ func newNamedLab(t *testing.T, name string, nodes, podsPerNode int, kubeProxy st
 }
 
 func (l *testLab) sinabro(args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 16*time.Minute)
 	defer cancel()
 	full := append([]string{"lab", "--dir", l.dir}, args...)
 	if len(args) > 0 && args[0] == "down" {
