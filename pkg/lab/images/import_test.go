@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -124,18 +125,34 @@ func TestImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The full agnhost archive (several configs over the Debian base) when
-	// a cached one is at hand: SINABRO_IMAGE_ARCHIVE=/path/agnhost-KEY.tar.
-	if p := os.Getenv("SINABRO_IMAGE_ARCHIVE"); p != "" {
-		refs := slices.Sorted(maps.Keys(checkArchive(t, p)))
-		imgs = append(imgs, Image{Name: filepath.Base(p), Refs: refs, Archive: p})
-	}
-	for _, img := range imgs {
-		start := time.Now()
-		if err := Import(ctx, ctr, sock, img); err != nil {
+	// Archives built elsewhere, e.g. the Debian-based agnhost and
+	// kube-proxy ones (which share their base layer):
+	// SINABRO_IMAGE_ARCHIVES=/path/agnhost-KEY.tar:/path/kube-proxy-KEY.tar.
+	for _, p := range filepath.SplitList(os.Getenv("SINABRO_IMAGE_ARCHIVES")) {
+		st, err := os.Stat(p)
+		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("imported %s (%d MB) in %s", img.Name, img.Size>>20, time.Since(start).Round(10*time.Millisecond))
+		refs := slices.Sorted(maps.Keys(checkArchive(t, p)))
+		imgs = append(imgs, Image{Name: filepath.Base(p), Refs: refs, Archive: p, Size: st.Size()})
+	}
+	// Concurrently, as the lab imports into a node.
+	var wg sync.WaitGroup
+	for _, img := range imgs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			start := time.Now()
+			if err := Import(ctx, ctr, sock, img); err != nil {
+				t.Error(err)
+				return
+			}
+			t.Logf("imported %s (%d MB) in %s", img.Name, img.Size>>20, time.Since(start).Round(10*time.Millisecond))
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
 	}
 	out, err := exec.CommandContext(ctx, ctr, "-a", sock, "-n", Namespace, "images", "ls").CombinedOutput()
 	if err != nil {
