@@ -134,6 +134,11 @@ func TestImport(t *testing.T) {
 			t.Fatal(err)
 		}
 		refs := slices.Sorted(maps.Keys(checkArchive(t, p)))
+		// A real archive replaces the stand-in built above with the same
+		// refs (both would tag one name).
+		imgs = slices.DeleteFunc(imgs, func(img Image) bool {
+			return slices.ContainsFunc(img.Refs, func(r string) bool { return slices.Contains(refs, r) })
+		})
 		imgs = append(imgs, Image{Name: filepath.Base(p), Refs: refs, Archive: p, Size: st.Size()})
 	}
 	// Concurrently, as the lab imports into a node.
