@@ -116,6 +116,10 @@ func (c *Config) setupNodeNamespaces(node string) error {
 		}
 		fmt.Fprintf(&script, "mount --bind %s %s\n", src, b.target)
 	}
+	// Shared inside the node, as on a systemd machine: HostToContainer and
+	// Bidirectional volume mounts (the agent's bpffs) need it. The node's
+	// peer groups are its own: nothing propagates to the host.
+	script.WriteString("mount --make-rshared /\n")
 	for _, f := range []string{l.nodeMountNS(node), l.nodeUTSNS(node)} {
 		if err := os.WriteFile(f, nil, 0o444); err != nil {
 			return err

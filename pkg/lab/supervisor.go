@@ -460,7 +460,11 @@ func (s *supervisor) waitNodesReady(ctx context.Context, names []string, timeout
 		}
 		if time.Now().After(deadline) {
 			n := pending[0]
-			return &componentError{"agent-" + n, l.Log("agent-" + n),
+			component := "agent-" + n
+			if s.cfg.realNodes() {
+				component = "kubelet-" + n // the agent's pod logs are the kubelet's node's
+			}
+			return &componentError{component, l.Log(component),
 				fmt.Errorf("node %s not Ready after %s (the agent never wrote %s)", n, timeout, filepath.Join(l.NodeCNIConf(n), "10-sinabro.conflist"))}
 		}
 		select {
