@@ -133,8 +133,12 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err := follow(ctx, cfg, out, start, o.Timeout); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "\nlab up in %.1fs\n  kubeconfig: %s   (export KUBECONFIG=%s)\n  in-lab kubeconfig: %s\n  logs: %s\n  a node's shell: ip netns exec %s bash\n  next: sinabro lab check; sinabro lab status; sinabro lab down\n",
-		time.Since(start).Seconds(), l.AdminKubeconfig(), l.AdminKubeconfig(), l.InternalKubeconfig(), l.Logs(), cfg.NodeNetns(cfg.Nodes[0]))
+	shell := "ip netns exec " + cfg.NodeNetns(cfg.Nodes[0]) + " bash"
+	if cfg.realNodes() {
+		shell = strings.Join(cfg.nsenter(cfg.Nodes[0], "bash"), " ")
+	}
+	fmt.Fprintf(out, "\nlab up in %.1fs\n  kubeconfig: %s   (export KUBECONFIG=%s)\n  in-lab kubeconfig: %s\n  logs: %s\n  a node's shell: %s\n  next: sinabro lab check; sinabro lab status; sinabro lab down\n",
+		time.Since(start).Seconds(), l.AdminKubeconfig(), l.AdminKubeconfig(), l.InternalKubeconfig(), l.Logs(), shell)
 	return nil
 }
 
