@@ -102,6 +102,11 @@ established connections survive a restart. --cleanup removes it.`,
 			if cfg.TCAttach, err = datapath.ParseAttachMode(tcAttach); err != nil {
 				return fmt.Errorf("--tc-attach: %w", err)
 			}
+			switch cfg.CNIPortMap {
+			case "auto", "true", "false":
+			default:
+				return fmt.Errorf("--cni-portmap %q: want auto, true or false", cfg.CNIPortMap)
+			}
 			if cfg.MTU < 0 || cfg.MTU > 0 && cfg.MTU < 576 {
 				return fmt.Errorf("--mtu %d: want 0 (auto) or at least 576", cfg.MTU)
 			}
@@ -131,6 +136,8 @@ established connections survive a restart. --cleanup removes it.`,
 	f.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "name of this node's Node object (default $NODE_NAME)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster service account)")
 	f.StringVar(&cfg.CNIConfDir, "cni-conf-dir", cfg.CNIConfDir, "directory to write the CNI conflist into")
+	f.StringVar(&cfg.CNIBinDir, "cni-bin-dir", cni.DefaultBinDir, "the runtime's CNI plugin directory (where --cni-portmap=auto looks for portmap)")
+	f.StringVar(&cfg.CNIPortMap, "cni-portmap", "auto", `chain the reference portmap plugin for pods' hostPort: "auto" (when --cni-bin-dir has it), "true" or "false"`)
 	f.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "agent and IPAM state directory (the conflist's dataDir)")
 	f.StringVar(&cfg.BPFRoot, "bpf-root", cfg.BPFRoot, "bpffs directory for pinned eBPF objects")
 	f.StringVar(&cfg.HealthAddr, "health-addr", cfg.HealthAddr, `address serving /healthz, /readyz and /metrics ("" disables)`)

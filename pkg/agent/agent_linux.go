@@ -63,6 +63,12 @@ var DefaultClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
 type Config struct {
 	NodeName     string
 	CNIConfDir   string
+	// CNIBinDir is where the runtime finds CNI plugins, and CNIPortMap
+	// whether the conflist chains portmap for hostPort: "auto" (when
+	// CNIBinDir has it, as nodes with the reference plugins installed do),
+	// "true" or "false".
+	CNIBinDir    string
+	CNIPortMap   string
 	StateDir     string
 	BPFRoot      string // bpffs directory of the eBPF datapath's pins
 	HealthAddr   string // "" disables the health/metrics server
@@ -698,18 +704,33 @@ func (a *Agent) countPlan(p overlay.Plan) {
 	add("fdb", "delete", len(p.DelFDB))
 }
 
+// portMap decides whether the conflist chains portmap (see CNIPortMap).
+func (a *Agent) portMap() bool {
+	switch a.cfg.CNIPortMap {
+	case "true":
+		return true
+	case "auto":
+		if a.cfg.CNIBinDir == "" {
+			return false
+		}
+		_, err := os.Stat(filepath.Join(a.cfg.CNIBinDir, cni.PortMapPlugin))
+		return err == nil
+	}
+	return false
+}
+
 func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 {
 		cidrs = []string{n.Spec.PodCIDR}
 	}
-	path, err := cni.WriteConfList(a.cfg.CNIConfDir, cni.NetworkConfig{MTU: mtu, PodCIDRs: cidrs, DataDir: a.cfg.StateDir})
+	path, err := cni.WriteConfList(a.cfg.CNIConfDir, cni.NetworkConfig{MTU: mtu, PodCIDRs: cidrs, DataDir: a.cfg.StateDir, PortMap: a.portMap()})
 	if err != nil {
 		return err
 	}
 	if a.lastConfMTU != mtu {
 		a.lastConfMTU = mtu
-		a.log.Info("CNI configuration in place", "path", path, "pod_cidrs", cidrs, "mtu", mtu)
+		a.log.Info("CNI configuration in place", "path", path, "pod_cidrs", cidrs, "mtu", mtu, "portmap", a.portMap())
 	}
 	return nil
 }

@@ -37,7 +37,15 @@ type NetworkConfig struct {
 	MTU      int      // pod interface MTU; 0 means DefaultMTU
 	PodCIDRs []string // the node's pod CIDRs (one IPv4, optionally one IPv6)
 	DataDir  string   // where IPAM keeps its state; "" means DefaultDataDir
+	// PortMap chains the reference portmap plugin after ours, for pods'
+	// hostPort (the runtime passes the mappings as its portMappings
+	// capability).
+	PortMap bool
 }
+
+// PortMapPlugin is the name of the reference plugin that implements
+// hostPort.
+const PortMapPlugin = "portmap"
 
 // ConfList renders the CNI network configuration list for cfg.
 func ConfList(cfg NetworkConfig) ([]byte, error) {
@@ -58,6 +66,12 @@ func ConfList(cfg NetworkConfig) ([]byte, error) {
 		"cniVersions": ConfVersions,
 		"name":        NetworkName,
 		"plugins":     []any{plugin},
+	}
+	if cfg.PortMap {
+		list["plugins"] = []any{plugin, map[string]any{
+			"type":         PortMapPlugin,
+			"capabilities": map[string]bool{"portMappings": true},
+		}}
 	}
 	return json.MarshalIndent(list, "", "  ")
 }
