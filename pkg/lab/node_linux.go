@@ -52,7 +52,7 @@ func ParseRuntime(s string) (string, error) {
 func (c *Config) realNodes() bool { return c.Runtime == RuntimeContainerd }
 
 // nodeBins are the binaries real nodes need besides the control plane's.
-var nodeBins = []string{"kubelet", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr"}
+var nodeBins = []string{"kubelet", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr", "portmap"}
 
 // Paths inside a node's mount namespace, bound to dirs of the node.
 var nodeBinds = []struct{ target, under string }{

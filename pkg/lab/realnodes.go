@@ -13,6 +13,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/sinabro-io/sinabro/pkg/atomicfile"
 	"github.com/sinabro-io/sinabro/pkg/lab/images"
 )
 
@@ -76,6 +77,11 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 	}
 	s.progress.done(fmt.Sprintf("%s: containerd up, %d images imported in %.1fs", name, len(s.images), time.Since(start).Seconds()))
 
+	// The node's OS ships the reference portmap plugin, as kubeadm nodes
+	// do (kubernetes-cni): the agent chains it for hostPort.
+	if err := copyExecutable(filepath.Join(s.cfg.KubeBinDir, "portmap"), filepath.Join(l.NodeCNIBin(name), "portmap")); err != nil {
+		return fail("supervisor", err)
+	}
 	kcfg, err := s.cfg.writeKubeletConfig(name)
 	if err != nil {
 		return fail("supervisor", err)
@@ -158,4 +164,16 @@ func deploymentAvailable(d *appsv1.Deployment) bool {
 		want = *d.Spec.Replicas
 	}
 	return d.Status.ObservedGeneration >= d.Generation && d.Status.AvailableReplicas >= want && d.Status.UpdatedReplicas >= want
+}
+
+// copyExecutable copies an executable file (atomically: temp file + rename).
+func copyExecutable(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", src, err)
+	}
+	if err := atomicfile.Write(dst, b, 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	return nil
 }
