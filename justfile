@@ -9,7 +9,7 @@ version := `git describe --tags --always --dirty 2>/dev/null || echo dev`
 build:
     CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/sinabro-io/sinabro/pkg/version.Version={{version}}" -o {{bin}} .
 
-# Build the pinned etcd/kube-apiserver/kube-controller-manager (cached).
+# Build the pinned etcd, kube-apiserver/-controller-manager/-scheduler/-proxy, kubelet, kubectl, agnhost, containerd (+shim, ctr), coredns, pause (cached; --with-e2e adds e2e.test).
 kube-bins:
     scripts/build-kube.sh
 

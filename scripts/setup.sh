@@ -4,7 +4,12 @@
 # Fast when everything is already there.
 set -euo pipefail
 
-packages=(clang llvm libbpf-dev bpftool iproute2 iperf3 wrk iputils-ping nftables iptables file kmod)
+# runc: the OCI runtime under the lab's real nodes (containerd is built by
+# scripts/build-kube.sh; runc needs cgo, so Debian's is used). debootstrap:
+# Debian root filesystems for the e2e test images (agnhost, kube-proxy).
+# util-linux (nsenter, unshare) is essential in Debian and always there.
+packages=(clang llvm libbpf-dev bpftool iproute2 iperf3 wrk iputils-ping nftables iptables file kmod
+  runc debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
