@@ -52,6 +52,7 @@ enum reason {
 	REASON_DROP_CT_FULL = 20,    /* egress: the conntrack table refused a new entry */
 	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
 	REASON_DROP_VXLAN_PEER = 22, /* ingress: VXLAN for our port and VNI from an address that is no peer node */
+	REASON_PASS_INBOUND = 23,    /* egress: a pod's answer to a connection opened from outside (TCP without our entry and no SYN, ICMP echo reply): left as is */
 	REASON_MAX = 32,
 };
 

@@ -417,6 +417,12 @@ int masq_egress(struct __sk_buff *skb)
 		return TCX_DROP;
 	}
 	now = bpf_ktime_get_ns();
+	if (ip.protocol == IPPROTO_ICMP && l4.icmp_type == ICMP_ECHOREPLY) {
+		/* An answer to a ping from outside (routed to the pod's own
+		 * address): it must leave with that address. */
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		return TCX_NEXT;
+	}
 	if (ip.protocol == IPPROTO_ICMP && l4.icmp_type != ICMP_ECHO) {
 		if (is_icmp_error(l4.icmp_type)) {
 			r = nat_icmp_error(skb, l4off, CT_FWD, now);
@@ -450,6 +456,14 @@ int masq_egress(struct __sk_buff *skb)
 		if (ct_touch(e, flags, now) || reopen)
 			ct_refresh_rev(&fk, e, now, reopen);
 		nat_port = e->port;
+	} else if (ip.protocol == IPPROTO_TCP && (l4.tcpflags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+		/* Only a SYN opens a flow to masquerade. Anything else without an
+		 * entry answers a connection opened from outside to the pod's own
+		 * address (a router or a control plane with routes to pod CIDRs):
+		 * translated, it would reach the client from an address it never
+		 * talked to. */
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		return TCX_NEXT;
 	} else {
 		r = ct_create(&fk, flags, now, &nat_port);
 		if (r) {

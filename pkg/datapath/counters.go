@@ -47,6 +47,7 @@ var reasonNames = [reasonSlots]string{
 	20: "drop_ct_full",
 	21: "drop_rewrite",
 	22: "drop_vxlan_unknown_peer",
+	23: "pass_inbound_reply",
 }
 
 // Counter is one program/reason total summed over CPUs.

@@ -350,6 +350,11 @@ func TestMasqueradeUntouched(t *testing.T) {
 		{"to non-masquerade CIDR", pkt{proto: layers.IPProtocolUDP, src: testPod, dst: netip.MustParseAddr("172.20.1.1"), sport: 1, dport: 2}, "pass_no_masq"},
 		{"to node IP", pkt{proto: layers.IPProtocolTCP, src: testPod, dst: testNode, sport: 1, dport: 2, tcpFlags: "S"}, "pass_no_masq"},
 		{"from host", pkt{proto: layers.IPProtocolTCP, src: testNode, dst: testRemote, sport: 1, dport: 2, tcpFlags: "S"}, "pass_not_pod"},
+		// Answers to connections opened from outside to the pod's own
+		// address (routed pod CIDRs): the client must see that address.
+		{"TCP answer without entry", pkt{proto: layers.IPProtocolTCP, src: testPod, dst: testRemote, sport: 8080, dport: 40000, tcpFlags: "SA"}, "pass_inbound_reply"},
+		{"TCP ACK without entry", pkt{proto: layers.IPProtocolTCP, src: testPod, dst: testRemote, sport: 8080, dport: 40000, tcpFlags: "A"}, "pass_inbound_reply"},
+		{"ICMP echo reply", pkt{proto: layers.IPProtocolICMPv4, src: testPod, dst: testRemote, icmpType: 0}, "pass_inbound_reply"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
