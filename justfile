@@ -17,6 +17,10 @@ kube-bins:
 test: build kube-bins
     scripts/test.sh
 
+# Kubernetes' sig-network conformance specs against a lab of real nodes (kubelet + containerd, the sinabro DaemonSet, kube-proxy nftables, CoreDNS).
+conformance: build
+    SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh --with-e2e | tail -n1)" go test -count=1 -v -run 'TestConformance$' -timeout 90m ./test/e2e/ | grep -vE '^(=== |PASS$|ok )'
+
 # Bring up the lab (2 nodes x 2 pods), run its connectivity check.
 lab: build kube-bins
     {{bin}} lab up --kube-bin-dir "$(scripts/build-kube.sh | tail -n1)"

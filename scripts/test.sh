@@ -31,7 +31,8 @@ echo "== fuzz CNI config parsing (20s)"
 go test -run '^$' -fuzz FuzzParseConf -fuzztime 20s ./pkg/cni/
 
 echo "== go test"
-export SINABRO_KUBE_BIN_DIR=${SINABRO_KUBE_BIN_DIR:-$(scripts/build-kube.sh | tail -n1)}
+# --with-e2e: Kubernetes' own e2e.test too, for TestConformance.
+export SINABRO_KUBE_BIN_DIR=${SINABRO_KUBE_BIN_DIR:-$(scripts/build-kube.sh --with-e2e | tail -n1)}
 # go test -json, printed as plain go test would (failures and the closing
 # ok/FAIL lines) by scripts/testreport, which also fails on any skipped test
 # that scripts/skip-allowlist.txt does not allow: CI has root and every tool,

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sinabro-io/sinabro/pkg/atomicfile"
@@ -100,6 +101,27 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 		}
 		if err := s.procs.start(ctx, s.cfg.kubeProxySpec(name)); err != nil {
 			return fail(kubeProxyName(name), err)
+		}
+	}
+	return nil
+}
+
+// routePodCIDRs routes a node's pod CIDRs to it from the control plane's
+// namespace, as a control-plane host on the pod network has them: the
+// apiserver reaches pods (its pod proxy, webhooks) and so does the e2e
+// suite run there.
+func (s *supervisor) routePodCIDRs(n *corev1.Node) error {
+	ip, err := netip.ParseAddr(internalIP(n))
+	if err != nil {
+		return fmt.Errorf("node %s: InternalIP: %w", n.Name, err)
+	}
+	for _, c := range n.Spec.PodCIDRs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil || !p.Addr().Is4() {
+			continue
+		}
+		if err := setRoute(s.cfg.nsControlPlane(), p, ip); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -447,6 +447,9 @@ func (s *supervisor) waitNodesReady(ctx context.Context, names []string, timeout
 		for _, n := range names {
 			node, err := s.admin.Nodes().Get(ctx, n, metav1.GetOptions{})
 			if err == nil && nodeReady(node) {
+				if err := s.routePodCIDRs(node); err != nil {
+					return &componentError{"supervisor", l.Log("supervisor"), err}
+				}
 				if !reported[n] {
 					reported[n] = true
 					s.progress.done(fmt.Sprintf("%s Ready: podCIDR %s, agent wrote the CNI config", n, node.Spec.PodCIDR))

@@ -204,6 +204,12 @@ func setSysctl(ns, key, value string) error {
 // setDefaultRoute routes everything off-link in the named namespace via gw
 // on its eth0, as a real node's default route through its uplink router.
 func setDefaultRoute(ns string, gw netip.Addr) error {
+	return setRoute(ns, netip.Prefix{}, gw)
+}
+
+// setRoute routes dst (the default route when invalid) in the named
+// namespace via gw on its eth0.
+func setRoute(ns string, dst netip.Prefix, gw netip.Addr) error {
 	c, err := dialNetns(ns)
 	if err != nil {
 		return err
@@ -213,7 +219,7 @@ func setDefaultRoute(ns string, gw netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	if err := c.Route.Replace(&rtnetlink.RouteMessage{
+	msg := &rtnetlink.RouteMessage{
 		Family:   unix.AF_INET,
 		Table:    unix.RT_TABLE_MAIN,
 		Protocol: unix.RTPROT_STATIC,
@@ -222,8 +228,15 @@ func setDefaultRoute(ns string, gw netip.Addr) error {
 		Attributes: rtnetlink.RouteAttributes{
 			OutIface: eth.Index, Gateway: net.IP(gw.AsSlice()), Table: unix.RT_TABLE_MAIN,
 		},
-	}); err != nil {
-		return fmt.Errorf("add default route via %s in %s: %w", gw, ns, err)
+	}
+	what := "default route"
+	if dst.IsValid() {
+		msg.DstLength = uint8(dst.Bits())
+		msg.Attributes.Dst = net.IP(dst.Addr().AsSlice())
+		what = "route to " + dst.String()
+	}
+	if err := c.Route.Replace(msg); err != nil {
+		return fmt.Errorf("add %s via %s in %s: %w", what, gw, ns, err)
 	}
 	return nil
 }
