@@ -3,7 +3,9 @@
 // nodes, pods, a router and an external host, each in a network namespace the
 // lab creates and joins over an underlay bridge. Nodes run the real sinabro
 // agent and CNI plugin and, as in most clusters, the real kube-proxy; a
-// kubelet stand-in per node wires pods through libcni as containerd does.
+// kubelet stand-in per node wires pods through libcni as containerd does —
+// or, with the containerd runtime (node_linux.go), a real kubelet and
+// containerd per node run the sinabro DaemonSet from the manifests.
 // Nothing in the root network namespace is touched.
 package lab
 
