@@ -234,7 +234,9 @@ func (s *supervisor) up(ctx context.Context) error {
 	if err := s.ensurePods(ctx); err != nil {
 		return err
 	}
-	if !s.cfg.kubeProxy() {
+	if !s.cfg.kubeProxy() || s.cfg.PodsPerNode == 0 {
+		// The lab's Services select its test pods: without pods they
+		// would never have a ready endpoint.
 		return nil
 	}
 	return s.ensureServices(ctx)
