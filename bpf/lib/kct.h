@@ -56,8 +56,25 @@ struct bpf_ct_opts {
 };
 
 /* Only the field read here; CO-RE finds it in the kernel's layout. */
+union nf_inet_addr {
+	__be32 ip;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_man {
+	union nf_inet_addr u3;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple {
+	struct nf_conntrack_man src;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash {
+	struct nf_conntrack_tuple tuple;
+} __attribute__((preserve_access_index));
+
 struct nf_conn {
 	unsigned long status;
+	struct nf_conntrack_tuple_hash tuplehash[2]; /* [IP_CT_DIR_ORIGINAL], [IP_CT_DIR_REPLY] */
 } __attribute__((preserve_access_index));
 
 extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *bpf_tuple, __u32 tuple__sz,
@@ -114,6 +131,35 @@ static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct i
 		ret = KCT_NAT;
 	bpf_ct_release(ct);
 	return ret;
+}
+
+/* kct_answer reports whether the kernel's conntrack holds this UDP or TCP
+ * packet's flow as opened by the packet's destination: the packet answers
+ * a connection from outside (the original direction's source is not ours).
+ * False when the check is off or nothing is known (the kernel tracks a
+ * namespace's connections only once a rule needs it, as kube-proxy's do). */
+static __always_inline bool kct_answer(struct __sk_buff *skb, const struct iphdr *ip, __u32 l3off)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_ct_opts opts = {.netns_id = BPF_F_CURRENT_NETNS};
+	struct nf_conn *ct;
+	bool answer;
+
+	if (!kernel_ct_enabled || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+		return false;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return false;
+	if (bpf_skb_load_bytes(skb, l3off + ip->ihl * 4, &t.ipv4.sport, 4))
+		return false;
+	t.ipv4.saddr = ip->saddr;
+	t.ipv4.daddr = ip->daddr;
+	opts.l4proto = ip->protocol;
+	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, kernel_ct_opts_size);
+	if (!ct)
+		return false;
+	answer = ct->tuplehash[0].tuple.src.u3.ip != ip->saddr;
+	bpf_ct_release(ct);
+	return answer;
 }
 
 #endif

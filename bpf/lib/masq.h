@@ -464,6 +464,11 @@ int masq_egress(struct __sk_buff *skb)
 		 * talked to. */
 		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
 		return TCX_NEXT;
+	} else if (ip.protocol == IPPROTO_UDP && kct_answer(skb, &ip, ETH_HLEN)) {
+		/* The same for UDP, which has no SYN: the kernel's conntrack saw
+		 * the flow come in from its peer (with kube-proxy coexistence). */
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		return TCX_NEXT;
 	} else {
 		r = ct_create(&fk, flags, now, &nat_port);
 		if (r) {

@@ -156,3 +156,91 @@ func TestKernelNATTakesStack(t *testing.T) {
 		Cleanup(cfg.BPFRoot)
 	}
 }
+
+// TestInboundToPodAddress connects from outside the node to a pod's own
+// address (the outside routes the pod CIDR via the node, as a router or a
+// control plane on the pod network does) over TCP and UDP, with the full
+// datapath (host routing, route_out, masquerading): the answers must come
+// back from the pod's address, not be masqueraded to the node's. TCP is
+// told by its missing SYN; UDP needs the kernel's conntrack (KernelCT).
+func TestInboundToPodAddress(t *testing.T) {
+	if err := KernelCTAvailable(); err != nil {
+		t.Skipf("kernel without conntrack kfuncs: %v", err)
+	}
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft to make the node's conntrack run")
+	}
+	topo := newTopology(t)
+	ipCmd(t, "-n", topo.base+"-ext", "route", "add", topoPrefix.String(), "via", topoNode.String())
+	// The kernel tracks connections in a namespace only once a rule needs
+	// it, as kube-proxy's NAT tables do on every node.
+	nft := exec.Command("ip", "netns", "exec", topo.base+"-node", "nft", "-f", "-")
+	nft.Stdin = strings.NewReader(`table ip sbct {
+	chain pre { type filter hook prerouting priority 0; policy accept; ct state new counter; }
+}`)
+	if out, err := nft.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	ln := in(t, topo.pod, func() (net.Listener, error) { return net.Listen("tcp4", topoPod.String()+":8080") })
+	defer ln.Close()
+	echoServer(t, ln)
+	udp := in(t, topo.pod, func() (net.PacketConn, error) { return net.ListenPacket("udp4", topoPod.String()+":8081") })
+	defer udp.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := udp.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			udp.WriteTo(buf[:n], from)
+		}
+	}()
+
+	cfg := topo.config(t)
+	cfg.RouteOut, cfg.KernelCT = true, true
+	d := topo.load(t, cfg)
+	if err := d.UpsertEndpoint(topo.podEndpoint); err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.Do(topo.node, func() error { return d.AttachHostVeth(topo.podEndpoint.Ifindex) }); err != nil {
+		t.Fatal(err)
+	}
+
+	c, err := dialIn(topo.ext, func() (net.Conn, error) {
+		return net.DialTimeout("tcp4", topoPod.String()+":8080", 2*time.Second)
+	})
+	if err != nil {
+		t.Fatalf("TCP from outside to the pod's address: %v", err)
+	}
+	r := bufio.NewReader(c)
+	for _, msg := range []string{"one", "two"} {
+		if _, err := roundTrip(c, r, msg); err != nil {
+			t.Fatalf("TCP from outside to the pod's address: %v", err)
+		}
+	}
+	c.Close()
+
+	u, err := dialIn(topo.ext, func() (net.Conn, error) { return net.Dial("udp4", topoPod.String()+":8081") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	for _, msg := range []string{"one", "two"} {
+		u.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := u.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 1500)
+		if n, err := u.Read(buf); err != nil || string(buf[:n]) != msg {
+			cs, _ := Counters(d.objs.SbCounters)
+			t.Fatalf("UDP from outside to the pod's address: got %q, %v (a masqueraded answer comes from the node's address, which the connected socket drops); counters %+v", buf[:n], err, cs)
+		}
+	}
+	if got := counter(t, &d.objs, "masq_egress", "pass_inbound_reply"); got < 4 {
+		t.Errorf("masq_egress pass_inbound_reply = %d, want >= 4 (TCP and UDP answers)", got)
+	}
+	if got := counter(t, &d.objs, "masq_egress", "snat_new"); got != 0 {
+		t.Errorf("masq_egress snat_new = %d: an answer to a connection from outside was masqueraded", got)
+	}
+}
