@@ -91,12 +91,38 @@ enum kct {
 /* kct_lookup tells how the kernel's conntrack sees the IPv4 packet whose
  * header (at l3off) is ip, in the current network namespace. The tuple
  * matches either direction of an entry. */
-static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct iphdr *ip, __u32 l3off)
+/* kct_get looks the packet's TCP or UDP flow up in the kernel's conntrack:
+ * the entry (to release with bpf_ct_release), or NULL with *none set when
+ * the lookup found nothing; NULL without *none means nothing is known (a
+ * later fragment, an unreadable header, a refused lookup). */
+static __always_inline struct nf_conn *kct_get(struct __sk_buff *skb, const struct iphdr *ip, __u32 l3off, bool *none)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_ct_opts opts = {.netns_id = BPF_F_CURRENT_NETNS};
 	struct nf_conn *ct;
+
+	*none = false;
+	/* A later fragment has no ports to look up. */
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return NULL;
+	if (bpf_skb_load_bytes(skb, l3off + ip->ihl * 4, &t.ipv4.sport, 4))
+		return NULL;
+	t.ipv4.saddr = ip->saddr;
+	t.ipv4.daddr = ip->daddr;
+	opts.l4proto = ip->protocol;
+	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, kernel_ct_opts_size);
+	/* Only a lookup that found nothing says "no entry"; one that failed
+	 * (the kernel refused the arguments) knows nothing. */
+	if (!ct)
+		*none = opts.error == -KCT_ENOENT;
+	return ct;
+}
+
+static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct iphdr *ip, __u32 l3off)
+{
+	struct nf_conn *ct;
 	enum kct ret = KCT_PLAIN;
+	bool none;
 
 	if (!kernel_ct_enabled)
 		return KCT_PLAIN;
@@ -114,19 +140,10 @@ static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct i
 	}
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return KCT_PLAIN;
-	/* A later fragment has no ports to look up: the stack decides. */
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return KCT_NAT;
-	if (bpf_skb_load_bytes(skb, l3off + ip->ihl * 4, &t.ipv4.sport, 4))
-		return KCT_NAT;
-	t.ipv4.saddr = ip->saddr;
-	t.ipv4.daddr = ip->daddr;
-	opts.l4proto = ip->protocol;
-	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, kernel_ct_opts_size);
-	/* Only a lookup that found nothing says "no entry"; one that failed
-	 * (the kernel refused the arguments) knows nothing: the stack decides. */
+	/* Unknown (a later fragment, a refused lookup): the stack decides. */
+	ct = kct_get(skb, ip, l3off, &none);
 	if (!ct)
-		return opts.error == -KCT_ENOENT ? KCT_NONE : KCT_NAT;
+		return none ? KCT_NONE : KCT_NAT;
 	if (ct->status & (IPS_SRC_NAT | IPS_DST_NAT))
 		ret = KCT_NAT;
 	bpf_ct_release(ct);
@@ -140,21 +157,12 @@ static __always_inline enum kct kct_lookup(struct __sk_buff *skb, const struct i
  * namespace's connections only once a rule needs it, as kube-proxy's do). */
 static __always_inline bool kct_answer(struct __sk_buff *skb, const struct iphdr *ip, __u32 l3off)
 {
-	struct bpf_sock_tuple t = {};
-	struct bpf_ct_opts opts = {.netns_id = BPF_F_CURRENT_NETNS};
 	struct nf_conn *ct;
-	bool answer;
+	bool answer, none;
 
 	if (!kernel_ct_enabled || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
 		return false;
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return false;
-	if (bpf_skb_load_bytes(skb, l3off + ip->ihl * 4, &t.ipv4.sport, 4))
-		return false;
-	t.ipv4.saddr = ip->saddr;
-	t.ipv4.daddr = ip->daddr;
-	opts.l4proto = ip->protocol;
-	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, kernel_ct_opts_size);
+	ct = kct_get(skb, ip, l3off, &none);
 	if (!ct)
 		return false;
 	answer = ct->tuplehash[0].tuple.src.u3.ip != ip->saddr;

@@ -51,16 +51,7 @@ func TestKernelNATTakesStack(t *testing.T) {
 	echoServer(t, ln)
 	udp := in(t, pod2, func() (net.PacketConn, error) { return net.ListenPacket("udp4", pod2Addr.String()+":8081") })
 	defer udp.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := udp.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			udp.WriteTo(append([]byte(from.String()+" "), buf[:n]...), from)
-		}
-	}()
+	udpEchoServer(udp, true)
 	extLn := in(t, topo.ext, func() (net.Listener, error) { return net.Listen("tcp4", topoExt.String()+":8080") })
 	defer extLn.Close()
 	echoServer(t, extLn)
@@ -186,16 +177,7 @@ func TestInboundToPodAddress(t *testing.T) {
 	echoServer(t, ln)
 	udp := in(t, topo.pod, func() (net.PacketConn, error) { return net.ListenPacket("udp4", topoPod.String()+":8081") })
 	defer udp.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := udp.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			udp.WriteTo(buf[:n], from)
-		}
-	}()
+	udpEchoServer(udp, false)
 
 	cfg := topo.config(t)
 	cfg.RouteOut, cfg.KernelCT = true, true
@@ -243,4 +225,24 @@ func TestInboundToPodAddress(t *testing.T) {
 	if got := counter(t, &d.objs, "masq_egress", "snat_new"); got != 0 {
 		t.Errorf("masq_egress snat_new = %d: an answer to a connection from outside was masqueraded", got)
 	}
+}
+
+// udpEchoServer answers every datagram on pc with its payload, prefixed
+// with the sender's address and a space when withSender is set, until pc
+// is closed.
+func udpEchoServer(pc net.PacketConn, withSender bool) {
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			out := buf[:n]
+			if withSender {
+				out = append([]byte(from.String()+" "), out...)
+			}
+			pc.WriteTo(out, from)
+		}
+	}()
 }
