@@ -8,8 +8,9 @@
 #   scripts/containerd  containerd, containerd-shim-runc-v2, ctr
 #   scripts/coredns     coredns
 #   scripts/pause       pause (the pod sandbox process, standard library only)
-#   scripts/cni-plugins portmap (the real nodes' /opt/cni/bin has it, as on
-#                       kubeadm nodes; scripts/build-cni-plugins.sh builds the rest)
+#   scripts/cni-plugins portmap and loopback (the real nodes' /opt/cni/bin has
+#                       them, as on kubeadm nodes; containerd 1.x needs loopback;
+#                       scripts/build-cni-plugins.sh builds the rest)
 # runc is not built (it needs cgo): scripts/setup.sh installs Debian's.
 # The binaries are cached in a directory keyed by the helper modules' content
 # and this script, and rebuilt only when the pins change; each binary is built
@@ -50,10 +51,11 @@ declare -A src=(
   [ctr]="containerd|github.com/containerd/containerd/v2/cmd/ctr"
   [coredns]="coredns|github.com/coredns/coredns"
   [portmap]="cni-plugins|github.com/containernetworking/plugins/plugins/meta/portmap"
+  [loopback]="cni-plugins|github.com/containernetworking/plugins/plugins/main/loopback"
 )
 # Build order: quick ones first.
 bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kubelet agnhost pause
-  containerd containerd-shim-runc-v2 ctr coredns portmap)
+  containerd containerd-shim-runc-v2 ctr coredns portmap loopback)
 want=("${bins[@]}")
 [ "$with_e2e" = 1 ] && want+=(e2e.test)
 

@@ -8,8 +8,10 @@ set -euo pipefail
 # scripts/build-kube.sh; runc needs cgo, so Debian's is used). debootstrap:
 # Debian root filesystems for the e2e test images (agnhost, kube-proxy).
 # util-linux (nsenter, unshare) is essential in Debian and always there.
+# containerd: Debian's 1.x, for lab nodes of `lab up --containerd v1|mixed`
+# (the conformance run's second node); nothing starts it by itself here.
 packages=(clang llvm libbpf-dev bpftool iproute2 iperf3 wrk iputils-ping nftables iptables file kmod
-  runc debootstrap)
+  runc debootstrap containerd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

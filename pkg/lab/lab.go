@@ -83,6 +83,9 @@ type Config struct {
 	// Runtime runs the nodes: RuntimeStandin ("" in older lab.json) or
 	// RuntimeContainerd (real kubelets and containerd, see node_linux.go).
 	Runtime string `json:"runtime,omitempty"`
+	// Containerd picks the real nodes' containerd: ContainerdV2 ("" too),
+	// ContainerdV1 or ContainerdMixed.
+	Containerd string `json:"containerd,omitempty"`
 }
 
 // kube-proxy modes of `lab up --kube-proxy`.

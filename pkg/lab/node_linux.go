@@ -51,8 +51,54 @@ func ParseRuntime(s string) (string, error) {
 // realNodes reports whether the lab's nodes run containerd and kubelet.
 func (c *Config) realNodes() bool { return c.Runtime == RuntimeContainerd }
 
+// containerd versions of `lab up --containerd`: v2 (built from the module
+// proxy, on every node), v1 (Debian's 1.6, on every node) or mixed (v1 on
+// even-numbered nodes): CNI libraries of both generations run the conflist.
+const (
+	ContainerdV2    = "v2"
+	ContainerdV1    = "v1"
+	ContainerdMixed = "mixed"
+
+	// containerd1 is Debian's containerd 1.x (apt install containerd).
+	containerd1 = "/usr/bin/containerd"
+)
+
+// ParseContainerd validates a --containerd value.
+func ParseContainerd(s string) (string, error) {
+	switch s {
+	case "", ContainerdV2:
+		return ContainerdV2, nil
+	case ContainerdV1, ContainerdMixed:
+		if _, err := os.Stat(containerd1); err != nil {
+			return "", fmt.Errorf("--containerd %s: %w (apt install containerd)", s, err)
+		}
+		return s, nil
+	}
+	return "", fmt.Errorf("--containerd %q: want %s, %s or %s", s, ContainerdV2, ContainerdV1, ContainerdMixed)
+}
+
+// containerd1 reports whether node runs Debian's containerd 1.x.
+func (c *Config) nodeContainerd1(node string) bool {
+	switch c.Containerd {
+	case ContainerdV1:
+		return true
+	case ContainerdMixed:
+		n, err := nodeIndex(node)
+		return err == nil && n%2 == 0
+	}
+	return false
+}
+
+// ctr is the containerd client matching the node's daemon.
+func (c *Config) ctr(node string) string {
+	if c.nodeContainerd1(node) {
+		return "/usr/bin/ctr"
+	}
+	return filepath.Join(c.KubeBinDir, "ctr")
+}
+
 // nodeBins are the binaries real nodes need besides the control plane's.
-var nodeBins = []string{"kubelet", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr", "portmap"}
+var nodeBins = []string{"kubelet", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr", "portmap", "loopback"}
 
 // Paths inside a node's mount namespace, bound to dirs of the node.
 var nodeBinds = []struct{ target, under string }{
@@ -344,7 +390,18 @@ func (c *Config) writeContainerdConfig(node string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("real nodes need runc (apt install runc): %w", err)
 	}
-	data := fmt.Sprintf(`version = 3
+	data := fmt.Sprintf(containerd2Config, pauseImage, runc)
+	if c.nodeContainerd1(node) {
+		data = fmt.Sprintf(containerd1Config, pauseImage, runc)
+	}
+	if err := atomicfile.Write(path, []byte(data), 0o644); err != nil {
+		return "", fmt.Errorf("write containerd config of %s: %w", node, err)
+	}
+	return path, nil
+}
+
+// containerd 2.x configuration (version 3).
+const containerd2Config = `version = 3
 root = "/var/lib/containerd"
 state = "/run/containerd"
 
@@ -373,12 +430,33 @@ state = "/run/containerd"
       BinaryName = "%s"
       Root = "/run/containerd/runc"
       SystemdCgroup = false
-`, pauseImage, runc)
-	if err := atomicfile.Write(path, []byte(data), 0o644); err != nil {
-		return "", fmt.Errorf("write containerd config of %s: %w", node, err)
-	}
-	return path, nil
-}
+`
+
+// containerd 1.x configuration (version 2), same settings. Its CNI library
+// runs the loopback plugin from the bin dir.
+const containerd1Config = `version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "%s"
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "%s"
+        Root = "/run/containerd/runc"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+`
 
 // pauseImage is the sandbox image of the lab's containerd (imported, never
 // pulled).
@@ -445,6 +523,10 @@ volumePluginDir: /var/lib/kubelet/volume-plugins
 }
 
 func (c *Config) containerdSpec(node, config string) procSpec {
+	if c.nodeContainerd1(node) {
+		// Debian's, with its own shim from /usr/bin.
+		return procSpec{name: "containerd-" + node, restart: true, argv: c.nsenter(node, containerd1, "--config", config)}
+	}
 	return procSpec{
 		name: "containerd-" + node, restart: true,
 		// Its shim first in PATH (a Debian containerd 1.x may be installed).

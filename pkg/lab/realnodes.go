@@ -46,7 +46,11 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 	fail := func(component string, err error) error {
 		return &componentError{component, l.Log(component), fmt.Errorf("%s: %w", name, err)}
 	}
-	s.progress.step(fmt.Sprintf("%s: mount and UTS namespaces (hostname %s), containerd", name, name))
+	version := "containerd 2.x"
+	if s.cfg.nodeContainerd1(name) {
+		version = "containerd 1.x (Debian's)"
+	}
+	s.progress.step(fmt.Sprintf("%s: mount and UTS namespaces (hostname %s), %s", name, name, version))
 	if err := s.cfg.setupNodeNamespaces(name); err != nil {
 		return fail("supervisor", err)
 	}
@@ -67,7 +71,7 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = images.Import(ctx, filepath.Join(s.cfg.KubeBinDir, "ctr"), l.containerdSocket(name), img)
+			errs[i] = images.Import(ctx, s.cfg.ctr(name), l.containerdSocket(name), img)
 		}()
 	}
 	wg.Wait()
@@ -80,8 +84,10 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 
 	// The node's OS ships the reference portmap plugin, as kubeadm nodes
 	// do (kubernetes-cni): the agent chains it for hostPort.
-	if err := copyExecutable(filepath.Join(s.cfg.KubeBinDir, "portmap"), filepath.Join(l.NodeCNIBin(name), "portmap")); err != nil {
-		return fail("supervisor", err)
+	for _, p := range []string{"portmap", "loopback"} {
+		if err := copyExecutable(filepath.Join(s.cfg.KubeBinDir, p), filepath.Join(l.NodeCNIBin(name), p)); err != nil {
+			return fail("supervisor", err)
+		}
 	}
 	kcfg, err := s.cfg.writeKubeletConfig(name)
 	if err != nil {
@@ -129,7 +135,7 @@ func (s *supervisor) routePodCIDRs(n *corev1.Node) error {
 
 // waitContainerd waits until the node's containerd answers on its socket.
 func (s *supervisor) waitContainerd(ctx context.Context, node string, timeout time.Duration) error {
-	ctr := filepath.Join(s.cfg.KubeBinDir, "ctr")
+	ctr := s.cfg.ctr(node)
 	sock := s.cfg.layout().containerdSocket(node)
 	deadline := time.Now().Add(timeout)
 	for {

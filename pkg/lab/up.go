@@ -33,6 +33,7 @@ type UpOptions struct {
 	KubeProxy   string   // "none", "iptables" or "nftables"
 	AgentArgs   []string // extra agent flags (development)
 	Runtime     string   // "standin" or "containerd"
+	Containerd  string   // real nodes' containerd: "v2", "v1" or "mixed"
 	Timeout     time.Duration
 }
 
@@ -67,6 +68,10 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		return err
 	}
 	runtime, err := ParseRuntime(o.Runtime)
+	if err != nil {
+		return err
+	}
+	containerd, err := ParseContainerd(o.Containerd)
 	if err != nil {
 		return err
 	}
@@ -106,7 +111,7 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		Name: o.Name, Dir: dir, KubeBinDir: kubeBin, Executable: exe, Manifests: FindManifests(o.Manifests),
 		ClusterCIDR: o.ClusterCIDR, ServiceCIDR: o.ServiceCIDR, Underlay: DefaultUnderlay,
 		BPFRoot: BPFRootFor(o.Name), ProxyAddr: o.ProxyAddr, PodsPerNode: o.PodsPerNode,
-		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs, Runtime: runtime,
+		KubeProxy: kubeProxy, AgentArgs: o.AgentArgs, Runtime: runtime, Containerd: containerd,
 	}
 	for i := 1; i <= o.Nodes; i++ {
 		cfg.Nodes = append(cfg.Nodes, nodeName(i))

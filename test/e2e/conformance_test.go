@@ -24,9 +24,9 @@ const conformanceFocus = `\[sig-network\].*\[Conformance\]`
 
 // TestConformance runs the upstream sig-network conformance specs (e2e.test
 // built from the pinned Kubernetes module by `scripts/build-kube.sh
-// --with-e2e`) against a lab of real nodes — kubelet + containerd per node,
-// Sinabro installed by its DaemonSet from manifests/, kube-proxy (nftables),
-// CoreDNS — and fails on any failed spec. It prints one line per spec and
+// --with-e2e`) against a lab of real nodes — kubelet + containerd per node
+// (2.x and 1.x), Sinabro installed by its DaemonSet from manifests/,
+// kube-proxy (nftables), CoreDNS — and fails on any failed spec. It prints one line per spec and
 // "N passed, M failed". $SINABRO_CONFORMANCE_FOCUS narrows the focus (a
 // regular expression over spec names, for development).
 func TestConformance(t *testing.T) {
@@ -41,7 +41,10 @@ func TestConformance(t *testing.T) {
 	if f := os.Getenv("SINABRO_CONFORMANCE_FOCUS"); f != "" {
 		focus = f
 	}
-	l, took := newNamedLab(t, randomLabName("sbconf"), 2, 0, lab.KubeProxyNFTables, "--runtime="+lab.RuntimeContainerd, "--timeout=15m")
+	// node-1 on containerd 2.x, node-2 on Debian's 1.6: both generations
+	// of the CNI library run the conflist.
+	l, took := newNamedLab(t, randomLabName("sbconf"), 2, 0, lab.KubeProxyNFTables,
+		"--runtime="+lab.RuntimeContainerd, "--containerd="+lab.ContainerdMixed, "--timeout=15m")
 	t.Logf("lab of real nodes up in %s", took.Round(time.Second))
 
 	report := filepath.Join(t.TempDir(), "report.json")
