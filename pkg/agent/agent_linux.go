@@ -61,8 +61,8 @@ var DefaultClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
 
 // Config is the agent's configuration.
 type Config struct {
-	NodeName     string
-	CNIConfDir   string
+	NodeName   string
+	CNIConfDir string
 	// CNIBinDir is where the runtime finds CNI plugins, and CNIPortMap
 	// whether the conflist chains portmap for hostPort: "auto" (when
 	// CNIBinDir has it, as nodes with the reference plugins installed do),
