@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sinabro-io/sinabro/pkg/atomicfile"
+	"github.com/sinabro-io/sinabro/pkg/lab/images"
 )
 
 // kube-proxy runs in every node's namespace, as the DaemonSet of most
@@ -107,16 +108,16 @@ func (s *supervisor) waitKubeProxySynced(ctx context.Context, nodes []string, si
 			if err == nil && at.After(since) {
 				break
 			}
-			name := kubeProxyName(n)
-			if _, ok := s.procs.running(name); !ok {
-				return &componentError{name, s.cfg.layout().Log(name), fmt.Errorf("%w while waiting for its first sync", errExited)}
+			name, log := s.cfg.kubeProxyLog(n)
+			if _, ok := s.procs.running(kubeProxyName(n)); !ok && !s.cfg.realNodes() {
+				return &componentError{name, log, fmt.Errorf("%w while waiting for its first sync", errExited)}
 			}
 			if time.Now().After(deadline) {
 				last := "no sync since " + since.Format(time.TimeOnly)
 				if err != nil {
 					last = err.Error()
 				}
-				return &componentError{name, s.cfg.layout().Log(name), fmt.Errorf("rules not synced after %s: %s", timeout, last)}
+				return &componentError{name, log, fmt.Errorf("kube-proxy rules not synced after %s: %s", timeout, last)}
 			}
 			select {
 			case <-ctx.Done():
@@ -149,4 +150,116 @@ func kubeProxyHealth(ctx context.Context, cfg *Config, node string) string {
 		return cfg.KubeProxy + ", healthy"
 	}
 	return cfg.KubeProxy + ", healthz " + resp.Status
+}
+
+// kubeProxyDaemonSet is kube-proxy as kubeadm deploys it, for real nodes:
+// a DaemonSet in the nodes' network namespaces (hostNetwork), its config
+// and a kubeconfig that reaches the apiserver directly with the pod's
+// service-account token (the kubernetes Service needs kube-proxy first),
+// bound to system:node-proxier.
+const kubeProxyDaemonSet = `apiVersion: v1
+kind: ServiceAccount
+metadata: {name: kube-proxy, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: sinabro-lab:node-proxier}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: system:node-proxier}
+subjects:
+- {kind: ServiceAccount, name: kube-proxy, namespace: kube-system}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: kube-proxy, namespace: kube-system}
+data:
+  config.conf: |
+    apiVersion: kubeproxy.config.k8s.io/v1alpha1
+    kind: KubeProxyConfiguration
+    mode: %[1]s
+    clusterCIDR: %[2]s
+    detectLocalMode: ClusterCIDR
+    healthzBindAddress: 0.0.0.0:%[4]d
+    metricsBindAddress: %[5]s
+    clientConnection:
+      kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+    # nf_conntrack_max can only be set from the initial network namespace.
+    conntrack:
+      maxPerCore: 0
+      min: 0
+  kubeconfig.conf: |
+    apiVersion: v1
+    kind: Config
+    clusters:
+    - name: default
+      cluster:
+        server: %[3]s
+        certificate-authority: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+    users:
+    - name: default
+      user:
+        tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
+    contexts:
+    - name: default
+      context: {cluster: default, user: default}
+    current-context: default
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: kube-proxy
+  namespace: kube-system
+  labels: {k8s-app: kube-proxy}
+spec:
+  selector:
+    matchLabels: {k8s-app: kube-proxy}
+  template:
+    metadata:
+      labels: {k8s-app: kube-proxy}
+    spec:
+      serviceAccountName: kube-proxy
+      hostNetwork: true
+      priorityClassName: system-node-critical
+      tolerations:
+      - operator: Exists
+      containers:
+      - name: kube-proxy
+        image: %[6]s
+        imagePullPolicy: IfNotPresent
+        command: ["/usr/local/bin/kube-proxy", "--config=/var/lib/kube-proxy/config.conf", "--hostname-override=$(NODE_NAME)", "--v=1"]
+        env:
+        - name: NODE_NAME
+          valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+        securityContext: {privileged: true}
+        volumeMounts:
+        - {name: kube-proxy, mountPath: /var/lib/kube-proxy}
+        - {name: xtables-lock, mountPath: /run/xtables.lock}
+        - {name: lib-modules, mountPath: /lib/modules, readOnly: true}
+      volumes:
+      - name: kube-proxy
+        configMap: {name: kube-proxy}
+      - name: xtables-lock
+        hostPath: {path: /run/xtables.lock, type: FileOrCreate}
+      - name: lib-modules
+        hostPath: {path: /lib/modules}
+`
+
+// deployKubeProxy applies the kube-proxy DaemonSet of real nodes.
+func (s *supervisor) deployKubeProxy(ctx context.Context) error {
+	s.progress.step(fmt.Sprintf("applying the kube-proxy DaemonSet (%s mode)", s.cfg.KubeProxy))
+	src := fmt.Sprintf(kubeProxyDaemonSet, s.cfg.KubeProxy, s.cfg.ClusterCIDR, s.cfg.apiserverURL(),
+		kubeProxyHealthPort, kubeProxyMetricsAddr, images.KubeProxyRef)
+	if err := applyYAML(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), src); err != nil {
+		return &componentError{"kube-proxy", s.cfg.layout().Log("supervisor"), err}
+	}
+	s.progress.done("kube-proxy DaemonSet applied")
+	return nil
+}
+
+// kubeProxyLog is where a node's kube-proxy logs: its own file as a lab
+// process, the kubelet's (which runs its pod) on real nodes.
+func (c *Config) kubeProxyLog(node string) (component, path string) {
+	if c.realNodes() {
+		return "kubelet-" + node, c.layout().Log("kubelet-" + node)
+	}
+	return kubeProxyName(node), c.layout().Log(kubeProxyName(node))
 }

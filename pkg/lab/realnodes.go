@@ -101,14 +101,6 @@ func (s *supervisor) addRealNode(ctx context.Context, name string, addr netip.Ad
 		argv: []string{s.cfg.Executable, "lab", "serve", "--name", name}}); err != nil {
 		return fail("serve-"+name, err)
 	}
-	if s.cfg.kubeProxy() {
-		if err := s.cfg.writeKubeProxyConfig(name, addr); err != nil {
-			return fail("supervisor", err)
-		}
-		if err := s.procs.start(ctx, s.cfg.kubeProxySpec(name)); err != nil {
-			return fail(kubeProxyName(name), err)
-		}
-	}
 	return nil
 }
 

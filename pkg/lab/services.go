@@ -164,8 +164,8 @@ func (s *supervisor) ensureServices(ctx context.Context) error {
 	}
 	for _, n := range s.cfg.Nodes {
 		if err := waitServicesProgrammed(ctx, s.admin, s.cfg, n, time.Until(deadline)); err != nil {
-			name := kubeProxyName(n)
-			return &componentError{name, l.Log(name), err}
+			name, log := s.cfg.kubeProxyLog(n)
+			return &componentError{name, log, err}
 		}
 	}
 	s.progress.done(fmt.Sprintf("Services programmed by kube-proxy on every node in %.1fs", time.Since(start).Seconds()))

@@ -205,6 +205,9 @@ func (s *supervisor) up(ctx context.Context) error {
 		if err := s.buildImages(ctx); err != nil {
 			return err
 		}
+		if err := s.deployKubeProxy(ctx); err != nil {
+			return err
+		}
 	}
 	errc := make(chan error, len(s.cfg.Nodes))
 	for _, n := range s.cfg.Nodes {

@@ -253,6 +253,15 @@ func assertClean(t *testing.T, dir, name string) {
 			t.Errorf("cgroup %s left", cg)
 		}
 	}
+	// Real nodes' cgroup roots, in every hierarchy.
+	if left, _ := filepath.Glob("/sys/fs/cgroup/*/" + name + "-node-*"); len(left) > 0 {
+		t.Errorf("node cgroups left: %v", left)
+	}
+	// Real nodes' mount namespaces (bound under the lab dir) and the
+	// mounts made in them.
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(b), dir+"/") {
+		t.Errorf("mounts under %s left", dir)
+	}
 	// Nothing of the lab may ever appear in the root namespace.
 	if out, err := exec.Command("ip", "-o", "link", "show").Output(); err == nil {
 		for _, line := range strings.Split(string(out), "\n") {
