@@ -177,6 +177,9 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		probes = append(probes, svcProbes...)
 		res.State = append(res.State, state...)
 	}
+	if cfg.realNodes() {
+		res.State = append(res.State, dnsChecks(ctx, cfg, cs, pods, o.Timeout)...)
+	}
 
 	sem := make(chan struct{}, 32)
 	var wg sync.WaitGroup
