@@ -278,14 +278,18 @@ func (c *Config) createNodeCgroups(node string) error {
 // name's nodes (containers: runc moves them there, out of the lab's own
 // cgroup) and removes the cgroups, deepest first. It returns how many
 // processes it killed.
-func killNodeCgroups(name string) (int, error) {
+func killNodeCgroups(name string) (int, error) { return killCgroupRoots(name + "-node-*") }
+
+// killCgroupRoots does the same for the cgroup roots named by pattern
+// (one node's: "<lab>-<node>").
+func killCgroupRoots(pattern string) (int, error) {
 	hier := cgroupV1Hierarchies()
 	if mnt, err := cgroup.V2Mount(); err == nil {
 		hier = append(hier, mnt)
 	}
 	var roots []string
 	for _, h := range hier {
-		m, _ := filepath.Glob(filepath.Join(h, name+"-node-*"))
+		m, _ := filepath.Glob(filepath.Join(h, pattern))
 		roots = append(roots, m...)
 	}
 	if len(roots) == 0 {
@@ -360,6 +364,22 @@ func releaseNodeNamespaces(l Layout) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// stopRealNode stops one real node: its kubelet, containers and containerd,
+// then its cgroups and namespaces.
+func (s *supervisor) stopRealNode(node string) error {
+	s.procs.stop("kubelet-" + node)
+	_, err := killCgroupRoots(strings.TrimPrefix(s.cfg.nodeCgroupRoot(node), "/"))
+	s.procs.stop("containerd-" + node)
+	l := s.cfg.layout()
+	for _, f := range []string{l.nodeMountNS(node), l.nodeUTSNS(node)} {
+		if uerr := unix.Unmount(f, unix.MNT_DETACH); uerr != nil && !errors.Is(uerr, unix.EINVAL) && !errors.Is(uerr, unix.ENOENT) {
+			err = errors.Join(err, fmt.Errorf("unmount %s: %w", f, uerr))
+		}
+		os.Remove(f)
+	}
+	return err
 }
 
 // removeCreatedDirs removes the mount points the lab created on the host,

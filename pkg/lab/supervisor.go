@@ -452,10 +452,10 @@ func (s *supervisor) waitNodesReady(ctx context.Context, names []string, timeout
 		for _, n := range names {
 			node, err := s.admin.Nodes().Get(ctx, n, metav1.GetOptions{})
 			if err == nil && nodeReady(node) {
-				if err := s.routePodCIDRs(node); err != nil {
-					return &componentError{"supervisor", l.Log("supervisor"), err}
-				}
 				if !reported[n] {
+					if err := s.routePodCIDRs(node); err != nil {
+						return &componentError{"supervisor", l.Log("supervisor"), err}
+					}
 					reported[n] = true
 					s.progress.done(fmt.Sprintf("%s Ready: podCIDR %s, agent wrote the CNI config", n, node.Spec.PodCIDR))
 				}
@@ -610,6 +610,11 @@ func (s *supervisor) removeNode(ctx context.Context, name string) error {
 	s.procs.stop("serve-" + name)
 	s.procs.stop(kubeProxyName(name))
 	s.procs.stop("agent-" + name)
+	if s.cfg.realNodes() {
+		if err := s.stopRealNode(name); err != nil {
+			return err
+		}
+	}
 	zero := int64(0)
 	pods, err := s.admin.Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + name})
 	if err == nil {
