@@ -26,6 +26,11 @@ lab: build kube-bins
     {{bin}} lab up --kube-bin-dir "$(scripts/build-kube.sh | tail -n1)"
     {{bin}} lab check
 
+# The lab on real nodes (kubelet + containerd, the sinabro DaemonSet, CoreDNS), and its connectivity check.
+lab-real: build kube-bins
+    {{bin}} lab up --runtime containerd --kube-bin-dir "$(scripts/build-kube.sh | tail -n1)"
+    {{bin}} lab check
+
 # Tear the lab down (idempotent; also cleans up after a crashed lab).
 lab-down: build
     {{bin}} lab down
