@@ -5,9 +5,12 @@ package cgroup
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 )
 
 // V2Mount returns where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup,
@@ -34,4 +37,48 @@ func V2Mount() (string, error) {
 		return "", err
 	}
 	return "", errors.New("no cgroup2 mount")
+}
+
+// Current returns the cgroup v2 directory of this process.
+func Current() (string, error) {
+	mnt, err := V2Mount()
+	if err != nil {
+		return "", err
+	}
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(mnt, rest), nil
+		}
+	}
+	return "", errors.New("no cgroup v2 line in /proc/self/cgroup")
+}
+
+var enterMu sync.Mutex
+
+// Enter moves this process into the cgroup v2 directory dir until leave is
+// called: sockets opened meanwhile belong to dir for good (a socket's
+// cgroup is fixed when it is created), so its socket programs see them.
+// Calls are serialized. Tests and the lab's probes use it to open sockets
+// "as" a node or pod without a process there.
+func Enter(dir string) (leave func() error, err error) {
+	enterMu.Lock()
+	back, err := Current()
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644)
+	}
+	if err != nil {
+		enterMu.Unlock()
+		return nil, fmt.Errorf("enter cgroup %s: %w", dir, err)
+	}
+	return func() error {
+		defer enterMu.Unlock()
+		if err := os.WriteFile(filepath.Join(back, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+			return fmt.Errorf("return to cgroup %s: %w", back, err)
+		}
+		return nil
+	}, nil
 }
