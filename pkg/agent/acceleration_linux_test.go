@@ -243,7 +243,7 @@ func TestAgentTCPAcceleration(t *testing.T) {
 	start := func(nodeDefault bool) func() {
 		t.Helper()
 		cfg := Config{
-			NodeName: "a", CNIConfDir: t.TempDir(), StateDir: t.TempDir(), BPFRoot: bed.root,
+			NodeName: "a", CNIConfDir: t.TempDir(), StateDir: t.TempDir(), BPFRoot: bed.root, KubeProxyReplacement: KPRFalse,
 			VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
 			ClusterCIDRs:    []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 			TCPAcceleration: nodeDefault, PodCgroup: bed.cgroup,

@@ -105,7 +105,14 @@ type Config struct {
 	TCPAcceleration bool
 	// PodCgroup is the cgroup v2 directory holding the node's pods; ""
 	// takes the cgroup v2 root.
-	PodCgroup      string
+	PodCgroup string
+	// KubeProxyReplacement is KPRAuto (default: serve Services where
+	// kube-proxy's rules are absent), KPRTrue or KPRFalse.
+	KubeProxyReplacement string
+	// ServiceCgroup is the cgroup v2 directory whose sockets see Services
+	// through the socket load balancer; "" takes the cgroup v2 root (every
+	// process of the node, pods and host).
+	ServiceCgroup  string
 	ResyncInterval time.Duration
 	// TCAttach is how the datapath's programs attach to interfaces:
 	// datapath.AttachAuto (tcx where the kernel has it, else classic tc),
@@ -206,6 +213,16 @@ func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 	}
 	if (cfg.HostRouting || cfg.Masquerade && cfg.MasqueradeBackend == BackendEBPF) && cfg.BPFRoot == "" {
 		return nil, errors.New("the eBPF datapath needs a bpffs root")
+	}
+	switch cfg.KubeProxyReplacement {
+	case "":
+		cfg.KubeProxyReplacement = KPRAuto
+	case KPRAuto, KPRTrue, KPRFalse:
+	default:
+		return nil, fmt.Errorf("kube-proxy replacement %q: want %s, %s or %s", cfg.KubeProxyReplacement, KPRAuto, KPRTrue, KPRFalse)
+	}
+	if cfg.KubeProxyReplacement != KPRFalse && cfg.BPFRoot == "" {
+		return nil, errors.New("Service load balancing needs a bpffs root (or --kube-proxy-replacement=false)")
 	}
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = DefaultResyncInterval
@@ -364,6 +381,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	g.Go(func() error { return a.runGC(ctx) })
+	if err := newServiceController(a).start(ctx, g); err != nil {
+		cancel()
+		g.Wait()
+		return err
+	}
 	g.Go(func() error {
 		a.log.Info("waiting for the node informer to sync")
 		if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {

@@ -108,7 +108,7 @@ func TestAgentsConnectTwoNodes(t *testing.T) {
 			NodeName: name, CNIConfDir: confDirs[name], StateDir: "/var/lib/sinabro-test",
 			VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
 			ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}, Masquerade: true,
-			MasqueradeBackend: BackendNFTables, HostRouting: false,
+			MasqueradeBackend: BackendNFTables, HostRouting: false, KubeProxyReplacement: KPRFalse,
 			ResyncInterval: time.Second, NetNS: netns.Path(ns),
 		}
 		if name == "a" {

@@ -56,6 +56,28 @@ func (k clientsetCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
 	}
 }
 
+func (k clientsetCluster) Services(ctx context.Context) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			return k.c.CoreV1().Services("").List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			return k.c.CoreV1().Services("").Watch(ctx, o)
+		},
+	}
+}
+
+func (k clientsetCluster) EndpointSlices(ctx context.Context) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			return k.c.DiscoveryV1().EndpointSlices("").List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			return k.c.DiscoveryV1().EndpointSlices("").Watch(ctx, o)
+		},
+	}
+}
+
 func (k clientsetCluster) PatchNode(ctx context.Context, name string, patch []byte) error {
 	_, err := k.c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager}, "status")
 	return err

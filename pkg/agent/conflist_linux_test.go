@@ -63,7 +63,7 @@ func TestConfListWithheldUntilDatapathLoads(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := Config{
-		NodeName: "a", CNIConfDir: confDir, StateDir: "/var/lib/sinabro-test", BPFRoot: root,
+		NodeName: "a", CNIConfDir: confDir, StateDir: "/var/lib/sinabro-test", BPFRoot: root, KubeProxyReplacement: KPRFalse,
 		VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 		Masquerade:   true, MasqueradeBackend: BackendEBPF, HostRouting: true,

@@ -210,7 +210,7 @@ func TestAgentEBPFDatapath(t *testing.T) {
 	})
 	client := fake.NewClientset(testNode("a", "192.168.70.1", "10.244.1.0/24"))
 	cfg := Config{
-		NodeName: "a", CNIConfDir: t.TempDir(), StateDir: "/var/lib/sinabro-test", BPFRoot: root,
+		NodeName: "a", CNIConfDir: t.TempDir(), StateDir: "/var/lib/sinabro-test", BPFRoot: root, KubeProxyReplacement: KPRFalse,
 		VXLANVNI: 1, VXLANPort: 8472, VXLANDevice: "sinabro.vxlan",
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 		Masquerade:   true, MasqueradeBackend: BackendEBPF, HostRouting: true,

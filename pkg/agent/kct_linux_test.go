@@ -20,7 +20,7 @@ func TestHostRoutingWaitsForKernelCT(t *testing.T) {
 	t.Cleanup(func() { kernelCTAvailable = saved })
 
 	for _, coexist := range []bool{true, false} {
-		cfg := Config{NodeName: "a", BPFRoot: "/sys/fs/bpf/unused", HostRouting: true, KubeProxyCoexistence: coexist}
+		cfg := Config{NodeName: "a", BPFRoot: "/sys/fs/bpf/unused", HostRouting: true, KubeProxyCoexistence: coexist, KubeProxyReplacement: KPRFalse}
 		a, err := New(cfg, clientsetCluster{fake.NewClientset()}, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)

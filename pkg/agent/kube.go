@@ -24,6 +24,10 @@ type Cluster interface {
 	// Namespaces lists and watches all Namespaces (the TCP acceleration
 	// annotation of a pod's namespace).
 	Namespaces(ctx context.Context) cache.ListerWatcher
+	// Services and EndpointSlices list and watch all of them, for
+	// Service load balancing.
+	Services(ctx context.Context) cache.ListerWatcher
+	EndpointSlices(ctx context.Context) cache.ListerWatcher
 	// PatchNode applies a JSON merge patch to a Node through its status
 	// subresource: the API server takes metadata changes (our VTEP
 	// annotations) there too, as flannel relies on, and RBAC then needs
@@ -66,6 +70,14 @@ func (k kubeCluster) Pods(ctx context.Context, node string) cache.ListerWatcher 
 
 func (k kubeCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
 	return k.c.Namespaces().ListWatch(ctx, nil)
+}
+
+func (k kubeCluster) Services(ctx context.Context) cache.ListerWatcher {
+	return k.c.Services("").ListWatch(ctx, nil)
+}
+
+func (k kubeCluster) EndpointSlices(ctx context.Context) cache.ListerWatcher {
+	return k.c.EndpointSlices("").ListWatch(ctx, nil)
 }
 
 func (k kubeCluster) PatchNode(ctx context.Context, name string, patch []byte) error {

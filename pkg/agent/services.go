@@ -1,0 +1,168 @@
+package agent
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+
+	"github.com/sinabro-io/sinabro/pkg/service"
+)
+
+// Kube-proxy replacement modes (--kube-proxy-replacement).
+const (
+	// KPRAuto serves Services unless kube-proxy's rules are found in the
+	// node's network namespace.
+	KPRAuto = "auto"
+	// KPRTrue serves Services even next to kube-proxy.
+	KPRTrue = "true"
+	// KPRFalse leaves Services to kube-proxy.
+	KPRFalse = "false"
+)
+
+// defaultAffinityTimeout is Kubernetes' default sessionAffinity timeout.
+const defaultAffinityTimeout = 10800 * time.Second
+
+// desiredServices computes what the load balancer of node must hold: one
+// frontend per Service port and address (ClusterIPs, external IPs,
+// load-balancer ingress IPs, the NodePort on every node address) with the
+// backends kube-proxy would use from this node:
+//   - ready endpoints; serving-and-terminating ones only when no endpoint
+//     is ready (graceful termination);
+//   - for ClusterIPs with internalTrafficPolicy Local, only endpoints on
+//     this node;
+//   - external addresses and NodePorts reached from inside the node use
+//     every endpoint, as kube-proxy does for traffic that starts in the
+//     cluster whatever the externalTrafficPolicy.
+//
+// IPv6 addresses are skipped (the datapath is IPv4 today).
+func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[service.Frontend]service.Entry {
+	bySvc := map[[2]string][]*discoveryv1.EndpointSlice{}
+	for _, s := range eps {
+		name := s.Labels[discoveryv1.LabelServiceName]
+		if name == "" || s.AddressType != discoveryv1.AddressTypeIPv4 {
+			continue
+		}
+		k := [2]string{s.Namespace, name}
+		bySvc[k] = append(bySvc[k], s)
+	}
+	out := map[service.Frontend]service.Entry{}
+	for _, svc := range svcs {
+		if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+			continue
+		}
+		var affinity time.Duration
+		if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+			affinity = defaultAffinityTimeout
+			if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+				affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+			}
+		}
+		itpLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+		slicesOf := bySvc[[2]string{svc.Namespace, svc.Name}]
+		for _, sp := range svc.Spec.Ports {
+			proto, ok := protocolOf(sp.Protocol)
+			if !ok {
+				continue
+			}
+			name := svc.Namespace + "/" + svc.Name + ":" + cmp.Or(sp.Name, sp.TargetPort.String())
+			all := backendsFor(slicesOf, sp.Name, sp.Protocol, "")
+			entry := service.Entry{Name: name, Backends: all, Affinity: affinity}
+			internal := entry
+			if itpLocal {
+				internal.Backends = backendsFor(slicesOf, sp.Name, sp.Protocol, node)
+			}
+			for _, ip := range svc.Spec.ClusterIPs {
+				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
+					out[service.Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = internal
+				}
+			}
+			external := svc.Spec.ExternalIPs
+			for _, ing := range svc.Status.LoadBalancer.Ingress {
+				external = append(external, ing.IP)
+			}
+			for _, ip := range external {
+				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
+					out[service.Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = entry
+				}
+			}
+			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
+				out[service.Frontend{NodePort: true, Port: uint16(sp.NodePort), Proto: proto}] = entry
+			}
+		}
+	}
+	return out
+}
+
+func protocolOf(p corev1.Protocol) (service.Protocol, bool) {
+	switch p {
+	case corev1.ProtocolTCP, "":
+		return service.TCP, true
+	case corev1.ProtocolUDP:
+		return service.UDP, true
+	case corev1.ProtocolSCTP:
+		return service.SCTP, true
+	}
+	return 0, false
+}
+
+// backendsFor collects the endpoints of one Service port (matched by port
+// name and protocol, as kube-proxy does), sorted; node, when set, keeps
+// only that node's endpoints.
+func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1.Protocol, node string) []service.Backend {
+	var ready, terminating []service.Backend
+	for _, s := range eps {
+		for _, p := range s.Ports {
+			if p.Port == nil || cmp.Or(ptrString(p.Name), "") != portName || cmp.Or(ptrProto(p.Protocol), corev1.ProtocolTCP) != cmp.Or(proto, corev1.ProtocolTCP) {
+				continue
+			}
+			for _, e := range s.Endpoints {
+				if node != "" && ptrString(e.NodeName) != node {
+					continue
+				}
+				isReady := e.Conditions.Ready == nil || *e.Conditions.Ready
+				serving := isReady
+				if e.Conditions.Serving != nil {
+					serving = *e.Conditions.Serving
+				}
+				term := e.Conditions.Terminating != nil && *e.Conditions.Terminating
+				for _, ip := range e.Addresses {
+					a, err := netip.ParseAddr(ip)
+					if err != nil || !a.Is4() {
+						continue
+					}
+					b := netip.AddrPortFrom(a, uint16(*p.Port))
+					switch {
+					case isReady:
+						ready = append(ready, b)
+					case serving && term:
+						terminating = append(terminating, b)
+					}
+				}
+			}
+		}
+	}
+	out := ready
+	if len(out) == 0 {
+		out = terminating
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(out)
+}
+
+func ptrString(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func ptrProto(p *corev1.Protocol) corev1.Protocol {
+	if p == nil {
+		return ""
+	}
+	return *p
+}

@@ -1,0 +1,284 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/jsimonetti/rtnetlink/v2"
+	"github.com/mdlayher/netlink"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/service"
+)
+
+// serviceController owns Service load balancing (pkg/service): its own
+// informers on Services and EndpointSlices, its maps and its metrics. It
+// runs beside the node reconcile loop, not inside it: a Service change
+// never waits for an overlay pass, and the reverse.
+//
+// In auto mode it looks for kube-proxy's rules in the node's network
+// namespace on every pass (at least every serviceRecheck): where kube-proxy
+// runs it detaches its programs and leaves Services to it, so the two never
+// both answer; when they go, it takes over.
+type serviceController struct {
+	mode    string // KPRAuto, KPRTrue, KPRFalse
+	node    string
+	root    string // bpffs root
+	cgroup  string // "" = the cgroup v2 root
+	nsFD    int    // node netns (0: our own)
+	log     *slog.Logger
+	cluster Cluster
+
+	kick     chan struct{}
+	services cache.Store
+	slices   cache.Store
+	synced   func() bool
+
+	lb       *service.LoadBalancer
+	state    string // what the last pass decided, logged on change
+	removed  bool   // programs of an earlier run detached once (mode false)
+	rt       *rtnetlink.Conn
+	frontend prometheus.Gauge
+	syncs    *prometheus.CounterVec
+	syncTime prometheus.Histogram
+}
+
+// serviceRecheck bounds how long kube-proxy can appear or go unnoticed.
+var serviceRecheck = 10 * time.Second
+
+func newServiceController(a *Agent) *serviceController {
+	c := &serviceController{
+		mode: a.cfg.KubeProxyReplacement, node: a.cfg.NodeName, root: a.cfg.BPFRoot,
+		cgroup: a.cfg.ServiceCgroup, log: a.log.With("controller", "services"), cluster: a.cluster,
+		kick: make(chan struct{}, 1),
+		frontend: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sinabro_agent_service_frontends",
+			Help: "Service frontends (address, port, protocol) programmed into the socket load balancer.",
+		}),
+		syncs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sinabro_agent_service_syncs_total",
+			Help: "Service load balancer passes by outcome (served, kube-proxy, off, error).",
+		}, []string{"outcome"}),
+		syncTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sinabro_agent_service_sync_duration_seconds",
+			Help:    "Time from a Service or EndpointSlice change (or a recheck) to the maps written.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+	}
+	if a.nsFile != nil {
+		c.nsFD = int(a.nsFile.Fd())
+	}
+	a.metrics.registry.MustRegister(c.frontend, c.syncs, c.syncTime)
+	return c
+}
+
+func (c *serviceController) trigger() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// start runs the informers and the loop under g.
+func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error {
+	if c.mode == KPRFalse {
+		g.Go(func() error { c.pass(ctx); return nil })
+		return nil
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.trigger() },
+		UpdateFunc: func(any, any) { c.trigger() },
+		DeleteFunc: func(any) { c.trigger() },
+	}
+	svcInf := cache.NewSharedIndexInformer(c.cluster.Services(ctx), &corev1.Service{}, 0, cache.Indexers{})
+	epInf := cache.NewSharedIndexInformer(c.cluster.EndpointSlices(ctx), &discoveryv1.EndpointSlice{}, 0, cache.Indexers{})
+	for _, inf := range []cache.SharedIndexInformer{svcInf, epInf} {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("add service event handler: %w", err)
+		}
+		g.Go(func() error { inf.RunWithContext(ctx); return nil })
+	}
+	c.services, c.slices = svcInf.GetStore(), epInf.GetStore()
+	c.synced = func() bool { return svcInf.HasSynced() && epInf.HasSynced() }
+	g.Go(func() error {
+		defer c.close()
+		cache.WaitForCacheSync(ctx.Done(), c.synced)
+		timer := time.NewTimer(0)
+		defer timer.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-c.kick:
+			case <-timer.C:
+			}
+			wait := serviceRecheck
+			if err := c.pass(ctx); err != nil {
+				c.log.Error("service load balancing", "err", err, "retry_in", time.Second)
+				wait = time.Second
+			}
+			timer.Reset(wait)
+		}
+	})
+	return nil
+}
+
+func (c *serviceController) close() {
+	if c.lb != nil {
+		c.lb.Close() // programs stay attached: Services keep working
+		c.lb = nil
+	}
+	if c.rt != nil {
+		c.rt.Close()
+		c.rt = nil
+	}
+}
+
+func (c *serviceController) decided(state, why string) {
+	if c.state != state {
+		c.state = state
+		c.log.Info("service load balancing", "state", state, "why", why)
+	}
+}
+
+// pass decides who serves Services and, if we do, writes the maps.
+func (c *serviceController) pass(ctx context.Context) (err error) {
+	start := time.Now()
+	outcome := "served"
+	defer func() {
+		if err != nil {
+			outcome = "error"
+		}
+		c.syncs.WithLabelValues(outcome).Inc()
+	}()
+	if c.mode == KPRFalse {
+		outcome = "off"
+		c.decided("off", "--kube-proxy-replacement=false: kube-proxy serves Services")
+		if !c.removed {
+			if err := service.Disable(ctx, c.root); err != nil {
+				return err
+			}
+			c.removed = true
+		}
+		return nil
+	}
+	if c.mode == KPRAuto {
+		found, err := kubeProxyRules(c.nsFD)
+		if err != nil {
+			return fmt.Errorf("look for kube-proxy's rules: %w", err)
+		}
+		if found != "" {
+			outcome = "kube-proxy"
+			c.decided("kube-proxy", "kube-proxy's rules are in this node's network namespace ("+found+"); set --kube-proxy-replacement=true to take over")
+			if c.lb != nil || service.Attached(c.root) {
+				c.close()
+				return service.Disable(ctx, c.root)
+			}
+			return nil
+		}
+	}
+	if c.lb == nil {
+		cg := c.cgroup
+		if cg == "" {
+			if cg, err = cgroup.V2Mount(); err != nil {
+				return fmt.Errorf("find the cgroup v2 root (set --service-cgroup): %w", err)
+			}
+		}
+		if c.lb, err = service.Enable(ctx, service.Config{BPFRoot: c.root, CgroupPath: cg}); err != nil {
+			return err
+		}
+	}
+	addrs, err := c.nodeAddrs()
+	if err != nil {
+		return err
+	}
+	if err := c.lb.SetNodeAddrs(addrs); err != nil {
+		return err
+	}
+	desired := desiredServices(storeList[*corev1.Service](c.services), storeList[*discoveryv1.EndpointSlice](c.slices), c.node)
+	st, err := c.lb.Sync(desired)
+	c.frontend.Set(float64(st.Frontends))
+	c.syncTime.Observe(time.Since(start).Seconds())
+	if st.Written+st.Deleted > 0 {
+		c.log.Debug("services synced", "frontends", st.Frontends, "written", st.Written, "deleted", st.Deleted, "took", time.Since(start))
+	}
+	c.decided("serving", fmt.Sprintf("no kube-proxy rules found (mode %s): %d frontends", c.mode, st.Frontends))
+	return err
+}
+
+func storeList[T any](s cache.Store) []T {
+	var out []T
+	for _, o := range s.List() {
+		if t, ok := o.(T); ok {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// nodeAddrs lists the IPv4 addresses of the node's interfaces, where
+// NodePorts answer.
+func (c *serviceController) nodeAddrs() ([]netip.Addr, error) {
+	if c.rt == nil {
+		rt, err := rtnetlink.Dial(&netlink.Config{NetNS: c.nsFD, Strict: true})
+		if err != nil {
+			return nil, fmt.Errorf("dial rtnetlink: %w", err)
+		}
+		c.rt = rt
+	}
+	msgs, err := c.rt.Address.List()
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	var out []netip.Addr
+	for _, m := range msgs {
+		if a, ok := netip.AddrFromSlice(m.Attributes.Address); ok && a.Unmap().Is4() && !a.Unmap().IsLoopback() {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out, nil
+}
+
+// kubeProxyRules reports where kube-proxy's Service rules were found in
+// the network namespace nsFD ("" for none): the nftables mode's table
+// "ip kube-proxy", or the iptables mode's KUBE-SERVICES chain in the nat
+// table (iptables-nft; the legacy iptables backend is not seen).
+func kubeProxyRules(nsFD int) (string, error) {
+	var opts []nftables.ConnOption
+	if nsFD != 0 {
+		opts = append(opts, nftables.WithNetNSFd(nsFD))
+	}
+	conn, err := nftables.New(opts...)
+	if err != nil {
+		return "", err
+	}
+	defer conn.CloseLasting()
+	tables, err := conn.ListTablesOfFamily(nftables.TableFamilyIPv4)
+	if err != nil {
+		return "", fmt.Errorf("list nftables tables: %w", err)
+	}
+	for _, t := range tables {
+		if t.Name == "kube-proxy" {
+			return "nftables table ip kube-proxy", nil
+		}
+	}
+	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	if err != nil {
+		return "", fmt.Errorf("list nftables chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Name == "KUBE-SERVICES" && ch.Table != nil && ch.Table.Name == "nat" {
+			return "iptables chain nat/KUBE-SERVICES", nil
+		}
+	}
+	return "", nil
+}
