@@ -20,7 +20,7 @@ func newDebugCmd() *cobra.Command {
 		Use:   "debug",
 		Short: "Inspect the node's live datapath",
 	}
-	cmd.AddCommand(newDebugMapsCmd(), newDebugPreflightCmd())
+	cmd.AddCommand(newDebugMapsCmd(), newDebugServicesCmd(), newDebugPreflightCmd())
 	return cmd
 }
 
@@ -47,9 +47,12 @@ socket pairs, sb_sock_pods as the pod addresses TCP acceleration covers
 				if err != nil {
 					return err
 				}
-				// TCP acceleration pins its maps under <root>/sockmap.
-				if accel, err := datapath.ListMaps(filepath.Join(root, "sockmap")); err == nil {
-					maps = append(maps, accel...)
+				// TCP acceleration and Service load balancing pin their
+				// maps in their own directories.
+				for _, sub := range []string{"sockmap", "service/maps"} {
+					if more, err := datapath.ListMaps(filepath.Join(root, sub)); err == nil {
+						maps = append(maps, more...)
+					}
 				}
 				if output == "json" {
 					return writeJSON(w, maps)

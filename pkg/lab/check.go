@@ -24,6 +24,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -41,6 +42,10 @@ type Endpoint struct {
 	Netns string
 	IP    string
 	Node  string // the node a pod runs on; a node's own name
+	// Cgroup is the cgroup v2 directory a process of this endpoint would
+	// be in (lab nodes and stand-in pods): probe sockets are opened there
+	// so the node's socket programs (Service load balancing) see them.
+	Cgroup string
 }
 
 // Probe is one connectivity test.
@@ -70,7 +75,7 @@ type CheckResult struct {
 	Shortcuts []ShortcutProbe // same-node TCP acceleration, one per node with two pods
 }
 
-// Categories of probes, in print order; the Service ones only with kube-proxy.
+// Categories of probes, in print order; the NodePort ones only with kube-proxy.
 var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external",
 	catSvcSameNode, catSvcOtherNode, catSvcOutside, catSvcHairpin, catNodeSvc, catNodePort, catNodePortLocal}
 
@@ -109,7 +114,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
 			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
 		nodeIP[n.Name] = internalIP(&n)
-		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name})
+		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name, Cgroup: cfg.NodeCgroup(n.Name)})
 	}
 	podList, err := cs.Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
 	if err != nil {
@@ -129,7 +134,11 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
 			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, ns)})
 		if running {
-			pods = append(pods, Endpoint{Name: p.Name, Kind: "pod", Netns: ns, IP: p.Status.PodIP, Node: p.Spec.NodeName})
+			ep := Endpoint{Name: p.Name, Kind: "pod", Netns: ns, IP: p.Status.PodIP, Node: p.Spec.NodeName}
+			if !cfg.realNodes() {
+				ep.Cgroup = cfg.NodePodCgroup(p.Spec.NodeName)
+			}
+			pods = append(pods, ep)
 		}
 	}
 	ext := Endpoint{Name: "external", Kind: "external", Netns: cfg.nsExternal(), IP: cfg.externalAddr().String()}
@@ -169,7 +178,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		// Masquerade: the external host must see the pod's node address.
 		add(categories[4], p, ext, nodeIP[p.Node])
 	}
-	if cfg.kubeProxy() {
+	if cfg.kubeProxy() || !cfg.realNodes() {
 		svcProbes, state, err := serviceProbes(ctx, cfg, cs, nodes, pods, ext, nodeIP)
 		if err != nil {
 			return nil, err
@@ -220,9 +229,9 @@ func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 	retry := p.Dst.Kind == "service" || p.Dst.Kind == "nodeport"
 	switch p.Proto {
 	case "tcp":
-		p.Seen, p.Latency, err = probeTCP(p.Src.Netns, p.Dst.IP, cmp.Or(p.Port, ServeTCPPort), timeout, retry)
+		p.Seen, p.Latency, err = probeTCP(p.Src, p.Dst.IP, cmp.Or(p.Port, ServeTCPPort), timeout, retry)
 	case "udp":
-		p.Seen, p.Latency, err = probeUDP(p.Src.Netns, p.Dst.IP, cmp.Or(p.Port, ServeUDPPort), timeout, retry)
+		p.Seen, p.Latency, err = probeUDP(p.Src, p.Dst.IP, cmp.Or(p.Port, ServeUDPPort), timeout, retry)
 	case "icmp":
 		p.Latency, err = probeICMP(p.Src.Netns, p.Dst.IP, timeout)
 	}
@@ -234,6 +243,26 @@ func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 	default:
 		p.OK = true
 	}
+}
+
+// inEndpoint creates a socket inside src's namespace and cgroup; it stays
+// in both afterwards.
+func inEndpoint[T any](src Endpoint, fn func() (T, error)) (T, error) {
+	if src.Cgroup == "" {
+		return inNetns(src.Netns, fn)
+	}
+	return inNetns(src.Netns, func() (T, error) {
+		var zero T
+		leave, err := cgroup.Enter(src.Cgroup)
+		if err != nil {
+			return zero, err
+		}
+		out, err := fn()
+		if lerr := leave(); lerr != nil && err == nil {
+			return out, lerr
+		}
+		return out, err
+	})
 }
 
 // inNetns creates a socket inside the namespace; it stays there afterwards.
@@ -278,13 +307,13 @@ func realPodNetns(lab string) map[string]string {
 
 // The probes time one request/reply exchange (after the TCP handshake).
 
-func probeTCP(ns, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
+func probeTCP(src Endpoint, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
 	addr := net.JoinHostPort(ip, fmt.Sprint(port))
 	deadline := time.Now().Add(timeout)
 	var c net.Conn
 	var err error
 	for {
-		c, err = inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Until(deadline)) })
+		c, err = inEndpoint(src, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Until(deadline)) })
 		if err == nil || !retry || !transient(err) || time.Until(deadline) < 200*time.Millisecond {
 			break
 		}
@@ -306,9 +335,9 @@ func probeTCP(ns, ip string, port int, timeout time.Duration, retry bool) (strin
 	return parsePeer(line), time.Since(start), nil
 }
 
-func probeUDP(ns, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
+func probeUDP(src Endpoint, ip string, port int, timeout time.Duration, retry bool) (string, time.Duration, error) {
 	addr := net.JoinHostPort(ip, fmt.Sprint(port))
-	c, err := inNetns(ns, func() (net.Conn, error) { return net.Dial("udp", addr) })
+	c, err := inEndpoint(src, func() (net.Conn, error) { return net.Dial("udp", addr) })
 	if err != nil {
 		return "", 0, err
 	}

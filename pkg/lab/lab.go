@@ -31,7 +31,9 @@ const (
 	DefaultProxyAddr   = "127.0.0.1:16443"
 	DefaultNodes       = 2
 	DefaultPodsPerNode = 2
-	DefaultKubeProxy   = KubeProxyNFTables
+	// DefaultKubeProxy: Sinabro serves Services; real nodes (--runtime
+	// containerd) default to kube-proxy nftables instead (see Up).
+	DefaultKubeProxy = KubeProxyNone
 
 	// DefaultName is the name of a lab made without --name. Every name a lab
 	// makes outside its dir derives from its name (see NetnsPrefix,
@@ -267,11 +269,29 @@ func (c *Config) PodNetns(uid string) string { return PodNetnsOf(c.LabName(), ui
 
 func (c *Config) nodeBPFRoot(node string) string { return filepath.Join(c.BPFRoot, node) }
 
+// NodeCgroup is the cgroup v2 directory standing for a node's root cgroup
+// (its pods are below it), where the node's agent attaches Service load
+// balancing; "" without a lab cgroup.
+func (c *Config) NodeCgroup(node string) string {
+	if c.CgroupPath == "" {
+		return ""
+	}
+	return filepath.Join(c.CgroupPath, "node-"+node)
+}
+
 // NodePodCgroup is the cgroup v2 directory of a node's pod processes, where
 // the node's agent attaches TCP acceleration; "" without a lab cgroup.
 func (c *Config) NodePodCgroup(node string) string {
 	if c.CgroupPath == "" {
 		return ""
 	}
-	return filepath.Join(c.CgroupPath, "pods-"+node)
+	return filepath.Join(c.NodeCgroup(node), "pods")
+}
+
+// servicesBy names who serves the lab's Services.
+func (c *Config) servicesBy() string {
+	if c.kubeProxy() {
+		return "kube-proxy (" + c.KubeProxy + ")"
+	}
+	return "sinabro"
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/netns"
+	"github.com/sinabro-io/sinabro/pkg/service"
 )
 
 // The lab's Services, all in podNamespace and labelled labelApp=service:
@@ -137,8 +138,8 @@ func nodePorts(svc *corev1.Service) (tcp, udp int) {
 // kube-proxy has programmed them as the API has them.
 func (s *supervisor) ensureServices(ctx context.Context) error {
 	l := s.cfg.layout()
-	s.progress.step(fmt.Sprintf("creating Services (a ClusterIP per pod, %s, %s, %s); waiting for kube-proxy (%s) to program them on %d nodes",
-		svcExternal, svcNodePort, svcNodePortLocal, s.cfg.KubeProxy, len(s.cfg.Nodes)))
+	s.progress.step(fmt.Sprintf("creating Services (a ClusterIP per pod, %s, %s, %s); waiting for %s to program them on %d nodes",
+		svcExternal, svcNodePort, svcNodePortLocal, s.cfg.servicesBy(), len(s.cfg.Nodes)))
 	start := time.Now()
 	if err := s.cfg.ensureSharedServices(ctx, s.admin); err != nil {
 		return &componentError{"supervisor", l.Log("supervisor"), err}
@@ -165,10 +166,13 @@ func (s *supervisor) ensureServices(ctx context.Context) error {
 	for _, n := range s.cfg.Nodes {
 		if err := waitServicesProgrammed(ctx, s.admin, s.cfg, n, time.Until(deadline)); err != nil {
 			name, log := s.cfg.kubeProxyLog(n)
+			if !s.cfg.kubeProxy() {
+				name, log = "agent-"+n, l.Log("agent-"+n)
+			}
 			return &componentError{name, log, err}
 		}
 	}
-	s.progress.done(fmt.Sprintf("Services programmed by kube-proxy on every node in %.1fs", time.Since(start).Seconds()))
+	s.progress.done(fmt.Sprintf("Services programmed by %s on every node in %.1fs", s.cfg.servicesBy(), time.Since(start).Seconds()))
 	return nil
 }
 
@@ -266,7 +270,7 @@ func waitServicesProgrammed(ctx context.Context, cs *kube.Client, cfg *Config, n
 			err = fmt.Errorf("rules of %s lack %v, still have %v", node, missing, stale)
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("kube-proxy did not catch up with the Services within %s: %w", timeout.Round(time.Second), err)
+			return fmt.Errorf("%s did not catch up with the Services within %s: %w", cfg.servicesBy(), timeout.Round(time.Second), err)
 		}
 		select {
 		case <-ctx.Done():
@@ -276,8 +280,20 @@ func waitServicesProgrammed(ctx context.Context, cs *kube.Client, cfg *Config, n
 	}
 }
 
-// kubeProxyRules dumps the NAT rules kube-proxy wrote in a node's namespace.
+// kubeProxyRules dumps the NAT rules kube-proxy wrote in a node's
+// namespace or, without kube-proxy, Sinabro's Service table of the node.
 func kubeProxyRules(cfg *Config, node string) (string, error) {
+	if !cfg.kubeProxy() {
+		rows, err := service.List(cfg.nodeBPFRoot(node))
+		if err != nil {
+			return "", err
+		}
+		var b strings.Builder
+		for _, r := range rows {
+			fmt.Fprintf(&b, "%s %s -> %s\n", r.Name, r.Frontend, strings.Join(r.Backends, " "))
+		}
+		return b.String(), nil
+	}
 	argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
 	if cfg.KubeProxy == KubeProxyIPTables {
 		argv = []string{"iptables-save", "-t", "nat"}
@@ -309,7 +325,7 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 			if fileExists(netns.Path(n.Netns)) {
 				err = waitServicesProgrammed(ctx, cs, cfg, n.Name, 10*time.Second)
 			}
-			programmed[i] = StateCheck{What: fmt.Sprintf("kube-proxy on %s programmed the Services", n.Name), OK: err == nil,
+			programmed[i] = StateCheck{What: fmt.Sprintf("%s on %s programmed the Services", cfg.servicesBy(), n.Name), OK: err == nil,
 				Detail: "rules match the API's Services and ready endpoints"}
 			if err != nil {
 				programmed[i].Detail = err.Error()
@@ -319,6 +335,9 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 	wg.Wait()
 	state = append(state, programmed...)
 	for _, n := range nodes {
+		if !cfg.kubeProxy() {
+			break
+		}
 		at, err := kubeProxySynced(ctx, cfg, n.Name)
 		sc := StateCheck{What: fmt.Sprintf("kube-proxy (%s) on %s synced", cfg.KubeProxy, n.Name), OK: err == nil && !at.IsZero()}
 		switch {
@@ -384,6 +403,12 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 	hasBackend := map[string]bool{}
 	for _, p := range pods {
 		hasBackend[p.Node] = true
+	}
+	if !cfg.kubeProxy() {
+		// Sinabro's socket load balancer serves the node's own and its
+		// pods' sockets; NodePorts reached from outside need the tc path,
+		// which is not built yet (issue 13).
+		return probes, state, nil
 	}
 	for _, np := range []string{svcNodePort, svcNodePortLocal} {
 		svc, ok := svcs[np]

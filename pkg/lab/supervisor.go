@@ -237,7 +237,7 @@ func (s *supervisor) up(ctx context.Context) error {
 	if err := s.ensurePods(ctx); err != nil {
 		return err
 	}
-	if !s.cfg.kubeProxy() || s.cfg.PodsPerNode == 0 {
+	if s.cfg.PodsPerNode == 0 {
 		// The lab's Services select its test pods: without pods they
 		// would never have a ready endpoint.
 		return nil
@@ -418,7 +418,7 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 		},
 	}
 	if cg := s.cfg.NodePodCgroup(name); cg != "" {
-		spec.argv = append(spec.argv, "--pod-cgroup", cg)
+		spec.argv = append(spec.argv, "--pod-cgroup", cg, "--service-cgroup", s.cfg.NodeCgroup(name))
 	}
 	spec.argv = append(spec.argv, s.cfg.AgentArgs...)
 	return spec

@@ -3,6 +3,7 @@ package lab
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -59,13 +60,20 @@ func killCgroup(dir, name string) (int, error) {
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for len(cgroupPids(dir)) > 0 && time.Now().Before(deadline) {
+	for populated(dir) && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	// Sub-cgroups (an agent may make some) go first.
-	subs, _ := filepath.Glob(filepath.Join(dir, "*", "cgroup.procs"))
-	for _, s := range subs {
-		unix.Rmdir(filepath.Dir(s))
+	// Sub-cgroups (node-<name>/pods, and any an agent made) go first,
+	// deepest first.
+	var subs []string
+	filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && path != dir {
+			subs = append(subs, path)
+		}
+		return nil
+	})
+	for i := len(subs) - 1; i >= 0; i-- {
+		unix.Rmdir(subs[i])
 	}
 	for time.Now().Before(deadline) {
 		if err := unix.Rmdir(dir); err == nil || errors.Is(err, unix.ENOENT) {
@@ -74,6 +82,15 @@ func killCgroup(dir, name string) (int, error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return n, fmt.Errorf("remove cgroup %s: still busy", dir)
+}
+
+// populated reports whether a process is left in dir or below it.
+func populated(dir string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.events"))
+	if err != nil {
+		return len(cgroupPids(dir)) > 0
+	}
+	return strings.Contains(string(b), "populated 1")
 }
 
 func cgroupPids(dir string) []int {

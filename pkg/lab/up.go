@@ -63,11 +63,17 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if _, err := netip.ParsePrefix(o.ClusterCIDR); err != nil {
 		return fmt.Errorf("--cluster-cidr: %w", err)
 	}
-	kubeProxy, err := ParseKubeProxyMode(o.KubeProxy)
+	runtime, err := ParseRuntime(o.Runtime)
 	if err != nil {
 		return err
 	}
-	runtime, err := ParseRuntime(o.Runtime)
+	if o.KubeProxy == "" {
+		o.KubeProxy = DefaultKubeProxy
+		if runtime == RuntimeContainerd {
+			o.KubeProxy = KubeProxyNFTables
+		}
+	}
+	kubeProxy, err := ParseKubeProxyMode(o.KubeProxy)
 	if err != nil {
 		return err
 	}
@@ -76,9 +82,9 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 		return err
 	}
 	if runtime == RuntimeContainerd && kubeProxy == KubeProxyNone {
-		// The DaemonSet's agents reach the apiserver through the kubernetes
-		// Service, and Sinabro does not load-balance Services yet.
-		return errors.New("--runtime containerd needs --kube-proxy iptables or nftables: the agents reach the apiserver through the kubernetes Service")
+		// The DaemonSet's --service-cgroup is the host's cgroup v2 root: on
+		// one machine, every lab node's agent would attach there.
+		return errors.New("--runtime containerd needs --kube-proxy iptables or nftables: real lab nodes share the host's cgroup v2 root, where Sinabro's socket load balancer would attach for all of them")
 	}
 	if err := CheckKubeBins(o.KubeBinDir, kubeProxy, runtime); err != nil {
 		return err
