@@ -54,6 +54,10 @@ type Result struct {
 	RecvSHA  string `json:"recv_sha,omitempty"`
 	Note     string `json:"note,omitempty"`
 	Nanos    int64  `json:"nanos"` // the scenario's duration
+	// Conns and ConnectNanos: connections opened by many-for and the
+	// time spent in their connect() calls (first-packet latency).
+	Conns        int64 `json:"conns,omitempty"`
+	ConnectNanos int64 `json:"connect_nanos,omitempty"`
 }
 
 var active atomic.Int64
@@ -226,6 +230,7 @@ func dial(addr string, op byte) (*net.TCPConn, error) {
 //	sink:<size>:<chunk>              stream out, half-close, the server's hash compared
 //	source:<size>:<chunk>            the server streams, hashed and compared
 //	many:<conns>                     one small pingpong per connection
+//	many-for:<secs>                  the same for a duration, connects timed
 //	parallel:<n>:<scenario>          n copies at once
 //	rst                              resets both ways
 //	download:<size>                  request, then size bytes one way (speed, no hash)
@@ -264,6 +269,13 @@ func Run(addr, scenario string) Result {
 				}
 			}
 			return nil
+		case "many-for": // many-for:secs — short connections for a duration
+			for end := time.Now().Add(time.Duration(num(1)) * time.Second); time.Now().Before(end); {
+				if err := shortConn(addr, &r); err != nil {
+					return fmt.Errorf("connection %d: %w", r.Conns, err)
+				}
+			}
+			return nil
 		case "parallel": // parallel:n:<scenario> — n copies at once
 			return parallel(addr, &r, int(num(1)), strings.Join(parts[2:], ":"))
 		case "rst":
@@ -299,11 +311,36 @@ func parallel(addr string, r *Result, n int, scenario string) error {
 	for i, c := range results {
 		r.Sent += c.Sent
 		r.Received += c.Received
+		r.Conns += c.Conns
+		r.ConnectNanos += c.ConnectNanos
 		if !c.OK {
 			errs = append(errs, fmt.Errorf("copy %d: %s", i, c.Err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// shortConn opens one connection, times its connect(), does one 100-byte
+// round trip and closes it.
+func shortConn(addr string, r *Result) error {
+	start := time.Now()
+	c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	r.ConnectNanos += time.Since(start).Nanoseconds()
+	r.Conns++
+	defer c.Close()
+	tc := c.(*net.TCPConn)
+	if _, err := tc.Write([]byte{'b'}); err != nil {
+		return err
+	}
+	if err := roundTrips(tc, r, 1, 100); err != nil {
+		return err
+	}
+	tc.CloseWrite()
+	_, err = io.Copy(io.Discard, tc)
+	return err
 }
 
 // pingpong runs rounds round trips, or as many as fit in d if d > 0.

@@ -43,6 +43,7 @@ import (
 	"github.com/sinabro-io/sinabro/pkg/masquerade"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 	"github.com/sinabro-io/sinabro/pkg/overlay"
+	"github.com/sinabro-io/sinabro/pkg/service"
 	"github.com/sinabro-io/sinabro/pkg/sockmap"
 )
 
@@ -758,7 +759,8 @@ func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
 }
 
 // Cleanup removes what the agent creates on a node: the eBPF datapath
-// pinned under bpfRoot (uplink and host veth programs, maps, conntrack),
+// pinned under bpfRoot (uplink and host veth programs, maps, conntrack,
+// TCP acceleration, the socket load balancer),
 // the vxlan device (with its addresses, routes, neighbours and FDB
 // entries), the remaining sinabro-marked routes and the masquerade table.
 // The CNI configuration is left for the installer to manage. An empty
@@ -776,6 +778,9 @@ func Cleanup(ctx context.Context, device, bpfRoot string) error {
 		}
 		if err := sockmap.Cleanup(bpfRoot); err != nil {
 			dpErr = errors.Join(dpErr, fmt.Errorf("remove TCP acceleration under %s: %w", bpfRoot, err))
+		}
+		if err := service.Cleanup(bpfRoot); err != nil {
+			dpErr = errors.Join(dpErr, fmt.Errorf("remove Service load balancing under %s: %w", bpfRoot, err))
 		}
 	}
 	return errors.Join(dpErr, ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))

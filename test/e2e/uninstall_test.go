@@ -284,12 +284,18 @@ func leftovers(t *testing.T, node, nsPath, bpfRoot, podCgroup, binDir, confDir, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	if podCgroup != "" {
-		if f, err := os.Open(podCgroup); err == nil {
-			for _, attach := range []ebpf.AttachType{ebpf.AttachCGroupSockOps} {
+	// The pod cgroup (TCP acceleration) and the node's (Service load
+	// balancing), which holds it.
+	for _, cg := range []string{podCgroup, filepath.Dir(podCgroup)} {
+		if podCgroup == "" {
+			break
+		}
+		if f, err := os.Open(cg); err == nil {
+			for _, attach := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupInet4Connect,
+				ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCgroupInet4GetPeername} {
 				res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: attach})
 				if err == nil && len(res.Programs) > 0 {
-					out = append(out, fmt.Sprintf("%d %v programs on %s", len(res.Programs), attach, podCgroup))
+					out = append(out, fmt.Sprintf("%d %v programs on %s", len(res.Programs), attach, cg))
 				}
 			}
 			f.Close()

@@ -1,0 +1,308 @@
+package e2e
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/sinabro-io/sinabro/internal/tcpload"
+	"github.com/sinabro-io/sinabro/pkg/kube"
+	"github.com/sinabro-io/sinabro/pkg/lab"
+	"github.com/sinabro-io/sinabro/pkg/netns"
+	"github.com/sinabro-io/sinabro/pkg/service"
+)
+
+// TestBenchServices compares Sinabro's socket load balancer with the real
+// kube-proxy v1.34 in nftables and in iptables mode, in one lab and one
+// run: node-1 runs both (the agent with --kube-proxy-replacement=true),
+// and the same client pod reaches the same ClusterIP either from the
+// node's pod cgroup, where Sinabro's connect() hook picks the backend, or
+// from a cgroup outside the node, where only kube-proxy's netfilter DNAT
+// does. Both paths alternate in every round (A/B, then B/A), several
+// rounds, at 1, 1,000 and 10,000 Services of three endpoints each. The
+// Sinabro path still crosses kube-proxy's hooks (with a backend address
+// they do not match), so its figures are if anything low.
+//
+// Printed per mode and Service count: short connections per second
+// (connect, 100-byte round trip, close; 2 clients), request/response
+// round trips per second on 2 kept connections, mean connect() time
+// (first-packet latency), agent RSS; and Sinabro's own rate at 10,000
+// Services over its rate at 1. SINABRO_BENCH_SERVICES=1,100 narrows the
+// counts, SINABRO_BENCH_ROUNDS the rounds (default 3).
+func TestBenchServices(t *testing.T) {
+	needBench(t)
+	counts := []int{1, 1000, 10000}
+	if s := os.Getenv("SINABRO_BENCH_SERVICES"); s != "" {
+		counts = nil
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n < 1 {
+				t.Fatalf("SINABRO_BENCH_SERVICES %q", s)
+			}
+			counts = append(counts, n)
+		}
+	}
+	rounds := 3
+	if n, err := strconv.Atoi(os.Getenv("SINABRO_BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	var table []string
+	for _, mode := range []string{lab.KubeProxyNFTables, lab.KubeProxyIPTables} {
+		t.Run(mode, func(t *testing.T) {
+			table = append(table, benchServicesMode(t, mode, counts, rounds)...)
+		})
+	}
+	msg := "| kube-proxy mode | Services | conn/s Sinabro | conn/s kube-proxy | ratio | req/s Sinabro | req/s kube-proxy | ratio | connect() µs Sinabro | connect() µs kube-proxy | agent RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n" +
+		strings.Join(table, "\n") + "\n"
+	t.Log("\n" + msg)
+	fmt.Print(msg)
+}
+
+type svcBenchFigures struct{ conns, reqs, connectUS float64 }
+
+func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []string {
+	l, _ := newNamedLab(t, labName, 1, 3, mode, "--agent-arg=--kube-proxy-replacement=true", "--timeout=10m")
+	cs, cfg, _ := labBasics(t, l)
+	ctx := context.Background()
+	pods := map[string]labPod{}
+	for _, name := range []string{"node-1-pod-1", "node-1-pod-2", "node-1-pod-3"} {
+		p, err := cs.Pods("default").Get(ctx, name, metav1.GetOptions{})
+		if err != nil || p.Status.PodIP == "" {
+			t.Fatalf("pod %s: %v", name, err)
+		}
+		pods[name] = labPod{name: name, node: p.Spec.NodeName, ip: p.Status.PodIP, netns: lab.PodNetnsOf(labName, string(p.UID))}
+	}
+	podCgroup := cfg.NodePodCgroup("node-1")
+	outside := filepath.Join(cfg.CgroupPath, "bench-outside")
+	if err := os.MkdirAll(outside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	inPod := func(p labPod, cgroup string, args ...string) *exec.Cmd {
+		cmd := exec.Command("ip", append([]string{"netns", "exec", p.netns}, args...)...)
+		f, err := os.Open(cgroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+		return cmd
+	}
+	for _, name := range []string{"node-1-pod-2", "node-1-pod-3"} {
+		p := pods[name]
+		cmd := inPod(p, podCgroup, os.Args[0])
+		cmd.Env = append(os.Environ(), helperEnv+"=server", "SINABRO_E2E_ADDR="+p.ip)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	}
+
+	// The measured Service: both servers. Fillers: fake endpoints.
+	vip := createBenchService(t, cs, "bench", []string{pods["node-1-pod-2"].ip, pods["node-1-pod-3"].ip}, workloadPort)
+	root := filepath.Join(cfg.BPFRoot, "node-1")
+	client := pods["node-1-pod-1"]
+	run := func(cgroup, scenario string) tcpload.Result {
+		cmd := inPod(client, cgroup, os.Args[0])
+		cmd.Env = append(os.Environ(), helperEnv+"=client", "SINABRO_E2E_ADDR="+vip, "SINABRO_E2E_SCENARIO="+scenario)
+		out, _ := cmd.CombinedOutput()
+		r := parseResult(t, string(out))
+		if !r.OK {
+			t.Fatalf("%s: %s", scenario, r.Err)
+		}
+		return r
+	}
+	translated := func() uint64 {
+		c, err := service.Counters(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c["connect"]
+	}
+	measure := func(cgroup string) svcBenchFigures {
+		before := translated()
+		const secs = 3
+		c := run(cgroup, fmt.Sprintf("parallel:2:many-for:%d", secs))
+		r := run(cgroup, fmt.Sprintf("parallel:2:pingpong-for:%d:100:b", secs))
+		// The path really was the one meant: Sinabro translated every
+		// connection from the pod cgroup and none from outside.
+		got := translated() - before
+		want := uint64(c.Conns) + 2
+		if cgroup == outside {
+			want = 0
+		}
+		if got != want {
+			t.Fatalf("Sinabro translated %d connections from %s, want %d", got, cgroup, want)
+		}
+		return svcBenchFigures{conns: float64(c.Conns) / secs, reqs: float64(r.Sent) / 100 / secs, connectUS: float64(c.ConnectNanos) / float64(c.Conns) / 1000}
+	}
+
+	var rows []string
+	var sinabroAt1 float64
+	have := 1
+	for _, n := range counts {
+		fillBenchServices(t, cs, have, n)
+		have = max(have, n)
+		waitBenchProgrammed(t, cs, cfg, root, mode, have)
+		var ours, theirs []svcBenchFigures
+		for i := range rounds {
+			if i%2 == 0 {
+				ours = append(ours, measure(podCgroup))
+				theirs = append(theirs, measure(outside))
+			} else {
+				theirs = append(theirs, measure(outside))
+				ours = append(ours, measure(podCgroup))
+			}
+		}
+		med := func(fs []svcBenchFigures, f func(svcBenchFigures) float64) float64 {
+			var xs []float64
+			for _, x := range fs {
+				xs = append(xs, f(x))
+			}
+			return median(xs)
+		}
+		oc, tc := med(ours, func(f svcBenchFigures) float64 { return f.conns }), med(theirs, func(f svcBenchFigures) float64 { return f.conns })
+		or, tr := med(ours, func(f svcBenchFigures) float64 { return f.reqs }), med(theirs, func(f svcBenchFigures) float64 { return f.reqs })
+		ol, tl := med(ours, func(f svcBenchFigures) float64 { return f.connectUS }), med(theirs, func(f svcBenchFigures) float64 { return f.connectUS })
+		if n == counts[0] {
+			sinabroAt1 = oc
+		}
+		row := fmt.Sprintf("| %s | %d | %.0f | %.0f | %.2f× | %.0f | %.0f | %.2f× | %.1f | %.1f | %s |",
+			mode, have, oc, tc, oc/tc, or, tr, or/tr, ol, tl, agentRSS(t, l))
+		t.Log(row)
+		rows = append(rows, row)
+	}
+	if len(counts) > 1 && sinabroAt1 > 0 {
+		last := rows[len(rows)-1]
+		fields := strings.Split(last, "|")
+		oc, _ := strconv.ParseFloat(strings.TrimSpace(fields[3]), 64)
+		rows = append(rows, fmt.Sprintf("| %s | Sinabro conn/s at %d Services over its rate at %d: %.2f | | | | | | | | | |", mode, counts[len(counts)-1], counts[0], oc/sinabroAt1))
+	}
+	return rows
+}
+
+// createBenchService creates a selector-less ClusterIP Service name with
+// one EndpointSlice of addrs:port, and returns its ClusterIP.
+func createBenchService(t *testing.T, cs *kube.Client, name string, addrs []string, port int) string {
+	t.Helper()
+	ip, err := newBenchService(cs, name, addrs, port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ip
+}
+
+func newBenchService(cs *kube.Client, name string, addrs []string, port int) (string, error) {
+	svc, err := cs.Services("default").Create(context.Background(), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "tcp", Protocol: corev1.ProtocolTCP, Port: 80,
+			TargetPort: intstr.FromInt(port)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("create service %s: %w", name, err)
+	}
+	pname, proto, p32 := "tcp", corev1.ProtocolTCP, int32(port)
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
+			discoveryv1.LabelServiceName: name, discoveryv1.LabelManagedBy: "sinabro-bench"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Protocol: &proto, Port: &p32}},
+	}
+	for _, a := range addrs {
+		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{Addresses: []string{a}})
+	}
+	if _, err := cs.EndpointSlices("default").Create(context.Background(), slice, metav1.CreateOptions{}); err != nil {
+		return "", fmt.Errorf("create endpointslice %s: %w", name, err)
+	}
+	return svc.Spec.ClusterIP, nil
+}
+
+// fillBenchServices creates filler Services from index have to want-1,
+// each with three endpoints nobody connects to, 16 at a time.
+func fillBenchServices(t *testing.T, cs *kube.Client, have, want int) {
+	t.Helper()
+	if want <= have {
+		return
+	}
+	start := time.Now()
+	idx := make(chan int)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for range 16 {
+		wg.Go(func() {
+			for i := range idx {
+				addrs := []string{
+					fmt.Sprintf("10.250.%d.%d", i/250, i%250+1),
+					fmt.Sprintf("10.251.%d.%d", i/250, i%250+1),
+					fmt.Sprintf("10.252.%d.%d", i/250, i%250+1),
+				}
+				if _, err := newBenchService(cs, fmt.Sprintf("fill-%05d", i), addrs, 8080); err != nil {
+					mu.Lock()
+					firstErr = cmp.Or(firstErr, err)
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for i := have; i < want; i++ {
+		idx <- i
+	}
+	close(idx)
+	wg.Wait()
+	if firstErr != nil {
+		t.Fatal(firstErr)
+	}
+	t.Logf("created Services %d..%d in %s", have, want-1, time.Since(start).Round(time.Second))
+}
+
+// waitBenchProgrammed waits until both Sinabro (n bench Services plus
+// kubernetes in its table) and kube-proxy (the newest filler's ClusterIP
+// in its rules) serve every Service.
+func waitBenchProgrammed(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mode string, n int) {
+	t.Helper()
+	start := time.Now()
+	deadline := start.Add(10 * time.Minute)
+	var lastIP string
+	for {
+		rows, err := service.List(root)
+		ours := err == nil && len(rows) >= n+1
+		theirs := true
+		if n > 1 {
+			if lastIP == "" {
+				svc, err := cs.Services("default").Get(context.Background(), fmt.Sprintf("fill-%05d", n-1), metav1.GetOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				lastIP = svc.Spec.ClusterIP
+			}
+			argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
+			if mode == lab.KubeProxyIPTables {
+				argv = []string{"iptables-save", "-t", "nat"}
+			}
+			out, err := inNetns(netns.Path(cfg.NodeNetns("node-1")), argv[0], argv[1:]...)
+			theirs = err == nil && strings.Contains(out, lastIP+" ")
+		}
+		if ours && theirs {
+			t.Logf("%d Services programmed by Sinabro and kube-proxy %s in %s", n, mode, time.Since(start).Round(time.Second))
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d Services not programmed after %s: sinabro %d frontends (%v), kube-proxy has %s: %v", n, time.Since(start), len(rows), err, lastIP, theirs)
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
