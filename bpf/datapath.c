@@ -10,3 +10,8 @@
 #include "lib/masq.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Keep the counter enums in the object's BTF (pkg/datapath names counters
+ * from them, bpf2go -type exports their values). */
+const enum prog_id *unused_prog_id __attribute__((unused));
+const enum reason *unused_reason __attribute__((unused));

@@ -178,6 +178,11 @@ enum sock_counter {
 	CNT_MAX = 16,
 };
 
+/* In the object's BTF for pkg/sockmap, which names the counters from it
+ * (CNT_FALLBACK_BULK is the send result "fallback_bulk", CNT_SOCK_ADDED
+ * the socket event "added"). */
+const enum sock_counter *unused_sock_counter __attribute__((unused));
+
 struct counter {
 	__u64 packets; /* messages or sockets */
 	__u64 bytes;

@@ -16,8 +16,8 @@ volatile const __u16 port_max = 65535;
  * nftables masquerade in the stack would be skipped). */
 volatile const bool route_out_enabled = false;
 
-/* Programs, the first index of the counters map. Keep in step with
- * pkg/datapath/counters.go. */
+/* Programs, the first index of the counters map. pkg/datapath reads the
+ * names from the object's BTF (PROG_MASQ_EGRESS is "masq_egress"). */
 enum prog_id {
 	PROG_MASQ_EGRESS = 0,
 	PROG_MASQ_INGRESS = 1,
@@ -26,8 +26,9 @@ enum prog_id {
 };
 
 /* Why a packet took the path it took: the second index of the counters
- * map. DROP_* reasons are drops; everything else is a pass. Keep in step
- * with pkg/datapath/counters.go. */
+ * map. DROP_* reasons are drops; everything else is a pass. The names are
+ * the metrics' reason labels (REASON_SNAT_NEW is "snat_new"), read by
+ * pkg/datapath from the object's BTF: renaming one renames a metric. */
 enum reason {
 	REASON_PASS_NOT_IPV4 = 0,
 	REASON_PASS_NOT_POD = 1,     /* egress: source is not a pod address */
@@ -51,8 +52,8 @@ enum reason {
 	REASON_DROP_NO_PORT = 19,    /* egress: no free source port for this destination */
 	REASON_DROP_CT_FULL = 20,    /* egress: the conntrack table refused a new entry */
 	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
-	REASON_DROP_VXLAN_PEER = 22, /* ingress: VXLAN for our port and VNI from an address that is no peer node */
-	REASON_PASS_INBOUND = 23,    /* egress: a pod's answer to a connection opened from outside (TCP without our entry and no SYN, ICMP echo reply): left as is */
+	REASON_DROP_VXLAN_UNKNOWN_PEER = 22, /* ingress: VXLAN for our port and VNI from an address that is no peer node */
+	REASON_PASS_INBOUND_REPLY = 23,    /* egress: a pod's answer to a connection opened from outside (TCP without our entry and no SYN, ICMP echo reply): left as is */
 	REASON_MAX = 32,
 };
 

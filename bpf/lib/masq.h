@@ -420,7 +420,7 @@ int masq_egress(struct __sk_buff *skb)
 	if (ip.protocol == IPPROTO_ICMP && l4.icmp_type == ICMP_ECHOREPLY) {
 		/* An answer to a ping from outside (routed to the pod's own
 		 * address): it must leave with that address. */
-		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND_REPLY);
 		return TCX_NEXT;
 	}
 	if (ip.protocol == IPPROTO_ICMP && l4.icmp_type != ICMP_ECHO) {
@@ -462,12 +462,12 @@ int masq_egress(struct __sk_buff *skb)
 		 * address (a router or a control plane with routes to pod CIDRs):
 		 * translated, it would reach the client from an address it never
 		 * talked to. */
-		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND_REPLY);
 		return TCX_NEXT;
 	} else if (ip.protocol == IPPROTO_UDP && kct_answer(skb, &ip, ETH_HLEN)) {
 		/* The same for UDP, which has no SYN: the kernel's conntrack saw
 		 * the flow come in from its peer (with kube-proxy coexistence). */
-		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND);
+		count(skb, PROG_MASQ_EGRESS, REASON_PASS_INBOUND_REPLY);
 		return TCX_NEXT;
 	} else {
 		r = ct_create(&fk, flags, now, &nat_port);
@@ -512,7 +512,7 @@ int masq_ingress(struct __sk_buff *skb)
 	 * into pods past the node's firewall (decap_local below, or the
 	 * vxlan device): spoofed inner sources, injected traffic. */
 	if (vxlan_ours(skb, &ip) && !bpf_map_lookup_elem(&sb_vtep_peers, &ip.saddr)) {
-		count(skb, PROG_MASQ_INGRESS, REASON_DROP_VXLAN_PEER);
+		count(skb, PROG_MASQ_INGRESS, REASON_DROP_VXLAN_UNKNOWN_PEER);
 		return TCX_DROP;
 	}
 	if (ip.daddr != node_ip) {

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 )
 
 // LoadPinned loads spec into objs with its maps pinned by name in pinDir,
@@ -59,4 +61,22 @@ func LoadPinnedWith(spec *ebpf.CollectionSpec, objs any, pinDir, what string, pr
 		return fmt.Errorf("load %s: %w", what, err)
 	}
 	return nil
+}
+
+// EnumNames reads the C enum named enum from the object's BTF and returns
+// value → lower-case name without prefix (REASON_SNAT_NEW → "snat_new"
+// with prefix "REASON_"), for values below limit: counters and metrics are
+// named from the C source alone, never from a second list.
+func EnumNames(spec *ebpf.CollectionSpec, enum, prefix string, limit uint64) (map[uint32]string, error) {
+	var e *btf.Enum
+	if err := spec.Types.TypeByName(enum, &e); err != nil {
+		return nil, fmt.Errorf("find enum %s in the object's BTF: %w", enum, err)
+	}
+	out := map[uint32]string{}
+	for _, v := range e.Values {
+		if v.Value < limit {
+			out[uint32(v.Value)] = strings.ToLower(strings.TrimPrefix(v.Name, prefix))
+		}
+	}
+	return out, nil
 }

@@ -3,52 +3,48 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sinabro-io/sinabro/pkg/bpffs"
 )
 
 // Programs and reasons index the per-CPU counters map as
-// program*reasonSlots+reason. Keep in step with bpf/lib/common.h.
+// program*reasonSlots+reason: enum prog_id and enum reason of
+// bpf/lib/common.h, exported by bpf2go -type.
 const (
-	programSlots = 4
-	reasonSlots  = 32
+	programSlots = int(datapathProgIdPROG_MAX)
+	reasonSlots  = int(datapathReasonREASON_MAX)
 )
 
-var programNames = [programSlots]string{
-	0: "masq_egress",
-	1: "masq_ingress",
-	2: "host_route",
-}
-
-// reasonNames name the counted outcomes; "drop_" ones are drops.
-var reasonNames = [reasonSlots]string{
-	0:  "pass_not_ipv4",
-	1:  "pass_not_pod",
-	2:  "pass_no_masq",
-	3:  "pass_not_ours",
-	4:  "pass_fragment",
-	5:  "snat",
-	6:  "snat_new",
-	7:  "rnat",
-	8:  "icmp_error_nat",
-	9:  "redirect_local",
-	10: "redirect_neigh",
-	11: "pass_stack",
-	12: "redirect_tunnel",
-	13: "decap",
-	14: "encap",
-	15: "pass_kernel_nat",
-	16: "drop_malformed",
-	17: "drop_fragment",
-	18: "drop_unsupported",
-	19: "drop_no_port",
-	20: "drop_ct_full",
-	21: "drop_rewrite",
-	22: "drop_vxlan_unknown_peer",
-	23: "pass_inbound_reply",
-}
+// counterNames names the counters from the C enums, read from the
+// object's BTF on first use (not at start: the CNI plugin is this binary
+// too): PROG_MASQ_EGRESS is "masq_egress", REASON_SNAT_NEW is "snat_new";
+// reasons starting with "drop_" are drops.
+var counterNames = sync.OnceValues(func() (p [programSlots]string, r [reasonSlots]string) {
+	spec, err := loadDatapath()
+	if err != nil {
+		panic(fmt.Sprintf("datapath object: %v", err)) // embedded at build time
+	}
+	progs, err := bpffs.EnumNames(spec, "prog_id", "PROG_", uint64(programSlots))
+	if err != nil {
+		panic(err)
+	}
+	reasons, err := bpffs.EnumNames(spec, "reason", "REASON_", uint64(reasonSlots))
+	if err != nil {
+		panic(err)
+	}
+	for v, n := range progs {
+		p[v] = n
+	}
+	for v, n := range reasons {
+		r[v] = n
+	}
+	return p, r
+})
 
 // Counter is one program/reason total summed over CPUs.
 type Counter struct {
@@ -66,6 +62,7 @@ func Counters(m *ebpf.Map) ([]Counter, error) {
 }
 
 func readCounters(m *ebpf.Map) (out []Counter, errs []error) {
+	programNames, reasonNames := counterNames()
 	for prog, pname := range programNames {
 		if pname == "" {
 			continue

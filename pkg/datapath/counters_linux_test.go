@@ -16,7 +16,7 @@ func TestCollectorReportsWhatItCanRead(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create eBPF maps")
 	}
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: reasonSlots})
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: uint32(reasonSlots)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,6 +27,7 @@ func TestCollectorReportsWhatItCanRead(t *testing.T) {
 		t.Fatal(err)
 	}
 	unreadable := 0
+	programNames, reasonNames := counterNames()
 	for prog, pname := range programNames {
 		for _, rname := range reasonNames {
 			if prog > 0 && pname != "" && rname != "" {
@@ -70,4 +71,19 @@ func labelString(m *dto.Metric) string {
 		s += l.GetName() + `="` + l.GetValue() + `"`
 	}
 	return s + "}"
+}
+
+// TestCounterNamesFromC: the metric labels come from the C enums; these are
+// the ones dashboards and the docs use.
+func TestCounterNamesFromC(t *testing.T) {
+	programNames, reasonNames := counterNames()
+	if programNames[0] != "masq_egress" || programNames[1] != "masq_ingress" || programNames[2] != "host_route" {
+		t.Errorf("program names %q", programNames)
+	}
+	for i, want := range map[int]string{0: "pass_not_ipv4", 5: "snat", 9: "redirect_local", 15: "pass_kernel_nat",
+		22: "drop_vxlan_unknown_peer", 23: "pass_inbound_reply"} {
+		if reasonNames[i] != want {
+			t.Errorf("reason %d is %q, want %q", i, reasonNames[i], want)
+		}
+	}
 }

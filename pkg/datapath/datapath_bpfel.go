@@ -54,6 +54,45 @@ type datapathLpmV4Key struct {
 	Addr      uint32
 }
 
+type datapathProgId uint32
+
+const (
+	datapathProgIdPROG_MASQ_EGRESS  datapathProgId = 0
+	datapathProgIdPROG_MASQ_INGRESS datapathProgId = 1
+	datapathProgIdPROG_HOST_ROUTE   datapathProgId = 2
+	datapathProgIdPROG_MAX          datapathProgId = 4
+)
+
+type datapathReason uint32
+
+const (
+	datapathReasonREASON_PASS_NOT_IPV4           datapathReason = 0
+	datapathReasonREASON_PASS_NOT_POD            datapathReason = 1
+	datapathReasonREASON_PASS_NO_MASQ            datapathReason = 2
+	datapathReasonREASON_PASS_NOT_OURS           datapathReason = 3
+	datapathReasonREASON_PASS_FRAGMENT           datapathReason = 4
+	datapathReasonREASON_SNAT                    datapathReason = 5
+	datapathReasonREASON_SNAT_NEW                datapathReason = 6
+	datapathReasonREASON_RNAT                    datapathReason = 7
+	datapathReasonREASON_ICMP_ERROR_NAT          datapathReason = 8
+	datapathReasonREASON_REDIRECT_LOCAL          datapathReason = 9
+	datapathReasonREASON_REDIRECT_NEIGH          datapathReason = 10
+	datapathReasonREASON_PASS_STACK              datapathReason = 11
+	datapathReasonREASON_REDIRECT_TUNNEL         datapathReason = 12
+	datapathReasonREASON_DECAP                   datapathReason = 13
+	datapathReasonREASON_ENCAP                   datapathReason = 14
+	datapathReasonREASON_PASS_KERNEL_NAT         datapathReason = 15
+	datapathReasonREASON_DROP_MALFORMED          datapathReason = 16
+	datapathReasonREASON_DROP_FRAGMENT           datapathReason = 17
+	datapathReasonREASON_DROP_UNSUPPORTED        datapathReason = 18
+	datapathReasonREASON_DROP_NO_PORT            datapathReason = 19
+	datapathReasonREASON_DROP_CT_FULL            datapathReason = 20
+	datapathReasonREASON_DROP_REWRITE            datapathReason = 21
+	datapathReasonREASON_DROP_VXLAN_UNKNOWN_PEER datapathReason = 22
+	datapathReasonREASON_PASS_INBOUND_REPLY      datapathReason = 23
+	datapathReasonREASON_MAX                     datapathReason = 32
+)
+
 type datapathRemoteCidr struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -82,6 +121,8 @@ const (
 	datapathVarPortMax          = "port_max"
 	datapathVarPortMin          = "port_min"
 	datapathVarRouteOutEnabled  = "route_out_enabled"
+	datapathVarUnusedProgId     = "unused_prog_id"
+	datapathVarUnusedReason     = "unused_reason"
 	datapathVarUplinkIfindex    = "uplink_ifindex"
 	datapathVarVxlanPort        = "vxlan_port"
 	datapathVarVxlanVni         = "vxlan_vni"
@@ -156,6 +197,8 @@ type datapathVariableSpecs struct {
 	PortMax          *ebpf.VariableSpec `ebpf:"port_max"`
 	PortMin          *ebpf.VariableSpec `ebpf:"port_min"`
 	RouteOutEnabled  *ebpf.VariableSpec `ebpf:"route_out_enabled"`
+	UnusedProgId     *ebpf.VariableSpec `ebpf:"unused_prog_id"`
+	UnusedReason     *ebpf.VariableSpec `ebpf:"unused_reason"`
 	UplinkIfindex    *ebpf.VariableSpec `ebpf:"uplink_ifindex"`
 	VxlanPort        *ebpf.VariableSpec `ebpf:"vxlan_port"`
 	VxlanVni         *ebpf.VariableSpec `ebpf:"vxlan_vni"`
@@ -210,6 +253,8 @@ type datapathVariables struct {
 	PortMax          *ebpf.Variable `ebpf:"port_max"`
 	PortMin          *ebpf.Variable `ebpf:"port_min"`
 	RouteOutEnabled  *ebpf.Variable `ebpf:"route_out_enabled"`
+	UnusedProgId     *ebpf.Variable `ebpf:"unused_prog_id"`
+	UnusedReason     *ebpf.Variable `ebpf:"unused_reason"`
 	UplinkIfindex    *ebpf.Variable `ebpf:"uplink_ifindex"`
 	VxlanPort        *ebpf.Variable `ebpf:"vxlan_port"`
 	VxlanVni         *ebpf.Variable `ebpf:"vxlan_vni"`

@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/btf"
+
+	"github.com/sinabro-io/sinabro/pkg/bpffs"
 )
 
 // Row is one frontend as the datapath sees it, for `sinabro debug services`.
@@ -110,29 +110,19 @@ func readCounters(m *ebpf.Map) (map[string]uint64, error) {
 		for _, v := range per {
 			sum += v
 		}
-		out[strings.ToLower(strings.TrimPrefix(name, "SVC_"))] = sum
+		out[name] = sum
 	}
 	return out, errors.Join(errs...)
 }
 
-// reasonNames reads enum svc_reason from the object's BTF, so the names
-// come from the C source alone: value → "SVC_…".
+// reasonNames names the counters from enum svc_reason in the object's
+// BTF: SVC_NO_BACKEND is "no_backend".
 func reasonNames() (map[uint32]string, error) {
 	spec, err := loadService()
 	if err != nil {
 		return nil, err
 	}
-	var e *btf.Enum
-	if err := spec.Types.TypeByName("svc_reason", &e); err != nil {
-		return nil, fmt.Errorf("find enum svc_reason: %w", err)
-	}
-	out := map[uint32]string{}
-	for _, v := range e.Values {
-		if uint32(v.Value) < uint32(serviceSvcReasonSVC_REASON_MAX) {
-			out[uint32(v.Value)] = v.Name
-		}
-	}
-	return out, nil
+	return bpffs.EnumNames(spec, "svc_reason", "SVC_", uint64(serviceSvcReasonSVC_REASON_MAX))
 }
 
 // Counters of this load balancer.

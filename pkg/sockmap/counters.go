@@ -3,51 +3,44 @@ package sockmap
 import (
 	"errors"
 	"fmt"
+	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sinabro-io/sinabro/pkg/bpffs"
 )
 
-// Counter ids, as in enum sock_counter in bpf/sockops.c.
-const (
-	cntRedirect = iota
-	cntPass
-	cntFallbackNoPeer
-	cntFallbackBulk
-	cntFallbackDisabled
-	cntFallbackPeerGone
-	cntPassNoState
-	cntSockAdded
-	cntSockSkipped
-	cntSockAddFailed
-	cntSockClosed
-	cntSockEvicted
-	cntSockDrained
-	cntSlots = 16
-)
+// cntSlots is the size of the counters map: enum sock_counter in
+// bpf/sockops.c, exported by bpf2go -type.
+const cntSlots = int(sockopsSockCounterCNT_MAX)
 
-// messageResults name the counters of sends (sk_msg): "redirect" went to
-// the peer socket, "pass" went through TCP, "fallback_*" moved a flow to TCP.
-var messageResults = map[uint32]string{
-	cntRedirect:         "redirect",
-	cntPass:             "pass",
-	cntFallbackNoPeer:   "fallback_no_peer",
-	cntFallbackBulk:     "fallback_bulk",
-	cntFallbackDisabled: "fallback_disabled",
-	cntFallbackPeerGone: "fallback_peer_gone",
-	cntPassNoState:      "pass_no_state",
-}
-
-// socketEvents name the counters of sock_ops decisions.
-var socketEvents = map[uint32]string{
-	cntSockAdded:     "added",
-	cntSockSkipped:   "skipped",
-	cntSockAddFailed: "add_failed",
-	cntSockClosed:    "closed",
-	cntSockEvicted:   "evicted",
-	cntSockDrained:   "drained",
-}
+// counterNames names the counters from enum sock_counter in the object's
+// BTF, on first use (the CNI plugin is this binary too): CNT_SOCK_<X> are
+// sock_ops decisions, socket events "<x>" (added, skipped, ...); the
+// others count sends (sk_msg), message results "<x>": "redirect" went to
+// the peer socket, "pass" through TCP, "fallback_*" moved a flow to TCP.
+var counterNames = sync.OnceValues(func() (messages, sockets map[uint32]string) {
+	spec, err := loadSockops()
+	if err != nil {
+		panic(fmt.Sprintf("sockops object: %v", err)) // embedded at build time
+	}
+	names, err := bpffs.EnumNames(spec, "sock_counter", "CNT_", uint64(cntSlots))
+	if err != nil {
+		panic(err)
+	}
+	messages, sockets = map[uint32]string{}, map[uint32]string{}
+	for id, n := range names {
+		if ev, ok := strings.CutPrefix(n, "sock_"); ok {
+			sockets[id] = ev
+		} else {
+			messages[id] = n
+		}
+	}
+	return messages, sockets
+})
 
 // Stat is one counter summed over CPUs: messages (or sockets) and bytes.
 type Stat struct {
@@ -86,6 +79,7 @@ func readStats(m *ebpf.Map) (s Stats, errs []error) {
 		into[name] = st
 		return nil
 	}
+	messageResults, socketEvents := counterNames()
 	for id, name := range messageResults {
 		if err := read(id, name, s.Messages); err != nil {
 			errs = append(errs, err)

@@ -90,15 +90,19 @@ func TestPairs(t *testing.T) {
 }
 
 func TestCounterNames(t *testing.T) {
+	messageResults, socketEvents := counterNames()
+	if messageResults[0] != "redirect" || messageResults[3] != "fallback_bulk" || socketEvents[7] != "added" || socketEvents[12] != "drained" {
+		t.Errorf("names from enum sock_counter: %v %v", messageResults, socketEvents)
+	}
 	seen := map[string]bool{}
 	for id, name := range messageResults {
-		if id >= cntSlots || seen[name] {
+		if int(id) >= cntSlots || seen[name] {
 			t.Errorf("message counter %d %q: out of range or duplicate", id, name)
 		}
 		seen[name] = true
 	}
 	for id, name := range socketEvents {
-		if id >= cntSlots || seen[name] {
+		if int(id) >= cntSlots || seen[name] {
 			t.Errorf("socket counter %d %q: out of range or duplicate", id, name)
 		}
 		seen[name] = true

@@ -40,6 +40,25 @@ type sockopsSockCfg struct {
 	Window       uint64
 }
 
+type sockopsSockCounter uint32
+
+const (
+	sockopsSockCounterCNT_REDIRECT           sockopsSockCounter = 0
+	sockopsSockCounterCNT_PASS               sockopsSockCounter = 1
+	sockopsSockCounterCNT_FALLBACK_NO_PEER   sockopsSockCounter = 2
+	sockopsSockCounterCNT_FALLBACK_BULK      sockopsSockCounter = 3
+	sockopsSockCounterCNT_FALLBACK_DISABLED  sockopsSockCounter = 4
+	sockopsSockCounterCNT_FALLBACK_PEER_GONE sockopsSockCounter = 5
+	sockopsSockCounterCNT_PASS_NO_STATE      sockopsSockCounter = 6
+	sockopsSockCounterCNT_SOCK_ADDED         sockopsSockCounter = 7
+	sockopsSockCounterCNT_SOCK_SKIPPED       sockopsSockCounter = 8
+	sockopsSockCounterCNT_SOCK_ADD_FAILED    sockopsSockCounter = 9
+	sockopsSockCounterCNT_SOCK_CLOSED        sockopsSockCounter = 10
+	sockopsSockCounterCNT_SOCK_EVICTED       sockopsSockCounter = 11
+	sockopsSockCounterCNT_SOCK_DRAINED       sockopsSockCounter = 12
+	sockopsSockCounterCNT_MAX                sockopsSockCounter = 16
+)
+
 type sockopsSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
@@ -52,13 +71,14 @@ type sockopsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapSbSockCfg      = "sb_sock_cfg"
-	sockopsMapSbSockConns    = "sb_sock_conns"
-	sockopsMapSbSockCounters = "sb_sock_counters"
-	sockopsMapSbSockHash     = "sb_sock_hash"
-	sockopsMapSbSockPods     = "sb_sock_pods"
-	sockopsProgSockOps       = "sock_ops"
-	sockopsProgSockRedirect  = "sock_redirect"
+	sockopsMapSbSockCfg         = "sb_sock_cfg"
+	sockopsMapSbSockConns       = "sb_sock_conns"
+	sockopsMapSbSockCounters    = "sb_sock_counters"
+	sockopsMapSbSockHash        = "sb_sock_hash"
+	sockopsMapSbSockPods        = "sb_sock_pods"
+	sockopsProgSockOps          = "sock_ops"
+	sockopsProgSockRedirect     = "sock_redirect"
+	sockopsVarUnusedSockCounter = "unused_sock_counter"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -122,6 +142,7 @@ type sockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsVariableSpecs struct {
+	UnusedSockCounter *ebpf.VariableSpec `ebpf:"unused_sock_counter"`
 }
 
 // sockopsObjects contains all objects after they have been loaded into the kernel.
@@ -165,6 +186,7 @@ func (m *sockopsMaps) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsVariables struct {
+	UnusedSockCounter *ebpf.Variable `ebpf:"unused_sock_counter"`
 }
 
 // sockopsPrograms contains all programs after they have been loaded into the kernel.

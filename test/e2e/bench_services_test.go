@@ -194,8 +194,8 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 	return rows
 }
 
-// createBenchService creates a selector-less ClusterIP Service name with
-// one EndpointSlice of addrs:port, and returns its ClusterIP.
+// createBenchService creates a selector-less ClusterIP Service name on
+// port with one EndpointSlice of addrs:port, and returns its ClusterIP.
 func createBenchService(t *testing.T, cs *kube.Client, name string, addrs []string, port int) string {
 	t.Helper()
 	ip, err := newBenchService(cs, name, addrs, port)
@@ -208,7 +208,7 @@ func createBenchService(t *testing.T, cs *kube.Client, name string, addrs []stri
 func newBenchService(cs *kube.Client, name string, addrs []string, port int) (string, error) {
 	svc, err := cs.Services("default").Create(context.Background(), &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "tcp", Protocol: corev1.ProtocolTCP, Port: 80,
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "tcp", Protocol: corev1.ProtocolTCP, Port: int32(port),
 			TargetPort: intstr.FromInt(port)}}},
 	}, metav1.CreateOptions{})
 	if err != nil {
@@ -270,32 +270,30 @@ func fillBenchServices(t *testing.T, cs *kube.Client, have, want int) {
 }
 
 // waitBenchProgrammed waits until both Sinabro (n bench Services plus
-// kubernetes in its table) and kube-proxy (the newest filler's ClusterIP
+// kubernetes in its table) and kube-proxy (the newest Service's ClusterIP
 // in its rules) serve every Service.
 func waitBenchProgrammed(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mode string, n int) {
 	t.Helper()
 	start := time.Now()
 	deadline := start.Add(10 * time.Minute)
-	var lastIP string
+	newest := "bench"
+	if n > 1 {
+		newest = fmt.Sprintf("fill-%05d", n-1)
+	}
+	svc, err := cs.Services("default").Get(context.Background(), newest, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lastIP := svc.Spec.ClusterIP
+	argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
+	if mode == lab.KubeProxyIPTables {
+		argv = []string{"iptables-save", "-t", "nat"}
+	}
 	for {
 		rows, err := service.List(root)
 		ours := err == nil && len(rows) >= n+1
-		theirs := true
-		if n > 1 {
-			if lastIP == "" {
-				svc, err := cs.Services("default").Get(context.Background(), fmt.Sprintf("fill-%05d", n-1), metav1.GetOptions{})
-				if err != nil {
-					t.Fatal(err)
-				}
-				lastIP = svc.Spec.ClusterIP
-			}
-			argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
-			if mode == lab.KubeProxyIPTables {
-				argv = []string{"iptables-save", "-t", "nat"}
-			}
-			out, err := inNetns(netns.Path(cfg.NodeNetns("node-1")), argv[0], argv[1:]...)
-			theirs = err == nil && strings.Contains(out, lastIP+" ")
-		}
+		out, kerr := inNetns(netns.Path(cfg.NodeNetns("node-1")), argv[0], argv[1:]...)
+		theirs := kerr == nil && (strings.Contains(out, lastIP+" ") || strings.Contains(out, lastIP+"/32"))
 		if ours && theirs {
 			t.Logf("%d Services programmed by Sinabro and kube-proxy %s in %s", n, mode, time.Since(start).Round(time.Second))
 			return
