@@ -63,9 +63,14 @@ var enterMu sync.Mutex
 // called: sockets opened meanwhile belong to dir for good (a socket's
 // cgroup is fixed when it is created), so its socket programs see them.
 // Calls are serialized. Tests and the lab's probes use it to open sockets
-// "as" a node or pod without a process there.
+// "as" a node or pod without a process there. dir "" stays in this
+// process's cgroup, only waiting for other calls to leave: a socket opened
+// concurrently with another Enter would belong to that call's cgroup.
 func Enter(dir string) (leave func() error, err error) {
 	enterMu.Lock()
+	if dir == "" {
+		return func() error { enterMu.Unlock(); return nil }, nil
+	}
 	back, err := Current()
 	if err == nil {
 		err = os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644)

@@ -247,10 +247,11 @@ func runProbe(ctx context.Context, p *Probe, timeout time.Duration) {
 
 // inEndpoint creates a socket inside src's namespace and cgroup; it stays
 // in both afterwards.
+//
+// Every probe socket goes through here, with or without a cgroup: while
+// one is opened in a node's cgroup the whole process is there, and another
+// opened meanwhile would be seen by that node's socket programs.
 func inEndpoint[T any](src Endpoint, fn func() (T, error)) (T, error) {
-	if src.Cgroup == "" {
-		return inNetns(src.Netns, fn)
-	}
 	return inNetns(src.Netns, func() (T, error) {
 		var zero T
 		leave, err := cgroup.Enter(src.Cgroup)
