@@ -56,6 +56,10 @@ deploy-kind:
 bench-overlay: build kube-bins
     SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchOverlay|TestBenchAgentMemory' -timeout 20m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
 
+# Services: Sinabro's socket load balancer vs the real kube-proxy (nftables, iptables) at 1, 1,000 and 10,000 Services, A/B in each round.
+bench-services: build kube-bins
+    SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchServices' -timeout 60m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
+
 # Same-node TCP acceleration on vs off: wrk (50 and 500 connections), iperf3, a download.
 # Arguments go to scripts/bench-sockmap.sh, e.g. `just bench-sockmap --server nginx`.
 bench-sockmap *ARGS: build
