@@ -7,6 +7,7 @@
  */
 #include "lib/common.h"
 #include "lib/host.h"
+#include "lib/lb.h"
 #include "lib/masq.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

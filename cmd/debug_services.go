@@ -1,7 +1,9 @@
 package cmd
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"text/tabwriter"
 
@@ -21,7 +23,9 @@ func newDebugServicesCmd() *cobra.Command {
 node address) with its Service and port name, its backends in slot order,
 sessionAffinity, and how many connections or datagrams were sent to a
 backend (TRANSLATED) or refused for want of one (REFUSED). Then the
-socket-call counters by reason.`,
+frontends reachable from outside the node (NodePorts on the node address,
+external and load-balancer IPs), translated per packet on the uplink, with
+their backends and Maglev slots, and the socket-call counters by reason.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output != "text" && output != "json" {
@@ -35,13 +39,20 @@ socket-call counters by reason.`,
 			if err != nil {
 				return err
 			}
+			// The datapath's table for traffic from outside (absent while
+			// the datapath is not loaded).
+			external, err := datapath.ListLB(root)
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
 			w := cmd.OutOrStdout()
 			if output == "json" {
 				return writeJSON(w, struct {
 					Attached bool              `json:"attached"`
 					Services []service.Row     `json:"services"`
 					Counters map[string]uint64 `json:"counters"`
-				}{service.Attached(root), rows, counters})
+					External []datapath.LBRow  `json:"external"`
+				}{service.Attached(root), rows, counters, external})
 			}
 			state := "attached"
 			if !service.Attached(root) {
@@ -64,7 +75,23 @@ socket-call counters by reason.`,
 			if err := tw.Flush(); err != nil {
 				return err
 			}
-			fmt.Fprintln(w, "\ncounters")
+			fmt.Fprintf(w, "\nfrom outside the node (uplink, per packet, Maglev): %d frontends\n", len(external))
+			tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "FRONTEND\tBACKENDS (MAGLEV SLOTS)")
+			for _, r := range external {
+				var bs []string
+				for i, b := range r.Backends {
+					bs = append(bs, fmt.Sprintf("%s (%d)", b, r.Slots[i]))
+				}
+				if len(bs) == 0 {
+					bs = []string{"(none: dropped)"}
+				}
+				fmt.Fprintf(tw, "%s\t%s\n", r.Frontend, strings.Join(bs, ", "))
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			fmt.Fprintln(w, "\nsocket counters (the per-packet path counts lb_* reasons: sinabro debug maps sb_counters)")
 			for _, k := range sortedKeys(counters) {
 				fmt.Fprintf(w, "  %-14s %d\n", k, counters[k])
 			}

@@ -54,6 +54,10 @@ enum reason {
 	REASON_DROP_REWRITE = 21,    /* a packet rewrite helper failed */
 	REASON_DROP_VXLAN_UNKNOWN_PEER = 22, /* ingress: VXLAN for our port and VNI from an address that is no peer node */
 	REASON_PASS_INBOUND_REPLY = 23,    /* egress: a pod's answer to a connection opened from outside (TCP without our entry and no SYN, ICMP echo reply): left as is */
+	REASON_LB_NEW = 24,          /* ingress: a flow from outside to a Service frontend got its backend (lib/lb.h) */
+	REASON_LB_FORWARD = 25,      /* ingress: a packet from outside translated to its Service backend */
+	REASON_LB_REPLY = 26,        /* a Service backend's reply translated back to the frontend */
+	REASON_DROP_LB_NO_BACKEND = 27, /* ingress: a Service frontend without (local) backends */
 	REASON_MAX = 32,
 };
 

@@ -244,6 +244,9 @@ static __always_inline bool may_route_out(struct __sk_buff *skb, const struct ip
 	return (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN;
 }
 
+/* Replies of Service backends to clients outside (lib/lb.h). */
+static __always_inline int lb_reply_local(struct __sk_buff *skb, struct iphdr *ip);
+
 SEC("tc")
 int host_route(struct __sk_buff *skb)
 {
@@ -259,6 +262,9 @@ int host_route(struct __sk_buff *skb)
 		count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);
 		return TCX_NEXT;
 	}
+	ret = lb_reply_local(skb, &ip);
+	if (ret >= 0)
+		return ret;
 	/* Translated flows (kube-proxy's Services, hostPorts) take the
 	 * stack both ways, where their conntrack entry lives. */
 	kct = kct_lookup(skb, &ip, ETH_HLEN);

@@ -25,6 +25,8 @@
 
 #include "common.h"
 #include "host.h"
+#include "lb.h"
+#include "nat.h"
 
 #define CT_FWD 0
 #define CT_REV 1
@@ -210,82 +212,6 @@ static __always_inline void ct_refresh_rev(const struct ct_key *fk, const struct
 	rv.addr = fk->saddr;
 	rv.port = fk->sport;
 	bpf_map_update_elem(&sb_ct, &rk, &rv, BPF_NOEXIST);
-}
-
-/* rewrite replaces the IPv4 address at ETH_HLEN+addr_off and the 16-bit
- * L4 field at l4off+port_off, fixing the IP and L4 checksums. ICMP has no
- * pseudo header, so its checksum only covers the identifier. */
-static __always_inline int rewrite(struct __sk_buff *skb, __u8 proto, __u32 l4off, __u32 addr_off,
-				   __be32 old_addr, __be32 new_addr, __u32 port_off, __be16 old_port,
-				   __be16 new_port)
-{
-	__u32 csum_off;
-	__u64 mangled = 0;
-
-	switch (proto) {
-	case IPPROTO_TCP:
-		csum_off = l4off + 16;
-		break;
-	case IPPROTO_UDP:
-		csum_off = l4off + 6;
-		mangled = BPF_F_MARK_MANGLED_0; /* a zero UDP checksum stays zero */
-		break;
-	default:
-		csum_off = l4off + 2;
-		break;
-	}
-
-	if (old_addr != new_addr) {
-		if (proto != IPPROTO_ICMP &&
-		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4))
-			return -1;
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_addr, new_addr, 4))
-			return -1;
-		if (bpf_skb_store_bytes(skb, ETH_HLEN + addr_off, &new_addr, 4, 0))
-			return -1;
-	}
-	if (old_port != new_port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2))
-			return -1;
-		if (bpf_skb_store_bytes(skb, l4off + port_off, &new_port, 2, 0))
-			return -1;
-	}
-	return 0;
-}
-
-struct l4 {
-	__be16 sport; /* ICMP echo: the identifier */
-	__be16 dport;
-	__u8 tcpflags;
-	__u8 icmp_type;
-};
-
-/* load_l4 reads ports (or the ICMP type and echo identifier) at off. */
-static __always_inline int load_l4(struct __sk_buff *skb, __u8 proto, __u32 off, struct l4 *l4)
-{
-	__be16 ports[2];
-	struct icmphdr icmp;
-
-	switch (proto) {
-	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off + 13, &l4->tcpflags, 1))
-			return -1;
-		/* fallthrough */
-	case IPPROTO_UDP:
-		if (bpf_skb_load_bytes(skb, off, ports, 4))
-			return -1;
-		l4->sport = ports[0];
-		l4->dport = ports[1];
-		return 0;
-	case IPPROTO_ICMP:
-		if (bpf_skb_load_bytes(skb, off, &icmp, sizeof(icmp)))
-			return -1;
-		l4->icmp_type = icmp.type;
-		l4->sport = icmp.id;
-		l4->dport = 0;
-		return 0;
-	}
-	return -1;
 }
 
 /* nat_icmp_error translates an ICMP error whose embedded packet belongs to
@@ -511,9 +437,17 @@ int masq_ingress(struct __sk_buff *skb)
 	/* Overlay packets from anything but a peer node would be delivered
 	 * into pods past the node's firewall (decap_local below, or the
 	 * vxlan device): spoofed inner sources, injected traffic. */
-	if (vxlan_ours(skb, &ip) && !bpf_map_lookup_elem(&sb_vtep_peers, &ip.saddr)) {
+	bool vxlan = vxlan_ours(skb, &ip);
+	if (vxlan && !bpf_map_lookup_elem(&sb_vtep_peers, &ip.saddr)) {
 		count(skb, PROG_MASQ_INGRESS, REASON_DROP_VXLAN_UNKNOWN_PEER);
 		return TCX_DROP;
+	}
+	/* Services reached from outside: NodePorts, external and
+	 * load-balancer IPs (lib/lb.h). */
+	if (!vxlan) {
+		r = lb_ingress(skb, &ip);
+		if (r >= 0)
+			return r;
 	}
 	if (ip.daddr != node_ip) {
 		count(skb, PROG_MASQ_INGRESS, REASON_PASS_NOT_OURS);
@@ -527,6 +461,10 @@ int masq_ingress(struct __sk_buff *skb)
 		count(skb, PROG_MASQ_INGRESS, REASON_PASS_FRAGMENT);
 		return TCX_NEXT;
 	}
+	/* A Service backend on another node answering a client outside. */
+	r = lb_reply_remote(skb, &ip);
+	if (r >= 0)
+		return r;
 	l4off = ETH_HLEN + ip.ihl * 4;
 	if ((ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP && ip.protocol != IPPROTO_ICMP) ||
 	    load_l4(skb, ip.protocol, l4off, &l4)) {

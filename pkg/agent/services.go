@@ -9,6 +9,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/service"
 )
 
@@ -91,6 +92,54 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 			}
 			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
 				out[service.Frontend{NodePort: true, Port: uint16(sp.NodePort), Proto: proto}] = entry
+			}
+		}
+	}
+	return out
+}
+
+// desiredExternal computes the Service frontends reachable from outside
+// the node, for the datapath's per-packet load balancing (bpf/lib/lb.h):
+// each NodePort on the node address, each external IP and load-balancer
+// ingress IP with its port, TCP and UDP. Their backends are all ready
+// endpoints, or with externalTrafficPolicy Local only this node's (none
+// left: packets are dropped, as kube-proxy does, so the load balancer in
+// front picks another node through healthCheckNodePort).
+func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[datapath.LBFrontend][]netip.AddrPort {
+	bySvc := map[[2]string][]*discoveryv1.EndpointSlice{}
+	for _, s := range eps {
+		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" && s.AddressType == discoveryv1.AddressTypeIPv4 {
+			bySvc[[2]string{s.Namespace, name}] = append(bySvc[[2]string{s.Namespace, name}], s)
+		}
+	}
+	out := map[datapath.LBFrontend][]netip.AddrPort{}
+	for _, svc := range svcs {
+		if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+			continue
+		}
+		local := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+		slicesOf := bySvc[[2]string{svc.Namespace, svc.Name}]
+		for _, sp := range svc.Spec.Ports {
+			proto, ok := protocolOf(sp.Protocol)
+			if !ok || proto == service.SCTP {
+				continue
+			}
+			only := ""
+			if local {
+				only = node
+			}
+			backends := backendsFor(slicesOf, sp.Name, sp.Protocol, only)
+			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
+				out[datapath.LBFrontend{NodePort: true, Port: uint16(sp.NodePort), Proto: uint8(proto)}] = backends
+			}
+			external := slices.Clone(svc.Spec.ExternalIPs)
+			for _, ing := range svc.Status.LoadBalancer.Ingress {
+				external = append(external, ing.IP)
+			}
+			for _, ip := range external {
+				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
+					out[datapath.LBFrontend{Addr: a, Port: uint16(sp.Port), Proto: uint8(proto)}] = backends
+				}
 			}
 		}
 	}

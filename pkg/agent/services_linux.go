@@ -2,9 +2,12 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -17,6 +20,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/service"
 )
 
@@ -43,7 +47,11 @@ type serviceController struct {
 	slices   cache.Store
 	synced   func() bool
 
-	lb       *service.LoadBalancer
+	lb *service.LoadBalancer
+	// The datapath's table of frontends reachable from outside, and what
+	// this controller wrote there (nil map: nothing known, rewrite all).
+	external *datapath.LBTable
+	extState map[datapath.LBFrontend][]netip.AddrPort
 	state    string // what the last pass decided, logged on change
 	removed  bool   // programs of an earlier run detached once (mode false)
 	rt       *rtnetlink.Conn
@@ -133,6 +141,10 @@ func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error 
 }
 
 func (c *serviceController) close() {
+	if c.external != nil {
+		c.external.Close()
+		c.external, c.extState = nil, nil
+	}
 	if c.lb != nil {
 		c.lb.Close() // programs stay attached: Services keep working
 		c.lb = nil
@@ -164,9 +176,10 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 		outcome = "off"
 		c.decided("off", "--kube-proxy-replacement=false: kube-proxy serves Services")
 		if !c.removed {
-			if err := service.Disable(ctx, c.root); err != nil {
+			if err := errors.Join(c.syncExternal(nil), service.Disable(ctx, c.root)); err != nil {
 				return err
 			}
+			c.close()
 			c.removed = true
 		}
 		return nil
@@ -179,11 +192,14 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 		if found != "" {
 			outcome = "kube-proxy"
 			c.decided("kube-proxy", "kube-proxy's rules are in this node's network namespace ("+found+"); set --kube-proxy-replacement=true to take over")
+			// Nothing of ours may answer before kube-proxy's rules: the
+			// external table empties too (tc runs before netfilter).
+			err := c.syncExternal(nil)
 			if c.lb != nil || service.Attached(c.root) {
 				c.close()
-				return service.Disable(ctx, c.root)
+				err = errors.Join(err, service.Disable(ctx, c.root))
 			}
-			return nil
+			return err
 		}
 	}
 	if c.lb == nil {
@@ -204,8 +220,9 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	if err := c.lb.SetNodeAddrs(addrs); err != nil {
 		return err
 	}
-	desired := desiredServices(storeList[*corev1.Service](c.services), storeList[*discoveryv1.EndpointSlice](c.slices), c.node)
-	st, err := c.lb.Sync(desired)
+	svcs, eps := storeList[*corev1.Service](c.services), storeList[*discoveryv1.EndpointSlice](c.slices)
+	st, err := c.lb.Sync(desiredServices(svcs, eps, c.node))
+	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, c.node)))
 	c.frontend.Set(float64(st.Frontends))
 	c.syncTime.Observe(time.Since(start).Seconds())
 	if st.Written+st.Deleted > 0 {
@@ -213,6 +230,56 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	}
 	c.decided("serving", fmt.Sprintf("no kube-proxy rules found (mode %s): %d frontends", c.mode, st.Frontends))
 	return err
+}
+
+// syncExternal makes the datapath's table of frontends reachable from
+// outside exactly desired (nil: empty). Without a loaded datapath yet it
+// does nothing: the next pass (at most serviceRecheck later) writes it.
+func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip.AddrPort) error {
+	if c.external == nil {
+		t, err := datapath.OpenLBTable(c.root)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("open the datapath's Service table: %w", err)
+		}
+		c.external, c.extState = t, nil
+	}
+	if c.extState == nil {
+		// First pass on this table: what it holds is unknown (an
+		// earlier agent's): delete what is not desired, write the rest.
+		have, err := c.external.Frontends()
+		if err != nil {
+			return fmt.Errorf("read the datapath's Service table: %w", err)
+		}
+		c.extState = map[datapath.LBFrontend][]netip.AddrPort{}
+		for _, f := range have {
+			c.extState[f] = []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), 0)} // never equal
+		}
+	}
+	var errs []error
+	for f, backends := range desired {
+		if cur, ok := c.extState[f]; ok && slices.Equal(cur, backends) {
+			continue
+		}
+		if err := c.external.Put(f, backends); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		c.extState[f] = backends
+	}
+	for f := range c.extState {
+		if _, ok := desired[f]; ok {
+			continue
+		}
+		if err := c.external.Delete(f); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(c.extState, f)
+	}
+	return errors.Join(errs...)
 }
 
 func storeList[T any](s cache.Store) []T {

@@ -48,6 +48,48 @@ type datapathEndpoint struct {
 	HostMac [6]uint8
 }
 
+type datapathLbBackend struct {
+	_    structs.HostLayout
+	Addr uint32
+	Port uint16
+	Pad  uint16
+}
+
+type datapathLbCt struct {
+	_        structs.HostLayout
+	ToAddr   uint32
+	FromAddr uint32
+	ToPort   uint16
+	FromPort uint16
+	Pad      uint32
+}
+
+type datapathLbCtKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   uint16
+}
+
+type datapathLbKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Scope uint8
+}
+
+type datapathLbService struct {
+	_     structs.HostLayout
+	Count uint32
+	Pad   uint32
+	Slots [1021]datapathLbBackend
+}
+
 type datapathLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -90,6 +132,10 @@ const (
 	datapathReasonREASON_DROP_REWRITE            datapathReason = 21
 	datapathReasonREASON_DROP_VXLAN_UNKNOWN_PEER datapathReason = 22
 	datapathReasonREASON_PASS_INBOUND_REPLY      datapathReason = 23
+	datapathReasonREASON_LB_NEW                  datapathReason = 24
+	datapathReasonREASON_LB_FORWARD              datapathReason = 25
+	datapathReasonREASON_LB_REPLY                datapathReason = 26
+	datapathReasonREASON_DROP_LB_NO_BACKEND      datapathReason = 27
 	datapathReasonREASON_MAX                     datapathReason = 32
 )
 
@@ -109,6 +155,8 @@ const (
 	datapathMapSbCounters       = "sb_counters"
 	datapathMapSbCt             = "sb_ct"
 	datapathMapSbEndpoints      = "sb_endpoints"
+	datapathMapSbLbCt           = "sb_lb_ct"
+	datapathMapSbLbServices     = "sb_lb_services"
 	datapathMapSbMasqCidrs      = "sb_masq_cidrs"
 	datapathMapSbRemoteCidrs    = "sb_remote_cidrs"
 	datapathMapSbVtepPeers      = "sb_vtep_peers"
@@ -182,6 +230,8 @@ type datapathMapSpecs struct {
 	SbCounters    *ebpf.MapSpec `ebpf:"sb_counters"`
 	SbCt          *ebpf.MapSpec `ebpf:"sb_ct"`
 	SbEndpoints   *ebpf.MapSpec `ebpf:"sb_endpoints"`
+	SbLbCt        *ebpf.MapSpec `ebpf:"sb_lb_ct"`
+	SbLbServices  *ebpf.MapSpec `ebpf:"sb_lb_services"`
 	SbMasqCidrs   *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
 	SbRemoteCidrs *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
 	SbVtepPeers   *ebpf.MapSpec `ebpf:"sb_vtep_peers"`
@@ -227,6 +277,8 @@ type datapathMaps struct {
 	SbCounters    *ebpf.Map `ebpf:"sb_counters"`
 	SbCt          *ebpf.Map `ebpf:"sb_ct"`
 	SbEndpoints   *ebpf.Map `ebpf:"sb_endpoints"`
+	SbLbCt        *ebpf.Map `ebpf:"sb_lb_ct"`
+	SbLbServices  *ebpf.Map `ebpf:"sb_lb_services"`
 	SbMasqCidrs   *ebpf.Map `ebpf:"sb_masq_cidrs"`
 	SbRemoteCidrs *ebpf.Map `ebpf:"sb_remote_cidrs"`
 	SbVtepPeers   *ebpf.Map `ebpf:"sb_vtep_peers"`
@@ -237,6 +289,8 @@ func (m *datapathMaps) Close() error {
 		m.SbCounters,
 		m.SbCt,
 		m.SbEndpoints,
+		m.SbLbCt,
+		m.SbLbServices,
 		m.SbMasqCidrs,
 		m.SbRemoteCidrs,
 		m.SbVtepPeers,

@@ -75,7 +75,7 @@ type CheckResult struct {
 	Shortcuts []ShortcutProbe // same-node TCP acceleration, one per node with two pods
 }
 
-// Categories of probes, in print order; the NodePort ones only with kube-proxy.
+// Categories of probes, in print order.
 var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external",
 	catSvcSameNode, catSvcOtherNode, catSvcOutside, catSvcHairpin, catNodeSvc, catNodePort, catNodePortLocal}
 

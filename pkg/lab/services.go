@@ -404,12 +404,6 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 	for _, p := range pods {
 		hasBackend[p.Node] = true
 	}
-	if !cfg.kubeProxy() {
-		// Sinabro's socket load balancer serves the node's own and its
-		// pods' sockets; NodePorts reached from outside need the tc path,
-		// which is not built yet (issue 13).
-		return probes, state, nil
-	}
 	for _, np := range []string{svcNodePort, svcNodePortLocal} {
 		svc, ok := svcs[np]
 		if !ok {

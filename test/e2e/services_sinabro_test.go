@@ -25,9 +25,11 @@ import (
 	"github.com/sinabro-io/sinabro/pkg/service"
 )
 
-// TestSinabroServices is the lab without kube-proxy, Sinabro's socket load
-// balancer alone: every ClusterIP row of `lab check` (pods and nodes, TCP
-// and UDP, hairpin, a backend outside the cluster), then what kube-proxy
+// TestSinabroServices is the lab without kube-proxy, Sinabro alone: every
+// Service row of `lab check` (ClusterIP from pods and nodes, TCP and UDP,
+// hairpin, a backend outside the cluster — the socket load balancer — and
+// NodePort from the external host with externalTrafficPolicy Cluster and
+// Local — the datapath's per-packet path), then what kube-proxy
 // users rely on beyond those rows — a Service without endpoints refuses at
 // once, an endpoint change reaches new connections within a second,
 // internalTrafficPolicy=Local keeps only the node's endpoints, and killing
@@ -51,6 +53,8 @@ func TestSinabroServices(t *testing.T) {
 		{"pod→ClusterIP backend outside", pods},
 		{"pod→own ClusterIP (hairpin)", pods},
 		{"node→ClusterIP", nodes * pods},
+		{"external→NodePort", nodes},
+		{"external→NodePort eTP=Local", nodes},
 	} {
 		if got := strings.Count(out, "  "+c.cat+"  "); got != c.want {
 			t.Errorf("check has %d %q rows, want %d", got, c.cat, c.want)

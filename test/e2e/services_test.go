@@ -4,6 +4,8 @@ package e2e
 
 import (
 	"fmt"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -54,6 +56,19 @@ func TestServices(t *testing.T) {
 			for i := 1; i <= nodes; i++ {
 				if want := fmt.Sprintf("✓ kube-proxy (%s) on node-%d synced", mode, i); !strings.Contains(out, want) {
 					t.Errorf("check lacks %q", want)
+				}
+			}
+
+			// Sinabro found kube-proxy's rules and stays out of its way.
+			cfg, err := lab.LoadConfig(l.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 1; i <= nodes; i++ {
+				root := filepath.Join(cfg.BPFRoot, fmt.Sprintf("node-%d", i))
+				out, err := exec.Command(binary, "debug", "services", "--bpf-root", root).CombinedOutput()
+				if err != nil || !strings.Contains(string(out), "socket load balancer: detached") {
+					t.Errorf("node-%d: the socket load balancer should be detached next to kube-proxy: %v\n%s", i, err, out)
 				}
 			}
 

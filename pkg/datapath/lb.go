@@ -1,0 +1,186 @@
+package datapath
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+)
+
+// Service load balancing for traffic from outside the node (bpf/lib/lb.h):
+// the agent's service controller writes one Maglev table per frontend
+// reachable from outside (NodePort on the node address, external IPs,
+// load-balancer IPs) into the pinned sb_lb_services of the loaded datapath.
+
+// MaglevSize is a frontend's table size (LB_MAGLEV_M in bpf/lib/lb.h).
+const MaglevSize = 1021
+
+// LBFrontend is a Service address as seen from outside: Addr and Port,
+// or, with NodePort, Port on the node address.
+type LBFrontend struct {
+	Addr     netip.Addr
+	Port     uint16
+	Proto    uint8 // IPPROTO_TCP or IPPROTO_UDP
+	NodePort bool
+}
+
+func (f LBFrontend) String() string {
+	proto := map[uint8]string{6: "TCP", 17: "UDP"}[f.Proto]
+	if f.NodePort {
+		return fmt.Sprintf("node:%d/%s", f.Port, proto)
+	}
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), proto)
+}
+
+// LBTable is the pinned frontend map of a loaded datapath.
+type LBTable struct{ m *ebpf.Map }
+
+// OpenLBTable opens the frontend map pinned under root; an error wrapping
+// os.ErrNotExist means the datapath is not loaded (yet).
+func OpenLBTable(root string) (*LBTable, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(root, "maps", "sb_lb_services"), nil)
+	if err != nil {
+		return nil, err
+	}
+	return &LBTable{m: m}, nil
+}
+
+func (t *LBTable) Close() error { return t.m.Close() }
+
+func lbKey(f LBFrontend) datapathLbKey {
+	k := datapathLbKey{Port: be16(f.Port), Proto: f.Proto}
+	if f.NodePort {
+		k.Scope = 1
+	} else {
+		b := f.Addr.As4()
+		k.Addr = binary.NativeEndian.Uint32(b[:])
+	}
+	return k
+}
+
+func lbFrontend(k datapathLbKey) LBFrontend {
+	f := LBFrontend{Port: portFromBE16(k.Port), Proto: k.Proto, NodePort: k.Scope == 1}
+	if !f.NodePort {
+		var b [4]byte
+		binary.NativeEndian.PutUint32(b[:], k.Addr)
+		f.Addr = netip.AddrFrom4(b)
+	}
+	return f
+}
+
+// Put writes a frontend's Maglev table over backends in one update
+// (packets see the old table or the new one); no backend drops.
+func (t *LBTable) Put(f LBFrontend, backends []netip.AddrPort) error {
+	var v datapathLbService
+	v.Count = uint32(len(backends))
+	for slot, i := range Maglev(backends, MaglevSize) {
+		b := backends[i].Addr().As4()
+		v.Slots[slot] = datapathLbBackend{Addr: binary.NativeEndian.Uint32(b[:]), Port: be16(backends[i].Port())}
+	}
+	if err := t.m.Put(lbKey(f), &v); err != nil {
+		return fmt.Errorf("write Service frontend %s: %w", f, err)
+	}
+	return nil
+}
+
+// Delete removes a frontend; absent is not an error.
+func (t *LBTable) Delete(f LBFrontend) error {
+	if err := t.m.Delete(lbKey(f)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete Service frontend %s: %w", f, err)
+	}
+	return nil
+}
+
+// LBRow is one frontend reachable from outside as the datapath holds it.
+type LBRow struct {
+	Frontend string   `json:"frontend"`
+	Backends []string `json:"backends"` // distinct, in order of first slot
+	Slots    []int    `json:"slots"`    // Maglev slots per backend
+}
+
+// ListLB reads the frontend table pinned under root.
+func ListLB(root string) ([]LBRow, error) {
+	t, err := OpenLBTable(root)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	var out []LBRow
+	var k datapathLbKey
+	var v datapathLbService
+	it := t.m.Iterate()
+	for it.Next(&k, &v) {
+		r := LBRow{Frontend: lbFrontend(k).String(), Backends: []string{}}
+		idx := map[string]int{}
+		for slot := 0; v.Count > 0 && slot < MaglevSize; slot++ {
+			b := v.Slots[slot]
+			var a [4]byte
+			binary.NativeEndian.PutUint32(a[:], b.Addr)
+			name := netip.AddrPortFrom(netip.AddrFrom4(a), portFromBE16(b.Port)).String()
+			i, ok := idx[name]
+			if !ok {
+				i = len(r.Backends)
+				idx[name] = i
+				r.Backends = append(r.Backends, name)
+				r.Slots = append(r.Slots, 0)
+			}
+			r.Slots[i]++
+		}
+		out = append(out, r)
+	}
+	return out, it.Err()
+}
+
+// Frontends lists the frontends in the map.
+func (t *LBTable) Frontends() ([]LBFrontend, error) {
+	var out []LBFrontend
+	var k datapathLbKey
+	it := t.m.Iterate()
+	var v datapathLbService
+	for it.Next(&k, &v) {
+		out = append(out, lbFrontend(k))
+	}
+	return out, it.Err()
+}
+
+// Maglev fills a lookup table of size m (a prime larger than the number
+// of backends) with backend indices, as in Google's Maglev (NSDI '16):
+// each backend walks its own permutation of the slots, taking turns, so
+// every backend gets m/n slots give or take one, and removing a backend
+// moves mostly the flows that were on it. Permutations derive from the
+// backends' addresses alone: every node computes the same table.
+func Maglev(backends []netip.AddrPort, m int) []int {
+	table := make([]int, m)
+	n := len(backends)
+	if n == 0 {
+		return nil
+	}
+	offset, skip, next := make([]uint64, n), make([]uint64, n), make([]uint64, n)
+	for i, b := range backends {
+		h := sha256.Sum256([]byte(b.String()))
+		offset[i] = binary.LittleEndian.Uint64(h[0:8]) % uint64(m)
+		skip[i] = binary.LittleEndian.Uint64(h[8:16])%uint64(m-1) + 1
+	}
+	for i := range table {
+		table[i] = -1
+	}
+	for filled := 0; ; {
+		for i := range n {
+			c := (offset[i] + next[i]*skip[i]) % uint64(m)
+			for table[c] >= 0 {
+				next[i]++
+				c = (offset[i] + next[i]*skip[i]) % uint64(m)
+			}
+			table[c] = i
+			next[i]++
+			filled++
+			if filled == m {
+				return table
+			}
+		}
+	}
+}
