@@ -164,11 +164,6 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 		return svcBenchFigures{conns: float64(c.Conns) / secs, reqs: float64(r.Sent) / 100 / secs, connectUS: float64(c.ConnectNanos) / float64(c.Conns) / 1000}
 	}
 
-	// Both paths answer before anything is timed (first packets resolve
-	// neighbours, conntrack and the kernel's caches).
-	for _, cg := range []string{podCgroup, outside} {
-		run(cg, "many:50")
-	}
 	var rows []string
 	var sinabroAt1 float64
 	have := 1
@@ -176,6 +171,13 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 		fillBenchServices(t, cs, have, n)
 		have = max(have, n)
 		waitBenchProgrammed(t, cs, cfg, root, mode, have)
+		// Both paths answer before anything is timed (first packets
+		// resolve neighbours, conntrack and caches), and the control
+		// plane settles after the burst of creations.
+		for _, cg := range []string{podCgroup, outside} {
+			run(cg, "many:50")
+		}
+		time.Sleep(5 * time.Second)
 		var ours, theirs []svcBenchFigures
 		for i := range rounds {
 			if i%2 == 0 {
