@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"net/netip"
 	"slices"
+	"strconv"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -69,7 +70,7 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 			if !ok {
 				continue
 			}
-			name := svc.Namespace + "/" + svc.Name + ":" + cmp.Or(sp.Name, sp.TargetPort.String())
+			name := svc.Namespace + "/" + svc.Name + ":" + cmp.Or(sp.Name, strconv.Itoa(int(sp.Port)))
 			all := backendsFor(slicesOf, sp.Name, sp.Protocol, "")
 			entry := service.Entry{Name: name, Backends: all, Affinity: affinity}
 			internal := entry

@@ -52,6 +52,7 @@ type serviceController struct {
 	// this controller wrote there (nil map: nothing known, rewrite all).
 	external *datapath.LBTable
 	extState map[datapath.LBFrontend][]netip.AddrPort
+	health   *healthChecks
 	state    string // what the last pass decided, logged on change
 	removed  bool   // programs of an earlier run detached once (mode false)
 	rt       *rtnetlink.Conn
@@ -85,6 +86,7 @@ func newServiceController(a *Agent) *serviceController {
 	if a.nsFile != nil {
 		c.nsFD = int(a.nsFile.Fd())
 	}
+	c.health = &healthChecks{log: c.log, netns: a.cfg.NetNS}
 	a.metrics.registry.MustRegister(c.frontend, c.syncs, c.syncTime)
 	return c
 }
@@ -141,6 +143,7 @@ func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error 
 }
 
 func (c *serviceController) close() {
+	c.health.sync(nil)
 	if c.external != nil {
 		c.external.Close()
 		c.external, c.extState = nil, nil
@@ -176,7 +179,7 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 		outcome = "off"
 		c.decided("off", "--kube-proxy-replacement=false: kube-proxy serves Services")
 		if !c.removed {
-			if err := errors.Join(c.syncExternal(nil), service.Disable(ctx, c.root)); err != nil {
+			if err := errors.Join(c.syncExternal(nil), c.health.sync(nil), service.Disable(ctx, c.root)); err != nil {
 				return err
 			}
 			c.close()
@@ -193,8 +196,9 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 			outcome = "kube-proxy"
 			c.decided("kube-proxy", "kube-proxy's rules are in this node's network namespace ("+found+"); set --kube-proxy-replacement=true to take over")
 			// Nothing of ours may answer before kube-proxy's rules: the
-			// external table empties too (tc runs before netfilter).
-			err := c.syncExternal(nil)
+			// external table empties too (tc runs before netfilter), and
+			// kube-proxy serves the healthCheckNodePorts.
+			err := errors.Join(c.syncExternal(nil), c.health.sync(nil))
 			if c.lb != nil || service.Attached(c.root) {
 				c.close()
 				err = errors.Join(err, service.Disable(ctx, c.root))
@@ -222,7 +226,8 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	}
 	svcs, eps := storeList[*corev1.Service](c.services), storeList[*discoveryv1.EndpointSlice](c.slices)
 	st, err := c.lb.Sync(desiredServices(svcs, eps, c.node))
-	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, c.node)))
+	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, c.node)),
+		c.health.sync(desiredHealthChecks(svcs, eps, c.node)))
 	c.frontend.Set(float64(st.Frontends))
 	c.syncTime.Observe(time.Since(start).Seconds())
 	if st.Written+st.Deleted > 0 {

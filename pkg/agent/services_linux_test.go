@@ -3,12 +3,15 @@ package agent
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 	"github.com/sinabro-io/sinabro/pkg/service"
 )
@@ -34,6 +38,7 @@ func TestAgentServices(t *testing.T) {
 	ipcmd(t, nodeNS, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
 	ipcmd(t, nodeNS, "addr", "add", "192.168.72.1/24", "dev", "eth0")
 	ipcmd(t, nodeNS, "link", "set", "eth0", "up")
+	ipcmd(t, nodeNS, "link", "set", "lo", "up")
 	if err := rlimit.RemoveMemlock(); err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +127,61 @@ func TestAgentServices(t *testing.T) {
 		"*:30080/TCP":       {"10.244.1.5:8080"},
 	}))
 
+	// externalTrafficPolicy Local with a healthCheckNodePort: 200 while the
+	// node has a ready endpoint, 503 once it has none.
+	local := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "lb", Namespace: "default"},
+		Spec: corev1.ServiceSpec{
+			Type: corev1.ServiceTypeLoadBalancer, ClusterIP: "10.96.0.21", ClusterIPs: []string{"10.96.0.21"},
+			ExternalTrafficPolicy: corev1.ServiceExternalTrafficPolicyLocal, HealthCheckNodePort: 31999,
+			Ports: []corev1.ServicePort{{Name: "http", Protocol: corev1.ProtocolTCP, Port: 80, NodePort: 30081}},
+		},
+	}
+	if _, err := client.CoreV1().Services("default").Create(ctx, local, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	lbSlice := slice("10.244.1.8", "10.244.2.8")
+	lbSlice.Name, lbSlice.Labels[discoveryv1.LabelServiceName] = "lb-abc", "lb"
+	nodeA, nodeB := "a", "b"
+	lbSlice.Endpoints[0].NodeName, lbSlice.Endpoints[1].NodeName = &nodeA, &nodeB
+	if _, err := client.DiscoveryV1().EndpointSlices("default").Create(ctx, lbSlice, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	health := func() string {
+		var out string
+		netns.Do(netns.Path(nodeNS), func() error {
+			c, err := net.DialTimeout("tcp", "192.168.72.1:31999", time.Second)
+			if err != nil {
+				out = err.Error()
+				return nil
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			fmt.Fprintf(c, "GET / HTTP/1.0\r\n\r\n")
+			b, _ := io.ReadAll(c)
+			out = string(b)
+			return nil
+		})
+		return out
+	}
+	eventually(t, "healthCheckNodePort answers 200 with one local endpoint", func() bool {
+		h := health()
+		return strings.HasPrefix(h, "HTTP/1.0 200") && strings.Contains(h, `"localEndpoints":1`)
+	})
+	lbSlice.Endpoints = lbSlice.Endpoints[1:]
+	if _, err := client.DiscoveryV1().EndpointSlices("default").Update(ctx, lbSlice, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "healthCheckNodePort answers 503 without a local endpoint", func() bool {
+		return strings.HasPrefix(health(), "HTTP/1.0 503")
+	})
+	if err := client.CoreV1().Services("default").Delete(ctx, "lb", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "healthCheckNodePort closed with its Service", func() bool {
+		return strings.Contains(health(), "refused")
+	})
+
 	// kube-proxy appears on the node: we step aside, then take over again.
 	nft := func(args ...string) {
 		if out, err := exec.Command("ip", append([]string{"netns", "exec", nodeNS, "nft"}, args...)...).CombinedOutput(); err != nil {
@@ -137,4 +197,9 @@ func TestAgentServices(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "frontends of the deleted Service gone", rowsAre(map[string][]string{}))
+	// The NodePort also reaches the datapath's table for traffic from
+	// outside; it is gone with the Service too.
+	if rows, err := datapath.ListLB(root); err == nil && len(rows) != 0 {
+		t.Errorf("datapath Service table still holds %+v", rows)
+	}
 }

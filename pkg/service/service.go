@@ -72,7 +72,8 @@ type Entry struct {
 	Affinity time.Duration
 }
 
-func (e Entry) equal(o Entry) bool {
+// Equal reports whether two entries program the same.
+func (e Entry) Equal(o Entry) bool {
 	return e.Name == o.Name && e.Affinity == o.Affinity && slices.Equal(e.Backends, o.Backends)
 }
 
@@ -264,7 +265,7 @@ func (lb *LoadBalancer) Sync(desired map[Frontend]Entry) (SyncStats, error) {
 		if fe.Port == 0 || (!fe.NodePort && !fe.Addr.Is4()) {
 			continue // IPv6 frontends: not served yet
 		}
-		if cur, ok := lb.state[fe]; ok && cur.entry.equal(e) {
+		if cur, ok := lb.state[fe]; ok && cur.entry.Equal(e) {
 			continue
 		}
 		if err := lb.write(fe, e); err != nil {
