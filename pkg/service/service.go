@@ -151,11 +151,6 @@ func Enable(ctx context.Context, cfg Config) (*LoadBalancer, error) {
 		lb.Close()
 		return nil, err
 	}
-	cgID, err := cgroupID(cfg.CgroupPath)
-	if err != nil {
-		lb.Close()
-		return nil, err
-	}
 	for _, p := range []struct {
 		name   string
 		prog   *ebpf.Program
@@ -166,7 +161,7 @@ func Enable(ctx context.Context, cfg Config) (*LoadBalancer, error) {
 		{linkRecvmsg, lb.objs.SvcRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
 		{linkGetpeername, lb.objs.SvcGetpeername4, ebpf.AttachCgroupInet4GetPeername},
 	} {
-		l, err := attachCgroup(filepath.Join(linksDir(cfg.BPFRoot), p.name), cfg.CgroupPath, cgID, p.prog, p.attach)
+		l, err := bpffs.AttachCgroup(filepath.Join(linksDir(cfg.BPFRoot), p.name), cfg.CgroupPath, p.prog, p.attach)
 		if err != nil {
 			lb.Close()
 			return nil, err
@@ -410,7 +405,7 @@ func Disable(ctx context.Context, root string) error {
 	}
 	var errs []error
 	for _, name := range []string{linkConnect, linkSendmsg, linkRecvmsg, linkGetpeername} {
-		errs = append(errs, unpinLink(filepath.Join(linksDir(root), name)))
+		errs = append(errs, bpffs.UnpinLink(filepath.Join(linksDir(root), name)))
 	}
 	return errors.Join(errs...)
 }
@@ -428,69 +423,6 @@ func Cleanup(root string) error {
 		err = errors.Join(err, fmt.Errorf("remove %s: %w", dir(root), rerr))
 	}
 	return err
-}
-
-// attachCgroup makes the pinned cgroup link at path run prog on the
-// cgroup: one on the same cgroup is updated in place (no moment without a
-// program), one on another cgroup is replaced.
-func attachCgroup(path, cgroup string, cgID uint64, prog *ebpf.Program, attach ebpf.AttachType) (link.Link, error) {
-	if l, err := link.LoadPinnedLink(path, nil); err == nil {
-		info, ierr := l.Info()
-		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgID {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, fmt.Errorf("update link %s: %w", path, err)
-			}
-			return l, nil
-		}
-		l.Unpin()
-		l.Close()
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
-	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: attach, Program: prog})
-	if err != nil {
-		return nil, fmt.Errorf("attach %s to %s: %w", filepath.Base(path), cgroup, err)
-	}
-	if err := l.Pin(path); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin link %s: %w", path, err)
-	}
-	return l, nil
-}
-
-func unpinLink(path string) error {
-	l, err := link.LoadPinnedLink(path, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			return fmt.Errorf("remove %s: %w", path, rerr)
-		}
-		return nil
-	}
-	defer l.Close()
-	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("unpin %s: %w", path, err)
-	}
-	return nil
-}
-
-// cgroupID is the id of a cgroup v2 directory: its inode number.
-func cgroupID(path string) (uint64, error) {
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("statfs cgroup %s: %w", path, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, fmt.Errorf("%s is not a cgroup v2 directory", path)
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
-	}
-	return st.Ino, nil
 }
 
 // Map encodings: addresses and ports are kept in network byte order, as

@@ -72,7 +72,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
 
 	"github.com/sinabro-io/sinabro/pkg/bpffs"
 )
@@ -190,7 +189,7 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 		a.Close()
 		return nil, err
 	}
-	if a.sockOps, err = attachSockOps(filepath.Join(linksDir(cfg.BPFRoot), linkSockOps), cfg.CgroupPath, a.objs.SockOps); err != nil {
+	if a.sockOps, err = bpffs.AttachCgroup(filepath.Join(linksDir(cfg.BPFRoot), linkSockOps), cfg.CgroupPath, a.objs.SockOps, ebpf.AttachCGroupSockOps); err != nil {
 		a.Close()
 		return nil, err
 	}
@@ -206,39 +205,6 @@ func loadObjects(objs *sockopsObjects, pinDir string) error {
 	// sockets then pass through TCP (never redirect again, which keeps
 	// their streams in order) and stay in the sockhash until closed.
 	return bpffs.LoadPinned(spec, objs, pinDir, "sockops", "sb_sock_conns")
-}
-
-// attachSockOps makes the pinned cgroup link at path run prog on cgroup:
-// a link on the same cgroup is updated in place, one on another cgroup is
-// detached and replaced.
-func attachSockOps(path, cgroup string, prog *ebpf.Program) (link.Link, error) {
-	cgID, err := cgroupID(cgroup)
-	if err != nil {
-		return nil, err
-	}
-	if l, err := link.LoadPinnedLink(path, nil); err == nil {
-		info, ierr := l.Info()
-		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgID {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, fmt.Errorf("update sock_ops link %s: %w", path, err)
-			}
-			return l, nil
-		}
-		l.Unpin()
-		l.Close()
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("load pinned link %s: %w", path, err)
-	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: ebpf.AttachCGroupSockOps, Program: prog})
-	if err != nil {
-		return nil, fmt.Errorf("attach sock_ops to %s: %w", cgroup, err)
-	}
-	if err := l.Pin(path); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin sock_ops link %s: %w", path, err)
-	}
-	return l, nil
 }
 
 // attachSkMsg attaches prog as the sk_msg verdict of the sockhash with a
@@ -263,23 +229,6 @@ func attachSkMsg(path string, hash *ebpf.Map, prog *ebpf.Program) (link.Link, er
 		return nil, fmt.Errorf("pin sk_msg link %s: %w", path, err)
 	}
 	return l, nil
-}
-
-// cgroupID is the id the kernel reports for a cgroup v2 directory: its
-// inode number.
-func cgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
-	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("statfs cgroup %s: %w", path, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, fmt.Errorf("%s is not a cgroup v2 directory", path)
-	}
-	return st.Ino, nil
 }
 
 // SetPods makes the local pod set exactly prefixes minus the excluded
@@ -374,7 +323,7 @@ func Disable(ctx context.Context, root string) error {
 		errs = append(errs, fmt.Errorf("load %s: %w", cfgPath, err))
 	}
 	for _, name := range []string{linkSockOps, linkSkMsg} {
-		if err := unpinLink(filepath.Join(linksDir(root), name)); err != nil {
+		if err := bpffs.UnpinLink(filepath.Join(linksDir(root), name)); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -399,26 +348,6 @@ func (a *Accelerator) Disable(ctx context.Context) error {
 		}
 	}
 	return err
-}
-
-func unpinLink(path string) error {
-	l, err := link.LoadPinnedLink(path, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		// Not a link (or unreadable): remove the pin all the same.
-		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			return fmt.Errorf("remove %s: %w", path, rerr)
-		}
-		return nil
-	}
-	defer l.Close()
-	// Unpinning drops the last reference: the program is detached.
-	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("unpin %s: %w", path, err)
-	}
-	return nil
 }
 
 // Cleanup disables acceleration and removes every pin under root's

@@ -37,29 +37,13 @@ import (
 // Service fails none of them.
 func TestSinabroServices(t *testing.T) {
 	const nodes, podsPerNode = 2, 2
-	const pods = nodes * podsPerNode
 	l, _ := newLabWith(t, nodes, podsPerNode, lab.KubeProxyNone)
 	out, err := l.sinabro("check")
 	t.Log(out)
 	if err != nil {
 		t.Errorf("lab check: %v", err)
 	}
-	for _, c := range []struct {
-		cat  string
-		want int
-	}{
-		{"pod→ClusterIP backend same node", pods * (podsPerNode - 1)},
-		{"pod→ClusterIP backend other node", pods * (pods - podsPerNode)},
-		{"pod→ClusterIP backend outside", pods},
-		{"pod→own ClusterIP (hairpin)", pods},
-		{"node→ClusterIP", nodes * pods},
-		{"external→NodePort", nodes},
-		{"external→NodePort eTP=Local", nodes},
-	} {
-		if got := strings.Count(out, "  "+c.cat+"  "); got != c.want {
-			t.Errorf("check has %d %q rows, want %d", got, c.cat, c.want)
-		}
-	}
+	checkServiceRows(t, out, nodes, podsPerNode)
 	for i := 1; i <= nodes; i++ {
 		if want := fmt.Sprintf("✓ sinabro on node-%d programmed the Services", i); !strings.Contains(out, want) {
 			t.Errorf("check lacks %q", want)

@@ -23,7 +23,6 @@ import (
 // datapath does not translate itself towards the uplink.
 func TestServices(t *testing.T) {
 	const nodes, podsPerNode = 2, 2
-	const pods = nodes * podsPerNode
 	for _, mode := range []string{lab.KubeProxyIPTables, lab.KubeProxyNFTables} {
 		t.Run(mode, func(t *testing.T) {
 			l, took := newLabWith(t, nodes, podsPerNode, mode)
@@ -34,25 +33,7 @@ func TestServices(t *testing.T) {
 			if err != nil {
 				t.Errorf("lab check: %v", err)
 			}
-			// Rows per category (a failed row still prints, so the counts
-			// also catch probes the check forgot).
-			for _, c := range []struct {
-				cat  string
-				want int
-			}{
-				{"pod→ClusterIP backend same node", pods * (podsPerNode - 1)},
-				{"pod→ClusterIP backend other node", pods * (pods - podsPerNode)},
-				{"pod→ClusterIP backend outside", pods},
-				{"pod→own ClusterIP (hairpin)", pods},
-				{"node→ClusterIP", nodes * pods},
-				{"external→NodePort", nodes},
-				{"external→NodePort eTP=Local", nodes},
-			} {
-				// Cells are padded by at least two spaces.
-				if got := strings.Count(out, "  "+c.cat+"  "); got != c.want {
-					t.Errorf("check has %d %q rows, want %d", got, c.cat, c.want)
-				}
-			}
+			checkServiceRows(t, out, nodes, podsPerNode)
 			for i := 1; i <= nodes; i++ {
 				if want := fmt.Sprintf("✓ kube-proxy (%s) on node-%d synced", mode, i); !strings.Contains(out, want) {
 					t.Errorf("check lacks %q", want)
@@ -83,5 +64,30 @@ func TestServices(t *testing.T) {
 				t.Errorf("status shows %d healthy kube-proxies, want %d", got, nodes)
 			}
 		})
+	}
+}
+
+// checkServiceRows counts the Service rows of a `lab check` output per
+// category (a failed row still prints, so the counts also catch probes the
+// check forgot).
+func checkServiceRows(t *testing.T, out string, nodes, podsPerNode int) {
+	t.Helper()
+	pods := nodes * podsPerNode
+	for _, c := range []struct {
+		cat  string
+		want int
+	}{
+		{"pod→ClusterIP backend same node", pods * (podsPerNode - 1)},
+		{"pod→ClusterIP backend other node", pods * (pods - podsPerNode)},
+		{"pod→ClusterIP backend outside", pods},
+		{"pod→own ClusterIP (hairpin)", pods},
+		{"node→ClusterIP", nodes * pods},
+		{"external→NodePort", nodes},
+		{"external→NodePort eTP=Local", nodes},
+	} {
+		// Cells are padded by at least two spaces.
+		if got := strings.Count(out, "  "+c.cat+"  "); got != c.want {
+			t.Errorf("check has %d %q rows, want %d", got, c.cat, c.want)
+		}
 	}
 }
