@@ -19,6 +19,7 @@ import (
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/service"
 )
 
 // Feature is one kernel feature and what its absence means.
@@ -87,6 +88,10 @@ func Preflight() []Feature {
 	}
 	add("kfuncs bpf_skb_ct_lookup, bpf_ct_release (nf_conntrack)", "6.0",
 		"with --kube-proxy-coexistence (default): host routing off, so kube-proxy's Service translations are not skipped", kfErr, where)
+
+	add("cgroup connect4, sendmsg4, recvmsg4, getpeername4 programs with bpf_set_retval", "5.18",
+		"no Service load balancing at the socket: the agent logs the load error every pass; keep kube-proxy (--kube-proxy-replacement=false)",
+		service.Supported(), "")
 
 	add("bpffs on /sys/fs/bpf", "4.4", "the agent mounts one; inside a container that mount does not outlive it, so a restarted agent cannot adopt the datapath", bpffsMounted("/sys/fs/bpf"), "")
 	return fs

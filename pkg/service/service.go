@@ -505,3 +505,19 @@ func ebpfPossibleCPUs() int {
 	}
 	return n
 }
+
+// Supported loads the programs and maps once, unpinned, and frees them:
+// nil when this kernel runs Service load balancing (cgroup sock_addr
+// programs for connect4, sendmsg4, recvmsg4 and getpeername4, and
+// bpf_set_retval: Linux 5.18).
+func Supported() error {
+	spec, err := loadService()
+	if err != nil {
+		return err
+	}
+	var objs serviceObjects
+	if err := bpffs.LoadPinned(spec, &objs, "", "service"); err != nil {
+		return err
+	}
+	return objs.Close()
+}

@@ -44,9 +44,10 @@ import (
 // Printed per mode and Service count: short connections per second
 // (connect, 100-byte round trip, close; 2 clients), request/response
 // round trips per second on 2 kept connections, mean connect() time
-// (first-packet latency), agent RSS; and Sinabro's own rate at 10,000
-// Services over its rate at 1. SINABRO_BENCH_SERVICES=1,100 narrows the
-// counts, SINABRO_BENCH_ROUNDS the rounds (default 3).
+// (first-packet latency), agent RSS; Sinabro's own rate at 10,000
+// Services over its rate at 1; and the time 1,000 EndpointSlice changes
+// take to reach Sinabro's maps and kube-proxy's rules. SINABRO_BENCH_SERVICES=1,100 narrows the
+// counts, SINABRO_BENCH_ROUNDS the rounds (default 5).
 func TestBenchServices(t *testing.T) {
 	needBench(t)
 	counts := []int{1, 1000, 10000}
@@ -60,7 +61,7 @@ func TestBenchServices(t *testing.T) {
 			counts = append(counts, n)
 		}
 	}
-	rounds := 3
+	rounds := 5
 	if n, err := strconv.Atoi(os.Getenv("SINABRO_BENCH_ROUNDS")); err == nil && n > 0 {
 		rounds = n
 	}
@@ -177,7 +178,7 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 		for _, cg := range []string{podCgroup, outside} {
 			run(cg, "many:50")
 		}
-		time.Sleep(5 * time.Second)
+		time.Sleep(15 * time.Second)
 		var ours, theirs []svcBenchFigures
 		for i := range rounds {
 			if i%2 == 0 {
@@ -205,6 +206,9 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 			mode, have, oc, tc, oc/tc, or, tr, or/tr, ol, tl, agentRSS(t, l))
 		t.Log(row)
 		rows = append(rows, row)
+	}
+	if have > 1 {
+		rows = append(rows, benchEndpointChurn(t, cs, cfg, root, mode, min(1000, have-1)))
 	}
 	if len(counts) > 1 && sinabroAt1 > 0 {
 		last := rows[len(rows)-1]
@@ -324,4 +328,90 @@ func waitBenchProgrammed(t *testing.T, cs *kube.Client, cfg *lab.Config, root, m
 		}
 		time.Sleep(2 * time.Second)
 	}
+}
+
+// benchEndpointChurn changes the first endpoint of n filler Services (16
+// updates at a time) and reports how long, from the first update, Sinabro's
+// table and kube-proxy's rules took to hold every new address. Both are
+// polled (Sinabro's maps every 200 ms, kube-proxy's rules every second:
+// dumping them costs more), so the figures are upper bounds to that grain.
+func benchEndpointChurn(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mode string, n int) string {
+	t.Helper()
+	ctx := context.Background()
+	newAddr := func(i int) string { return fmt.Sprintf("10.253.%d.%d", i/250, i%250+1) }
+	start := time.Now()
+	idx := make(chan int)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for range 16 {
+		wg.Go(func() {
+			for i := range idx {
+				name := fmt.Sprintf("fill-%05d", i)
+				sl, err := cs.EndpointSlices("default").Get(ctx, name, metav1.GetOptions{})
+				if err == nil {
+					sl.Endpoints[0].Addresses = []string{newAddr(i)}
+					_, err = cs.EndpointSlices("default").Update(ctx, sl, metav1.UpdateOptions{})
+				}
+				if err != nil {
+					mu.Lock()
+					firstErr = cmp.Or(firstErr, err)
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for i := range n {
+		idx <- i
+	}
+	close(idx)
+	wg.Wait()
+	if firstErr != nil {
+		t.Fatal(firstErr)
+	}
+	issued := time.Since(start)
+	var ours, theirs time.Duration
+	argv := []string{"nft", "list", "table", "ip", "kube-proxy"}
+	if mode == lab.KubeProxyIPTables {
+		argv = []string{"iptables-save", "-t", "nat"}
+	}
+	deadline := start.Add(5 * time.Minute)
+	lastDump := time.Time{}
+	for (ours == 0 || theirs == 0) && time.Now().Before(deadline) {
+		if ours == 0 {
+			rows, err := service.List(root)
+			have := map[string]bool{}
+			for _, r := range rows {
+				for _, b := range r.Backends {
+					have[b] = true
+				}
+			}
+			all := err == nil
+			for i := 0; all && i < n; i++ {
+				all = have[newAddr(i)+":8080"]
+			}
+			if all {
+				ours = time.Since(start)
+			}
+		}
+		if theirs == 0 && time.Since(lastDump) >= time.Second {
+			lastDump = time.Now()
+			out, err := inNetns(netns.Path(cfg.NodeNetns("node-1")), argv[0], argv[1:]...)
+			all := err == nil
+			for i := 0; all && i < n; i++ {
+				all = strings.Contains(out, newAddr(i)+":8080") || strings.Contains(out, newAddr(i)+" ") || strings.Contains(out, newAddr(i)+"/32")
+			}
+			if all {
+				theirs = time.Since(start)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if ours == 0 || theirs == 0 {
+		t.Fatalf("%d EndpointSlice changes not all programmed after 5 minutes (Sinabro %s, kube-proxy %s)", n, ours, theirs)
+	}
+	row := fmt.Sprintf("| %s | %d EndpointSlice changes (issued in %s) to the datapath: Sinabro %s, kube-proxy %s | | | | | | | | | |",
+		mode, n, issued.Round(100*time.Millisecond), ours.Round(100*time.Millisecond), theirs.Round(100*time.Millisecond))
+	t.Log(row)
+	return row
 }
