@@ -54,7 +54,6 @@ type serviceController struct {
 	extState map[datapath.LBFrontend][]netip.AddrPort
 	health   *healthChecks
 	state    string // what the last pass decided, logged on change
-	removed  bool   // programs of an earlier run detached once (mode false)
 	rt       *rtnetlink.Conn
 	frontend prometheus.Gauge
 	syncs    *prometheus.CounterVec
@@ -101,7 +100,10 @@ func (c *serviceController) trigger() {
 // start runs the informers and the loop under g.
 func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error {
 	if c.mode == KPRFalse {
-		g.Go(func() error { c.pass(ctx); return nil })
+		// No informers: each pass only makes sure nothing of ours serves
+		// (an earlier run's programs, or its table for traffic from
+		// outside once the datapath is loaded).
+		g.Go(func() error { c.loop(ctx); return nil })
 		return nil
 	}
 	handler := cache.ResourceEventHandlerFuncs{
@@ -120,26 +122,36 @@ func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error 
 	c.services, c.slices = svcInf.GetStore(), epInf.GetStore()
 	c.synced = func() bool { return svcInf.HasSynced() && epInf.HasSynced() }
 	g.Go(func() error {
-		defer c.close()
 		cache.WaitForCacheSync(ctx.Done(), c.synced)
-		timer := time.NewTimer(0)
-		defer timer.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-c.kick:
-			case <-timer.C:
-			}
-			wait := serviceRecheck
-			if err := c.pass(ctx); err != nil {
-				c.log.Error("service load balancing", "err", err, "retry_in", time.Second)
-				wait = time.Second
-			}
-			timer.Reset(wait)
-		}
+		c.loop(ctx)
+		return nil
 	})
 	return nil
+}
+
+// loop runs a pass on every trigger and at least every serviceRecheck;
+// after a failure, again after a backoff from 1 s up to serviceRecheck.
+func (c *serviceController) loop(ctx context.Context) {
+	defer c.close()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	backoff := time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.kick:
+		case <-timer.C:
+		}
+		wait := serviceRecheck
+		if err := c.pass(ctx); err != nil {
+			c.log.Error("service load balancing", "err", err, "retry_in", backoff)
+			wait, backoff = backoff, min(2*backoff, serviceRecheck)
+		} else {
+			backoff = time.Second
+		}
+		timer.Reset(wait)
+	}
 }
 
 func (c *serviceController) close() {
@@ -178,14 +190,11 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	if c.mode == KPRFalse {
 		outcome = "off"
 		c.decided("off", "--kube-proxy-replacement=false: kube-proxy serves Services")
-		if !c.removed {
-			if err := errors.Join(c.syncExternal(nil), c.health.sync(nil), service.Disable(ctx, c.root)); err != nil {
-				return err
-			}
-			c.close()
-			c.removed = true
+		err := c.syncExternal(nil)
+		if service.Attached(c.root) {
+			err = errors.Join(err, service.Disable(ctx, c.root))
 		}
-		return nil
+		return err
 	}
 	if c.mode == KPRAuto {
 		found, err := kubeProxyRules(c.nsFD)

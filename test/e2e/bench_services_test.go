@@ -111,6 +111,19 @@ func benchServicesMode(t *testing.T, mode string, counts []int, rounds int) []st
 		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
 		return cmd
 	}
+	// Thousands of short connections a second from one pod to one
+	// destination leave its ephemeral ports in TIME_WAIT, and connect()
+	// then slows down searching for a free one. The kube-proxy path's
+	// sockets all name the ClusterIP while the Sinabro path's name two
+	// backends, so that would tilt the comparison: both clients reuse
+	// TIME_WAIT ports (tcp_tw_reuse, with timestamps) from a wide range.
+	for _, name := range []string{"node-1-pod-1", "node-1-pod-4"} {
+		out, err := exec.Command("ip", "netns", "exec", pods[name].netns, "sysctl", "-qw",
+			"net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10000 60999").CombinedOutput()
+		if err != nil {
+			t.Fatalf("sysctl in %s: %v: %s", name, err, out)
+		}
+	}
 	for _, name := range []string{"node-1-pod-2", "node-1-pod-3"} {
 		p := pods[name]
 		cmd := inPod(p, podCgroup, os.Args[0])
