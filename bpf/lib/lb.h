@@ -64,6 +64,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_lb_services SEC(".maps");
 
+/* [0]: how many frontends sb_lb_services holds, written by the agent: with
+ * none (most nodes without NodePorts from outside, or next to kube-proxy)
+ * every packet skips the lookups below for one array read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sb_lb_active SEC(".maps");
+
+static __always_inline bool lb_active(void)
+{
+	__u32 k = 0;
+	__u32 *n = bpf_map_lookup_elem(&sb_lb_active, &k);
+
+	return route_out_enabled && n && *n;
+}
+
 #define LB_FWD 0
 #define LB_REV 1
 
@@ -147,11 +166,23 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 	__u32 l4off;
 	int r;
 
-	if (!route_out_enabled || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) ||
+	if (!lb_active() || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) ||
 	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return -1;
 	l4off = ETH_HLEN + ip->ihl * 4;
 	if (bpf_skb_load_bytes(skb, l4off, ports, 4))
+		return -1;
+	/* The frontend first: one hash lookup (two for the node address) is
+	 * all other traffic pays. */
+	struct lb_key key = {.addr = ip->daddr, .port = ports[1], .proto = ip->protocol, .scope = LB_SCOPE_ADDR};
+	struct lb_service *svc = bpf_map_lookup_elem(&sb_lb_services, &key);
+
+	if (!svc && ip->daddr == node_ip) {
+		key.addr = 0;
+		key.scope = LB_SCOPE_NODEPORT;
+		svc = bpf_map_lookup_elem(&sb_lb_services, &key);
+	}
+	if (!svc)
 		return -1;
 	fk.saddr = ip->saddr;
 	fk.daddr = ip->daddr;
@@ -163,16 +194,6 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 	if (e) {
 		fv = *e;
 	} else {
-		struct lb_key key = {.addr = ip->daddr, .port = ports[1], .proto = ip->protocol, .scope = LB_SCOPE_ADDR};
-		struct lb_service *svc = bpf_map_lookup_elem(&sb_lb_services, &key);
-
-		if (!svc && ip->daddr == node_ip) {
-			key.addr = 0;
-			key.scope = LB_SCOPE_NODEPORT;
-			svc = bpf_map_lookup_elem(&sb_lb_services, &key);
-		}
-		if (!svc)
-			return -1;
 		if (svc->count == 0) {
 			count(skb, PROG_MASQ_INGRESS, REASON_DROP_LB_NO_BACKEND);
 			return TCX_DROP;
@@ -250,7 +271,7 @@ static __always_inline bool lb_reply(struct __sk_buff *skb, struct iphdr *ip, __
 	__be16 ports[2];
 	__u32 l4off;
 
-	if (!route_out_enabled || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) ||
+	if (!lb_active() || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) ||
 	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return false;
 	l4off = ETH_HLEN + ip->ihl * 4;

@@ -293,6 +293,7 @@ func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip
 		}
 		delete(c.extState, f)
 	}
+	errs = append(errs, c.external.SetActive(len(c.extState)))
 	return errors.Join(errs...)
 }
 

@@ -155,6 +155,7 @@ const (
 	datapathMapSbCounters       = "sb_counters"
 	datapathMapSbCt             = "sb_ct"
 	datapathMapSbEndpoints      = "sb_endpoints"
+	datapathMapSbLbActive       = "sb_lb_active"
 	datapathMapSbLbCt           = "sb_lb_ct"
 	datapathMapSbLbServices     = "sb_lb_services"
 	datapathMapSbMasqCidrs      = "sb_masq_cidrs"
@@ -230,6 +231,7 @@ type datapathMapSpecs struct {
 	SbCounters    *ebpf.MapSpec `ebpf:"sb_counters"`
 	SbCt          *ebpf.MapSpec `ebpf:"sb_ct"`
 	SbEndpoints   *ebpf.MapSpec `ebpf:"sb_endpoints"`
+	SbLbActive    *ebpf.MapSpec `ebpf:"sb_lb_active"`
 	SbLbCt        *ebpf.MapSpec `ebpf:"sb_lb_ct"`
 	SbLbServices  *ebpf.MapSpec `ebpf:"sb_lb_services"`
 	SbMasqCidrs   *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
@@ -277,6 +279,7 @@ type datapathMaps struct {
 	SbCounters    *ebpf.Map `ebpf:"sb_counters"`
 	SbCt          *ebpf.Map `ebpf:"sb_ct"`
 	SbEndpoints   *ebpf.Map `ebpf:"sb_endpoints"`
+	SbLbActive    *ebpf.Map `ebpf:"sb_lb_active"`
 	SbLbCt        *ebpf.Map `ebpf:"sb_lb_ct"`
 	SbLbServices  *ebpf.Map `ebpf:"sb_lb_services"`
 	SbMasqCidrs   *ebpf.Map `ebpf:"sb_masq_cidrs"`
@@ -289,6 +292,7 @@ func (m *datapathMaps) Close() error {
 		m.SbCounters,
 		m.SbCt,
 		m.SbEndpoints,
+		m.SbLbActive,
 		m.SbLbCt,
 		m.SbLbServices,
 		m.SbMasqCidrs,

@@ -36,8 +36,9 @@ func (f LBFrontend) String() string {
 	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), proto)
 }
 
-// LBTable is the pinned frontend map of a loaded datapath.
-type LBTable struct{ m *ebpf.Map }
+// LBTable is the pinned frontend map of a loaded datapath, with its count
+// (sb_lb_active: the programs skip the table while it is zero).
+type LBTable struct{ m, active *ebpf.Map }
 
 // OpenLBTable opens the frontend map pinned under root; an error wrapping
 // os.ErrNotExist means the datapath is not loaded (yet).
@@ -46,10 +47,24 @@ func OpenLBTable(root string) (*LBTable, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &LBTable{m: m}, nil
+	active, err := ebpf.LoadPinnedMap(filepath.Join(root, "maps", "sb_lb_active"), nil)
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	return &LBTable{m: m, active: active}, nil
 }
 
-func (t *LBTable) Close() error { return t.m.Close() }
+func (t *LBTable) Close() error { return errors.Join(t.m.Close(), t.active.Close()) }
+
+// SetActive records how many frontends the table holds; call it after
+// each change (the programs look the table up only while it is not zero).
+func (t *LBTable) SetActive(n int) error {
+	if err := t.active.Put(uint32(0), uint32(n)); err != nil {
+		return fmt.Errorf("write the Service frontend count: %w", err)
+	}
+	return nil
+}
 
 func lbKey(f LBFrontend) datapathLbKey {
 	k := datapathLbKey{Port: be16(f.Port), Proto: f.Proto}

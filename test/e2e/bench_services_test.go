@@ -379,7 +379,8 @@ func benchEndpointChurn(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mo
 			}
 		})
 	}
-	for i := range n {
+	// Fillers are fill-00001 on (fill-00000 would be the measured one).
+	for i := 1; i <= n; i++ {
 		idx <- i
 	}
 	close(idx)
@@ -405,7 +406,7 @@ func benchEndpointChurn(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mo
 				}
 			}
 			all := err == nil
-			for i := 0; all && i < n; i++ {
+			for i := 1; all && i <= n; i++ {
 				all = have[newAddr(i)+":8080"]
 			}
 			if all {
@@ -416,7 +417,7 @@ func benchEndpointChurn(t *testing.T, cs *kube.Client, cfg *lab.Config, root, mo
 			lastDump = time.Now()
 			out, err := inNetns(netns.Path(cfg.NodeNetns("node-1")), argv[0], argv[1:]...)
 			all := err == nil
-			for i := 0; all && i < n; i++ {
+			for i := 1; all && i <= n; i++ {
 				all = strings.Contains(out, newAddr(i)+":8080") || strings.Contains(out, newAddr(i)+" ") || strings.Contains(out, newAddr(i)+"/32")
 			}
 			if all {
