@@ -114,7 +114,13 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
 			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
 		nodeIP[n.Name] = internalIP(&n)
-		nodes = append(nodes, Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name, Cgroup: cfg.NodeCgroup(n.Name)})
+		ep := Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name}
+		if !cfg.realNodes() {
+			// Real nodes' processes live in the kubelet's cgroups, and
+			// Sinabro's socket programs are not theirs (kube-proxy runs).
+			ep.Cgroup = cfg.NodeCgroup(n.Name)
+		}
+		nodes = append(nodes, ep)
 	}
 	podList, err := cs.Pods(podNamespace).List(ctx, metav1.ListOptions{LabelSelector: labelApp + "=pod"})
 	if err != nil {
