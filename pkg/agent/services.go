@@ -42,18 +42,10 @@ const defaultAffinityTimeout = 10800 * time.Second
 //
 // IPv6 addresses are skipped (the datapath is IPv4 today).
 func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[service.Frontend]service.Entry {
-	bySvc := map[[2]string][]*discoveryv1.EndpointSlice{}
-	for _, s := range eps {
-		name := s.Labels[discoveryv1.LabelServiceName]
-		if name == "" || s.AddressType != discoveryv1.AddressTypeIPv4 {
-			continue
-		}
-		k := [2]string{s.Namespace, name}
-		bySvc[k] = append(bySvc[k], s)
-	}
+	bySvc := slicesByService(eps)
 	out := map[service.Frontend]service.Entry{}
 	for _, svc := range svcs {
-		if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+		if !loadBalanced(svc) {
 			continue
 		}
 		var affinity time.Duration
@@ -82,11 +74,7 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 					out[service.Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = internal
 				}
 			}
-			external := svc.Spec.ExternalIPs
-			for _, ing := range svc.Status.LoadBalancer.Ingress {
-				external = append(external, ing.IP)
-			}
-			for _, ip := range external {
+			for _, ip := range externalAddrs(svc) {
 				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
 					out[service.Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = entry
 				}
@@ -107,15 +95,10 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 // left: packets are dropped, as kube-proxy does, so the load balancer in
 // front picks another node through healthCheckNodePort).
 func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[datapath.LBFrontend][]netip.AddrPort {
-	bySvc := map[[2]string][]*discoveryv1.EndpointSlice{}
-	for _, s := range eps {
-		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" && s.AddressType == discoveryv1.AddressTypeIPv4 {
-			bySvc[[2]string{s.Namespace, name}] = append(bySvc[[2]string{s.Namespace, name}], s)
-		}
-	}
+	bySvc := slicesByService(eps)
 	out := map[datapath.LBFrontend][]netip.AddrPort{}
 	for _, svc := range svcs {
-		if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+		if !loadBalanced(svc) {
 			continue
 		}
 		local := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
@@ -133,16 +116,40 @@ func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
 				out[datapath.LBFrontend{NodePort: true, Port: uint16(sp.NodePort), Proto: uint8(proto)}] = backends
 			}
-			external := slices.Clone(svc.Spec.ExternalIPs)
-			for _, ing := range svc.Status.LoadBalancer.Ingress {
-				external = append(external, ing.IP)
-			}
-			for _, ip := range external {
+			for _, ip := range externalAddrs(svc) {
 				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
 					out[datapath.LBFrontend{Addr: a, Port: uint16(sp.Port), Proto: uint8(proto)}] = backends
 				}
 			}
 		}
+	}
+	return out
+}
+
+// slicesByService indexes the IPv4 EndpointSlices by their Service's
+// namespace and name.
+func slicesByService(eps []*discoveryv1.EndpointSlice) map[[2]string][]*discoveryv1.EndpointSlice {
+	out := map[[2]string][]*discoveryv1.EndpointSlice{}
+	for _, s := range eps {
+		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" && s.AddressType == discoveryv1.AddressTypeIPv4 {
+			k := [2]string{s.Namespace, name}
+			out[k] = append(out[k], s)
+		}
+	}
+	return out
+}
+
+// loadBalanced reports whether kube-proxy would program svc: not an
+// ExternalName, not headless, with a ClusterIP.
+func loadBalanced(svc *corev1.Service) bool {
+	return svc.Spec.Type != corev1.ServiceTypeExternalName && svc.Spec.ClusterIP != corev1.ClusterIPNone && svc.Spec.ClusterIP != ""
+}
+
+// externalAddrs are a Service's external IPs and load-balancer ingress IPs.
+func externalAddrs(svc *corev1.Service) []string {
+	out := slices.Clone(svc.Spec.ExternalIPs)
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		out = append(out, ing.IP)
 	}
 	return out
 }

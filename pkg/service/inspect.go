@@ -124,8 +124,3 @@ func reasonNames() (map[uint32]string, error) {
 	}
 	return bpffs.EnumNames(spec, "svc_reason", "SVC_", uint64(serviceSvcReasonSVC_REASON_MAX))
 }
-
-// Counters of this load balancer.
-func (lb *LoadBalancer) Counters() (map[string]uint64, error) {
-	return readCounters(lb.objs.SbSvcCounters)
-}

@@ -28,7 +28,7 @@ import (
 func needBench(t *testing.T) {
 	t.Helper()
 	if os.Getenv("SINABRO_BENCH") == "" {
-		t.Skip("benchmark: set SINABRO_BENCH=1 (just bench-overlay)")
+		t.Skip("benchmark: set SINABRO_BENCH=1 (just bench-overlay, just bench-services)")
 	}
 }
 
