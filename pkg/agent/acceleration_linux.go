@@ -74,12 +74,9 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 		}
 		return nil
 	}
-	cg := a.cfg.PodCgroup
-	if cg == "" {
-		var err error
-		if cg, err = cgroup.V2Mount(); err != nil {
-			return fmt.Errorf("TCP acceleration needs a cgroup v2 (set --pod-cgroup): %w", err)
-		}
+	cg, err := cgroup.V2Dir(a.cfg.PodCgroup)
+	if err != nil {
+		return fmt.Errorf("TCP acceleration needs a cgroup v2 (--pod-cgroup): %w", err)
 	}
 	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: a.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: plan.Prefixes, Excluded: plan.Excluded})
 	if err != nil {

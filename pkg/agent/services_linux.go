@@ -216,11 +216,9 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 		}
 	}
 	if c.lb == nil {
-		cg := c.cgroup
-		if cg == "" {
-			if cg, err = cgroup.V2Mount(); err != nil {
-				return fmt.Errorf("find the cgroup v2 root (set --service-cgroup): %w", err)
-			}
+		cg, err := cgroup.V2Dir(c.cgroup)
+		if err != nil {
+			return fmt.Errorf("--service-cgroup: %w", err)
 		}
 		if c.lb, err = service.Enable(ctx, service.Config{BPFRoot: c.root, CgroupPath: cg}); err != nil {
 			return err
@@ -273,8 +271,10 @@ func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip
 		}
 	}
 	var errs []error
+	udpChanged := false // a UDP frontend lost backends, or went
 	for f, backends := range desired {
-		if cur, ok := c.extState[f]; ok && slices.Equal(cur, backends) {
+		cur, ok := c.extState[f]
+		if ok && slices.Equal(cur, backends) {
 			continue
 		}
 		if err := c.external.Put(f, backends); err != nil {
@@ -282,6 +282,7 @@ func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip
 			continue
 		}
 		c.extState[f] = backends
+		udpChanged = udpChanged || (ok && f.Proto == uint8(service.UDP))
 	}
 	for f := range c.extState {
 		if _, ok := desired[f]; ok {
@@ -292,8 +293,18 @@ func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip
 			continue
 		}
 		delete(c.extState, f)
+		udpChanged = udpChanged || f.Proto == uint8(service.UDP)
 	}
 	errs = append(errs, c.external.SetActive(len(c.extState)))
+	if udpChanged {
+		// As kube-proxy clears conntrack: datagrams of a flow whose
+		// backend left go to a live one from the next on.
+		n, err := c.external.ForgetUDPFlows(desired)
+		errs = append(errs, err)
+		if n > 0 {
+			c.log.Info("forgot UDP flows to removed backends", "flows", n)
+		}
+	}
 	return errors.Join(errs...)
 }
 

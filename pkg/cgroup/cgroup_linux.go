@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // V2Mount returns where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup,
@@ -37,6 +39,42 @@ func V2Mount() (string, error) {
 		return "", err
 	}
 	return "", errors.New("no cgroup2 mount")
+}
+
+// V2Dir resolves a cgroup v2 directory given on the command line: "" is the
+// cgroup v2 root; a directory on cgroup2 is itself; on a hybrid host (cgroup
+// v1 controllers, the v2 hierarchy on <root>/unified), a path under the
+// cgroup root that is not on cgroup2 names the same path in the unified
+// hierarchy — /host/sys/fs/cgroup/x is /host/sys/fs/cgroup/unified/x, so
+// one DaemonSet argument serves both kinds of hosts.
+func V2Dir(dir string) (string, error) {
+	if dir == "" {
+		return V2Mount()
+	}
+	dir = filepath.Clean(dir)
+	if isCgroup2(dir) {
+		return dir, nil
+	}
+	for a := dir; ; a = filepath.Dir(a) {
+		if u := filepath.Join(a, "unified"); isCgroup2(u) {
+			rel, err := filepath.Rel(a, dir)
+			if err != nil {
+				return "", err
+			}
+			if v2 := filepath.Join(u, rel); isCgroup2(v2) {
+				return v2, nil
+			}
+			return "", fmt.Errorf("%s: no such cgroup v2 directory (this host is hybrid: its cgroup v2 hierarchy is %s)", dir, u)
+		}
+		if a == "/" || a == "." {
+			return "", fmt.Errorf("%s is not a cgroup v2 directory", dir)
+		}
+	}
+}
+
+func isCgroup2(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
 }
 
 // Current returns the cgroup v2 directory of this process.

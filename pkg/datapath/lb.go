@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 )
@@ -37,8 +38,9 @@ func (f LBFrontend) String() string {
 }
 
 // LBTable is the pinned frontend map of a loaded datapath, with its count
-// (sb_lb_active: the programs skip the table while it is zero).
-type LBTable struct{ m, active *ebpf.Map }
+// (sb_lb_active: the programs skip the table while it is zero) and its
+// flow table (sb_lb_ct).
+type LBTable struct{ m, active, ct *ebpf.Map }
 
 // OpenLBTable opens the frontend map pinned under root; an error wrapping
 // os.ErrNotExist means the datapath is not loaded (yet).
@@ -52,10 +54,16 @@ func OpenLBTable(root string) (*LBTable, error) {
 		m.Close()
 		return nil, err
 	}
-	return &LBTable{m: m, active: active}, nil
+	ct, err := ebpf.LoadPinnedMap(filepath.Join(root, "maps", "sb_lb_ct"), nil)
+	if err != nil {
+		m.Close()
+		active.Close()
+		return nil, err
+	}
+	return &LBTable{m: m, active: active, ct: ct}, nil
 }
 
-func (t *LBTable) Close() error { return errors.Join(t.m.Close(), t.active.Close()) }
+func (t *LBTable) Close() error { return errors.Join(t.m.Close(), t.active.Close(), t.ct.Close()) }
 
 // SetActive records how many frontends the table holds; call it after
 // each change (the programs look the table up only while it is not zero).
@@ -80,9 +88,7 @@ func lbKey(f LBFrontend) datapathLbKey {
 func lbFrontend(k datapathLbKey) LBFrontend {
 	f := LBFrontend{Port: portFromBE16(k.Port), Proto: k.Proto, NodePort: k.Scope == 1}
 	if !f.NodePort {
-		var b [4]byte
-		binary.NativeEndian.PutUint32(b[:], k.Addr)
-		f.Addr = netip.AddrFrom4(b)
+		f.Addr = addrFromNE(k.Addr)
 	}
 	return f
 }
@@ -133,9 +139,7 @@ func ListLB(root string) ([]LBRow, error) {
 		idx := map[string]int{}
 		for slot := 0; v.Count > 0 && slot < MaglevSize; slot++ {
 			b := v.Slots[slot]
-			var a [4]byte
-			binary.NativeEndian.PutUint32(a[:], b.Addr)
-			name := netip.AddrPortFrom(netip.AddrFrom4(a), portFromBE16(b.Port)).String()
+			name := netip.AddrPortFrom(addrFromNE(b.Addr), portFromBE16(b.Port)).String()
 			i, ok := idx[name]
 			if !ok {
 				i = len(r.Backends)
@@ -160,6 +164,61 @@ func (t *LBTable) Frontends() ([]LBFrontend, error) {
 		out = append(out, lbFrontend(k))
 	}
 	return out, it.Err()
+}
+
+// Flow directions in sb_lb_ct (LB_FWD, LB_REV in bpf/lib/lb.h).
+const (
+	lbFwd = 0
+	lbRev = 1
+)
+
+// ForgetUDPFlows deletes the UDP flows whose backend no longer serves
+// their frontend in current (the frontends and backends just written), so
+// the next datagram of such a flow picks a live backend instead of going
+// on to a removed one. TCP flows stay, as kube-proxy leaves them: a
+// terminating backend may still finish its connections. It returns how
+// many flows it deleted.
+func (t *LBTable) ForgetUDPFlows(current map[LBFrontend][]netip.AddrPort) (int, error) {
+	type flow struct{ fwd, rev datapathLbCtKey }
+	var stale []flow
+	var k datapathLbCtKey
+	var v datapathLbCt
+	it := t.ct.Iterate()
+	for it.Next(&k, &v) {
+		if k.Proto != 17 || k.Dir != lbFwd {
+			continue
+		}
+		f := LBFrontend{Addr: addrFromNE(k.Daddr), Port: portFromBE16(k.Dport), Proto: k.Proto}
+		backends, ok := current[f]
+		if !ok {
+			// Not an address frontend: a NodePort on a node address.
+			f = LBFrontend{Port: f.Port, Proto: f.Proto, NodePort: true}
+			backends = current[f]
+		}
+		backend := netip.AddrPortFrom(addrFromNE(v.ToAddr), portFromBE16(v.ToPort))
+		if slices.Contains(backends, backend) {
+			continue
+		}
+		stale = append(stale, flow{fwd: k, rev: datapathLbCtKey{
+			Saddr: v.ToAddr, Sport: v.ToPort, Daddr: v.FromAddr, Dport: v.FromPort, Proto: k.Proto, Dir: lbRev}})
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("read the Service flow table: %w", err)
+	}
+	for _, fl := range stale {
+		for _, key := range []datapathLbCtKey{fl.fwd, fl.rev} {
+			if err := t.ct.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return 0, fmt.Errorf("delete a Service flow: %w", err)
+			}
+		}
+	}
+	return len(stale), nil
+}
+
+func addrFromNE(a uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], a)
+	return netip.AddrFrom4(b)
 }
 
 // Maglev fills a lookup table of size m (a prime larger than the number

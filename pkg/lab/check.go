@@ -114,11 +114,10 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		res.State = append(res.State, StateCheck{What: "node " + n.Name + " Ready", OK: ready,
 			Detail: fmt.Sprintf("InternalIP %s, podCIDR %s", internalIP(&n), n.Spec.PodCIDR)})
 		nodeIP[n.Name] = internalIP(&n)
-		ep := Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name}
-		if !cfg.realNodes() {
-			// Real nodes' processes live in the kubelet's cgroups, and
-			// Sinabro's socket programs are not theirs (kube-proxy runs).
-			ep.Cgroup = cfg.NodeCgroup(n.Name)
+		ep := Endpoint{Name: n.Name, Kind: "node", Netns: cfg.NodeNetns(n.Name), IP: internalIP(&n), Node: n.Name,
+			Cgroup: cfg.NodeCgroup(n.Name)}
+		if cfg.realNodes() {
+			ep.Cgroup = cfg.realNodeProbeCgroup(n.Name)
 		}
 		nodes = append(nodes, ep)
 	}
@@ -126,23 +125,24 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list pods: %w", err)
 	}
-	var realPods map[string]string
+	var real map[string]realPod
 	if cfg.realNodes() {
-		realPods = realPodNetns(cfg.LabName())
+		real = realPods(cfg.LabName())
 	}
 	for _, p := range podList.Items {
 		running := p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && p.DeletionTimestamp == nil
 		ns := cfg.PodNetns(string(p.UID))
 		if cfg.realNodes() {
-			ns = realPods[p.Name]
+			ns = real[p.Name].netns
 			running = running && ns != ""
 		}
 		res.State = append(res.State, StateCheck{What: "pod " + p.Name + " Running", OK: running,
 			Detail: fmt.Sprintf("on %s, IP %s, netns %s", p.Spec.NodeName, p.Status.PodIP, ns)})
 		if running {
-			ep := Endpoint{Name: p.Name, Kind: "pod", Netns: ns, IP: p.Status.PodIP, Node: p.Spec.NodeName}
-			if !cfg.realNodes() {
-				ep.Cgroup = cfg.NodePodCgroup(p.Spec.NodeName)
+			ep := Endpoint{Name: p.Name, Kind: "pod", Netns: ns, IP: p.Status.PodIP, Node: p.Spec.NodeName,
+				Cgroup: cfg.NodePodCgroup(p.Spec.NodeName)}
+			if cfg.realNodes() {
+				ep.Cgroup = real[p.Name].cgroup
 			}
 			pods = append(pods, ep)
 		}
@@ -184,14 +184,12 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		// Masquerade: the external host must see the pod's node address.
 		add(categories[4], p, ext, nodeIP[p.Node])
 	}
-	if cfg.kubeProxy() || !cfg.realNodes() {
-		svcProbes, state, err := serviceProbes(ctx, cfg, cs, nodes, pods, ext, nodeIP)
-		if err != nil {
-			return nil, err
-		}
-		probes = append(probes, svcProbes...)
-		res.State = append(res.State, state...)
+	svcProbes, state, err := serviceProbes(ctx, cfg, cs, nodes, pods, ext, nodeIP)
+	if err != nil {
+		return nil, err
 	}
+	probes = append(probes, svcProbes...)
+	res.State = append(res.State, state...)
 	if cfg.realNodes() {
 		res.State = append(res.State, dnsChecks(ctx, cfg, cs, pods, o.Timeout)...)
 	}
@@ -292,10 +290,15 @@ func nsPath(ns string) string {
 	return netns.Path(ns)
 }
 
-// realPodNetns finds the test pods of real nodes by the lab's variable in
-// their server's environment: pod name → /proc/PID/ns/net.
-func realPodNetns(lab string) map[string]string {
-	out := map[string]string{}
+// realPod is where a test pod of a real node runs: its network namespace
+// (/proc/PID/ns/net) and the cgroup v2 directory of its container, where
+// a probe's socket must be opened for the node's socket programs to see it.
+type realPod struct{ netns, cgroup string }
+
+// realPods finds the test pods of real nodes by the lab's variable in
+// their server's environment.
+func realPods(lab string) map[string]realPod {
+	out := map[string]realPod{}
 	envs, _ := filepath.Glob("/proc/[0-9]*/environ")
 	want := []byte(labPodEnv + "=" + lab + "/")
 	for _, e := range envs {
@@ -305,11 +308,48 @@ func realPodNetns(lab string) map[string]string {
 		}
 		for _, kv := range bytes.Split(b, []byte{0}) {
 			if pod, ok := bytes.CutPrefix(kv, want); ok {
-				out[string(pod)] = filepath.Join(filepath.Dir(e), "ns", "net")
+				dir := filepath.Dir(e)
+				out[string(pod)] = realPod{netns: filepath.Join(dir, "ns", "net"), cgroup: procCgroup(dir)}
 			}
 		}
 	}
 	return out
+}
+
+// procCgroup is the cgroup v2 directory of the process /proc/PID; "" when
+// unknown.
+func procCgroup(proc string) string {
+	mnt, err := cgroup.V2Mount()
+	if err != nil {
+		return ""
+	}
+	b, _ := os.ReadFile(filepath.Join(proc, "cgroup"))
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(mnt, rest)
+		}
+	}
+	return ""
+}
+
+// realNodeProbeCgroup is a leaf cgroup in a real node's cgroup root (the
+// kubelet's), standing for the node's host processes: probes from the node
+// open their sockets there. Created on first use; "" when the node has no
+// cgroup root (yet).
+func (c *Config) realNodeProbeCgroup(node string) string {
+	mnt, err := cgroup.V2Mount()
+	if err != nil {
+		return ""
+	}
+	root := filepath.Join(mnt, c.nodeCgroupRoot(node))
+	if !fileExists(root) {
+		return ""
+	}
+	dir := filepath.Join(root, "lab-probes")
+	if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
+		return ""
+	}
+	return dir
 }
 
 // The probes time one request/reply exchange (after the TCP handshake).

@@ -33,7 +33,7 @@ func dnsChecks(ctx context.Context, cfg *Config, cs *kube.Client, pods []Endpoin
 			out = append(out, sc)
 			continue
 		}
-		got, err := lookupA(p.Netns, dns, name, timeout)
+		got, err := lookupA(p, dns, name, timeout)
 		switch {
 		case err != nil:
 			sc.Detail = fmt.Sprintf("query %s: %v", dns, err)
@@ -48,8 +48,8 @@ func dnsChecks(ctx context.Context, cfg *Config, cs *kube.Client, pods []Endpoin
 }
 
 // lookupA sends one A query for name to server:53 over UDP from inside the
-// namespace ns and returns the first address of the answer.
-func lookupA(ns, server, name string, timeout time.Duration) (netip.Addr, error) {
+// pod src (its namespace and cgroup) and returns the first address of the answer.
+func lookupA(src Endpoint, server, name string, timeout time.Duration) (netip.Addr, error) {
 	q := dnsmessage.Message{
 		Header:    dnsmessage.Header{ID: uint16(time.Now().UnixNano()), RecursionDesired: true},
 		Questions: []dnsmessage.Question{{Name: dnsmessage.MustNewName(name + "."), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}},
@@ -58,7 +58,7 @@ func lookupA(ns, server, name string, timeout time.Duration) (netip.Addr, error)
 	if err != nil {
 		return netip.Addr{}, err
 	}
-	conn, err := inNetns(ns, func() (net.Conn, error) { return net.DialTimeout("udp4", net.JoinHostPort(server, "53"), timeout) })
+	conn, err := inEndpoint(src, func() (net.Conn, error) { return net.DialTimeout("udp4", net.JoinHostPort(server, "53"), timeout) })
 	if err != nil {
 		return netip.Addr{}, err
 	}

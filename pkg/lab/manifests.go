@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -130,12 +131,67 @@ type applied struct {
 // applyManifests applies the RBAC and other static objects with server-side
 // apply and validates workloads (DaemonSet, Deployment) with a server-side
 // dry-run, since the lab runs the agent itself.
-func applyManifests(ctx context.Context, cfg *rest.Config, dir string, workloads bool) (*applied, error) {
+func applyManifests(ctx context.Context, cfg *rest.Config, dir string, workloads bool, adapt func(*unstructured.Unstructured) error) (*applied, error) {
 	objs, err := readManifests(dir)
 	if err != nil {
 		return nil, err
 	}
+	for _, o := range objs {
+		if err := adapt(o); err != nil {
+			return nil, fmt.Errorf("%s %s: %w", o.GetKind(), o.GetName(), err)
+		}
+	}
 	return applyObjects(ctx, cfg, objs, workloads)
+}
+
+// adaptManifest makes the two changes a lab of real nodes needs, and no
+// others:
+//   - every node is a cgroup of one host, so the agent's --pod-cgroup and
+//     --service-cgroup name its node's cgroup root, not the host's root,
+//     which all of them share;
+//   - without kube-proxy, nothing serves the kubernetes Service before the
+//     agent does, so the agent reaches the API server at its own address
+//     (the ConfigMap's k8s-service-host/-port, as a user of a cluster
+//     without kube-proxy sets them).
+func (c *Config) adaptManifest(o *unstructured.Unstructured) error {
+	if !c.realNodes() {
+		return nil
+	}
+	switch {
+	case o.GetKind() == "DaemonSet" && o.GetName() == "sinabro":
+		containers, _, err := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
+		if err != nil {
+			return err
+		}
+		nodeRoot := "/host/sys/fs/cgroup/" + c.LabName() + "-$(NODE_NAME)" // = nodeCgroupRoot
+		patched := 0
+		for _, ct := range containers {
+			m, ok := ct.(map[string]any)
+			if !ok || m["name"] != "agent" {
+				continue
+			}
+			args, _ := m["args"].([]any)
+			for i, a := range args {
+				for _, flag := range []string{"--pod-cgroup=", "--service-cgroup="} {
+					if s, ok := a.(string); ok && strings.HasPrefix(s, flag) {
+						args[i] = flag + nodeRoot
+						patched++
+					}
+				}
+			}
+		}
+		if patched != 2 {
+			return fmt.Errorf("agent container: found %d of --pod-cgroup and --service-cgroup, want both", patched)
+		}
+		return unstructured.SetNestedSlice(o.Object, containers, "spec", "template", "spec", "containers")
+	case o.GetKind() == "ConfigMap" && o.GetName() == "sinabro-config" && !c.kubeProxy():
+		api := netip.AddrPortFrom(c.controlPlaneAddr(), apiPort)
+		if err := unstructured.SetNestedField(o.Object, api.Addr().String(), "data", "k8s-service-host"); err != nil {
+			return err
+		}
+		return unstructured.SetNestedField(o.Object, fmt.Sprint(api.Port()), "data", "k8s-service-port")
+	}
+	return nil
 }
 
 // applyYAML applies every object of a multi-document YAML, workloads too.

@@ -3,6 +3,7 @@ package lab
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os/exec"
 	"regexp"
@@ -284,7 +285,7 @@ func waitServicesProgrammed(ctx context.Context, cs *kube.Client, cfg *Config, n
 // namespace or, without kube-proxy, Sinabro's Service table of the node.
 func kubeProxyRules(cfg *Config, node string) (string, error) {
 	if !cfg.kubeProxy() {
-		rows, err := service.List(cfg.nodeBPFRoot(node))
+		rows, err := cfg.nodeServices(node)
 		if err != nil {
 			return "", err
 		}
@@ -305,6 +306,33 @@ func kubeProxyRules(cfg *Config, node string) (string, error) {
 		return "", fmt.Errorf("%s in %s: %w: %s", strings.Join(argv, " "), cfg.NodeNetns(node), err, strings.TrimSpace(errb.String()))
 	}
 	return out.String(), nil
+}
+
+// realNodeBPFRoot is the DaemonSet's --bpf-root, in a real node's bpffs.
+const realNodeBPFRoot = "/sys/fs/bpf/sinabro"
+
+// nodeServices reads a node's Service table. A real node's agent pins it
+// in the node's own bpffs, seen only in the node's mount namespace (which
+// a Go process cannot enter): ask `sinabro debug services` there.
+func (c *Config) nodeServices(node string) ([]service.Row, error) {
+	if !c.realNodes() {
+		return service.List(c.nodeBPFRoot(node))
+	}
+	argv := append([]string{"nsenter", "--mount=" + c.layout().nodeMountNS(node), "--"},
+		c.Executable, "debug", "services", "-o", "json", "--bpf-root", realNodeBPFRoot)
+	var out, errb bytes.Buffer
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("sinabro debug services on %s: %w: %s", node, err, strings.TrimSpace(errb.String()))
+	}
+	var table struct {
+		Services []service.Row `json:"services"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &table); err != nil {
+		return nil, fmt.Errorf("sinabro debug services on %s: %w", node, err)
+	}
+	return table.Services, nil
 }
 
 // serviceProbes are the Service rows of `lab check`: pod→ClusterIP with the

@@ -164,9 +164,9 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 	fmt.Fprintln(out)
 	tw = tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
 	fmt.Fprintln(tw, "POD\tNODE\tPHASE\tIP\tNETNS")
-	var realPods map[string]string
+	var real map[string]realPod
 	if cfg.realNodes() {
-		realPods = realPodNetns(cfg.LabName())
+		real = realPods(cfg.LabName())
 	}
 	for _, p := range pods.Items {
 		ns := cfg.PodNetns(string(p.UID))
@@ -174,8 +174,8 @@ func PrintStatus(ctx context.Context, dir string, out io.Writer) error {
 			// The runtime's namespace: reachable through the test server's
 			// process; "-" for other pods (nsenter -t <pid> -n).
 			ns = "-"
-			if n, ok := realPods[p.Name]; ok && p.Namespace == podNamespace {
-				ns = n
+			if n, ok := real[p.Name]; ok && p.Namespace == podNamespace {
+				ns = n.netns
 			}
 		}
 		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\n", p.Namespace, p.Name, p.Spec.NodeName, p.Status.Phase, p.Status.PodIP, ns)

@@ -183,7 +183,7 @@ func (s *supervisor) up(ctx context.Context) error {
 	} else {
 		s.progress.step("applying agent RBAC from " + src + " and dry-running its DaemonSet")
 	}
-	sa, err := applyManifests(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), s.cfg.Manifests, s.cfg.realNodes())
+	sa, err := applyManifests(ctx, s.cfg.certConfig(s.cfg.nsControlPlane(), "admin"), s.cfg.Manifests, s.cfg.realNodes(), s.cfg.adaptManifest)
 	if err != nil {
 		return &componentError{"manifests", l.Log("supervisor"), err}
 	}
@@ -205,8 +205,10 @@ func (s *supervisor) up(ctx context.Context) error {
 		if err := s.buildImages(ctx); err != nil {
 			return err
 		}
-		if err := s.deployKubeProxy(ctx); err != nil {
-			return err
+		if s.cfg.kubeProxy() {
+			if err := s.deployKubeProxy(ctx); err != nil {
+				return err
+			}
 		}
 	}
 	errc := make(chan error, len(s.cfg.Nodes))

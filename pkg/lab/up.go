@@ -81,11 +81,6 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if runtime == RuntimeContainerd && kubeProxy == KubeProxyNone {
-		// The DaemonSet's --service-cgroup is the host's cgroup v2 root: on
-		// one machine, every lab node's agent would attach there.
-		return errors.New("--runtime containerd needs --kube-proxy iptables or nftables: real lab nodes share the host's cgroup v2 root, where Sinabro's socket load balancer would attach for all of them")
-	}
 	if err := CheckKubeBins(o.KubeBinDir, kubeProxy, runtime); err != nil {
 		return err
 	}

@@ -1,0 +1,155 @@
+package datapath
+
+import (
+	"bytes"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/gopacket/gopacket/layers"
+)
+
+// TestLBFromOutside drives bpf/lib/lb.h through BPF_PROG_RUN: a NodePort
+// with backends on another node (DNAT + SNAT to a NAT port, the reply sent
+// back out), an external IP with a backend on this node (DNAT only, the
+// reply translated on the pod's veth), flow stickiness, Maglev spread, a
+// frontend without backends, and ForgetUDPFlows after a backend leaves.
+func TestLBFromOutside(t *testing.T) {
+	cfg := testConfig()
+	cfg.RouteOut = true
+	objs := newTestObjects(t, cfg)
+	d := &Datapath{cfg: cfg, objs: *objs}
+	pod := Endpoint{
+		IP:      netip.MustParseAddr("10.244.1.6"),
+		Ifindex: 42,
+		PodMAC:  net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 6},
+		HostMAC: net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 6},
+		Local:   true,
+	}
+	if err := d.UpsertEndpoint(pod); err != nil {
+		t.Fatal(err)
+	}
+	table := &LBTable{m: objs.SbLbServices, active: objs.SbLbActive, ct: objs.SbLbCt}
+	client := netip.MustParseAddr("203.0.113.9")
+	nodePort := LBFrontend{NodePort: true, Port: 30080, Proto: 6}
+	remote := []netip.AddrPort{netip.MustParseAddrPort("10.244.2.7:8080"), netip.MustParseAddrPort("10.244.2.8:8080")}
+	if err := table.Put(nodePort, remote); err != nil {
+		t.Fatal(err)
+	}
+	syn := func(sport uint16, flags string) []byte {
+		return pkt{proto: layers.IPProtocolTCP, src: client, dst: testNode, sport: sport, dport: 30080, tcpFlags: flags}.bytes(t)
+	}
+
+	// Until the agent counts its frontends, the table is not looked at.
+	in := syn(40000, "S")
+	if _, out := run(t, objs.MasqIngress, in); !bytes.Equal(out[:len(in)], in) {
+		t.Fatal("a NodePort packet was translated while sb_lb_active is 0")
+	}
+	if err := table.SetActive(1); err != nil {
+		t.Fatal(err)
+	}
+
+	// NodePort, backend on another node: DNAT and SNAT to a NAT port.
+	ret, out := run(t, objs.MasqIngress, syn(40000, "S"))
+	if ret == verdictDrop {
+		t.Fatalf("NodePort SYN dropped")
+	}
+	fwd := parse(t, out)
+	backend := netip.AddrPortFrom(fwd.dst, fwd.dport)
+	if !contains(remote, backend) || fwd.src != testNode || fwd.sport < cfg.PortMin || fwd.sport > cfg.PortMax {
+		t.Fatalf("NodePort SYN became %s:%d -> %s, want %s:[%d-%d] -> one of %v", fwd.src, fwd.sport, backend, testNode, cfg.PortMin, cfg.PortMax, remote)
+	}
+	// The flow stays on its backend and NAT port.
+	_, out = run(t, objs.MasqIngress, syn(40000, "A"))
+	if again := parse(t, out); again.dst != fwd.dst || again.sport != fwd.sport {
+		t.Errorf("second packet of the flow went to %s from port %d, want %s from %d", again.dst, again.sport, fwd.dst, fwd.sport)
+	}
+	// The backend's reply to the NAT port leaves from the NodePort.
+	reply := pkt{proto: layers.IPProtocolTCP, src: backend.Addr(), dst: testNode, sport: backend.Port(), dport: fwd.sport, tcpFlags: "SA"}.bytes(t)
+	ret, out = run(t, objs.MasqIngress, reply)
+	back := parse(t, out)
+	if ret != verdictRedirect || back.src != testNode || back.sport != 30080 || back.dst != client || back.dport != 40000 {
+		t.Errorf("reply = verdict %d, %s:%d -> %s:%d; want redirect, %s:30080 -> %s:40000", int32(ret), back.src, back.sport, back.dst, back.dport, testNode, client)
+	}
+	for reason, want := range map[string]uint64{"lb_new": 1, "lb_forward": 2, "lb_reply": 1} {
+		if n := counter(t, objs, "masq_ingress", reason); n != want {
+			t.Errorf("masq_ingress %s = %d, want %d", reason, n, want)
+		}
+	}
+
+	// Maglev: many flows spread over both backends.
+	seen := map[netip.Addr]int{}
+	for sport := uint16(41000); sport < 41064; sport++ {
+		_, out := run(t, objs.MasqIngress, syn(sport, "S"))
+		seen[parse(t, out).dst]++
+	}
+	if len(seen) != 2 {
+		t.Errorf("64 flows went to %v, want both backends", seen)
+	}
+
+	// External IP, backend on this node: only the destination changes, the
+	// pod sees the client; its reply is translated back on its veth.
+	extIP := LBFrontend{Addr: netip.MustParseAddr("198.51.100.10"), Port: 53, Proto: 17}
+	podDNS := netip.AddrPortFrom(pod.IP, 5353)
+	if err := table.Put(extIP, []netip.AddrPort{podDNS}); err != nil {
+		t.Fatal(err)
+	}
+	query := pkt{proto: layers.IPProtocolUDP, src: client, dst: extIP.Addr, sport: 7777, dport: 53, payload: []byte("query")}.bytes(t)
+	ret, out = run(t, objs.MasqIngress, query)
+	if q := parse(t, out); ret != verdictRedirect || q.dst != pod.IP || q.dport != 5353 || q.src != client || q.sport != 7777 {
+		t.Fatalf("query = verdict %d, %s:%d -> %s:%d; want redirect to the pod, %s:7777 -> %s", int32(ret), q.src, q.sport, q.dst, q.dport, client, podDNS)
+	}
+	answer := pkt{proto: layers.IPProtocolUDP, src: pod.IP, dst: client, sport: 5353, dport: 7777, payload: []byte("answer")}.bytes(t)
+	ret, out = run(t, objs.HostRoute, answer)
+	if a := parse(t, out); ret == verdictDrop || a.src != extIP.Addr || a.sport != 53 || a.dst != client || a.dport != 7777 {
+		t.Errorf("answer = verdict %d, %s:%d -> %s:%d; want %s -> %s:7777", int32(ret), a.src, a.sport, a.dst, a.dport, netip.AddrPortFrom(extIP.Addr, 53), client)
+	}
+	if n := counter(t, objs, "host_route", "lb_reply"); n != 1 {
+		t.Errorf("host_route lb_reply = %d, want 1", n)
+	}
+
+	// The pod leaves the external IP's backends: its UDP flow is forgotten
+	// and the next datagram goes to the new backend; TCP flows stay.
+	moved := netip.MustParseAddrPort("10.244.2.9:5353")
+	current := map[LBFrontend][]netip.AddrPort{extIP: {moved}, nodePort: remote[:1]}
+	for f, b := range current {
+		if err := table.Put(f, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, out = run(t, objs.MasqIngress, query); parse(t, out).dst != pod.IP {
+		t.Fatal("before ForgetUDPFlows the flow should still be on its old backend (the test proves nothing otherwise)")
+	}
+	n, err := table.ForgetUDPFlows(current)
+	if err != nil || n != 1 {
+		t.Fatalf("ForgetUDPFlows = %d, %v; want 1 flow", n, err)
+	}
+	if _, out = run(t, objs.MasqIngress, query); parse(t, out).dst != moved.Addr() {
+		t.Errorf("after ForgetUDPFlows the query went to %s, want %s", parse(t, out).dst, moved.Addr())
+	}
+	if _, out = run(t, objs.MasqIngress, syn(40000, "A")); parse(t, out).dst != fwd.dst {
+		t.Errorf("a TCP flow moved off its backend %s after ForgetUDPFlows", fwd.dst)
+	}
+
+	// A frontend without backends drops at once and counts why.
+	empty := LBFrontend{NodePort: true, Port: 30081, Proto: 6}
+	if err := table.Put(empty, nil); err != nil {
+		t.Fatal(err)
+	}
+	in = pkt{proto: layers.IPProtocolTCP, src: client, dst: testNode, sport: 40001, dport: 30081, tcpFlags: "S"}.bytes(t)
+	if ret, _ := run(t, objs.MasqIngress, in); ret != verdictDrop {
+		t.Errorf("SYN to a NodePort without backends: verdict %d, want drop", int32(ret))
+	}
+	if n := counter(t, objs, "masq_ingress", "drop_lb_no_backend"); n != 1 {
+		t.Errorf("drop_lb_no_backend = %d, want 1", n)
+	}
+}
+
+func contains(list []netip.AddrPort, a netip.AddrPort) bool {
+	for _, b := range list {
+		if a == b {
+			return true
+		}
+	}
+	return false
+}
