@@ -23,6 +23,7 @@
 #include "uapi.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "lib/svc_revnat.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -84,18 +85,6 @@ struct svc_backend_key {
 	__u32 slot;
 };
 
-struct svc_backend {
-	__be32 addr;
-	__be16 port;
-	__u16 pad;
-};
-
-struct svc_revnat_key {
-	__u64 cookie; /* socket cookie */
-	__be32 addr;  /* backend */
-	__be16 port;
-	__u16 pad;
-};
 
 struct svc_affinity_key {
 	__u64 netns; /* the client's network namespace cookie */
@@ -138,15 +127,6 @@ struct {
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_svc_node_addrs SEC(".maps");
-
-/* Socket and backend → the frontend it stands for (recvmsg, getpeername). */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct svc_revnat_key);
-	__type(value, struct svc_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} sb_svc_revnat SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

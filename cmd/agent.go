@@ -163,6 +163,7 @@ established connections survive a restart. --cleanup removes it.`,
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
 	f.StringVar(&cfg.KubeProxyReplacement, "kube-proxy-replacement", agent.KPRAuto, `Service load balancing in eBPF at the socket (connect/sendmsg): "auto" serves Services unless kube-proxy's rules are found in the node's network namespace (rechecked every 10 s), "true" serves them anyway, "false" leaves them to kube-proxy`)
 	f.StringVar(&cfg.ServiceCgroup, "service-cgroup", "", "cgroup v2 directory whose processes (and their children) reach Services through the socket load balancer (default: the cgroup v2 root, every pod and host process)")
+	f.StringVar(&cfg.NetnsDir, "netns-dir", "/var/run/netns", "directory of the pods' network namespace files (the container runtime's), searched for connected UDP sockets to a removed Service backend, which are terminated")
 	f.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "period of the full reconciliation against the kernel")
 	f.StringVar(&cfg.ProcSys, "proc-sys", "/proc/sys", "the node's sysctl tree (an unprivileged container mounts the host's /proc/sys/net elsewhere, since its own /proc/sys is read-only)")
 	f.BoolVar(&cleanup, "cleanup", false, "remove the eBPF datapath under --bpf-root, the vxlan device, sinabro routes and the masquerade table, then exit")

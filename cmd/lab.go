@@ -73,7 +73,7 @@ func newLabUpCmd(dir *string) *cobra.Command {
 	f.StringVar(&o.ClusterCIDR, "cluster-cidr", lab.DefaultClusterCIDR, "pod CIDR of the cluster (one /24 per node)")
 	f.StringVar(&o.ServiceCIDR, "service-cidr", lab.DefaultServiceCIDR, "service ClusterIP range")
 	f.StringVar(&o.ProxyAddr, "api-proxy", "", "loopback address where the admin kubeconfig reaches the apiserver (default "+lab.DefaultProxyAddr+" for the default --name, a free loopback port for any other)")
-	f.StringVar(&o.KubeProxy, "kube-proxy", "", "run the real kube-proxy in every node in this mode (iptables, nftables; Sinabro then leaves Services to it), or none (Sinabro serves Services). Default: none, nftables with --runtime containerd")
+	f.StringVar(&o.KubeProxy, "kube-proxy", "", "run the real kube-proxy in every node in this mode (iptables, nftables; Sinabro then leaves Services to it), or none (Sinabro serves Services; the default)")
 	f.StringVar(&o.Runtime, "runtime", lab.RuntimeStandin, "what runs the nodes: "+lab.RuntimeStandin+" (a kubelet stand-in that wires pods through libcni; fast) or "+lab.RuntimeContainerd+" (a real kubelet and containerd per node, the sinabro DaemonSet from the manifests, CoreDNS)")
 	f.StringVar(&o.Containerd, "containerd", lab.ContainerdV2, "with --runtime containerd: "+lab.ContainerdV2+" (2.x, built from the module proxy), "+lab.ContainerdV1+" (Debian's 1.x: apt install containerd) or "+lab.ContainerdMixed+" (1.x on even-numbered nodes)")
 	f.StringArrayVar(&o.AgentArgs, "agent-arg", nil, "extra flag for every agent, repeatable (development: e.g. --agent-arg=--host-routing=false)")
@@ -113,7 +113,7 @@ func newLabCheckCmd(dir *string) *cobra.Command {
 	o := lab.CheckOptions{}
 	c := &cobra.Command{
 		Use:   "check",
-		Short: "Check connectivity (pod↔pod, node↔pod, pod→external over TCP, UDP, ICMP; Services through kube-proxy) and cluster state",
+		Short: "Check connectivity (pod↔pod, node↔pod, pod→external over TCP, UDP, ICMP; Services through Sinabro or kube-proxy) and cluster state",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.Dir = *dir

@@ -113,7 +113,11 @@ type Config struct {
 	// ServiceCgroup is the cgroup v2 directory whose sockets see Services
 	// through the socket load balancer; "" takes the cgroup v2 root (every
 	// process of the node, pods and host).
-	ServiceCgroup  string
+	ServiceCgroup string
+	// NetnsDir holds the pods' network namespace files (the runtime's:
+	// containerd and CRI-O pin them in /var/run/netns), where connected UDP
+	// sockets to a removed Service backend are found and terminated.
+	NetnsDir       string
 	ResyncInterval time.Duration
 	// TCAttach is how the datapath's programs attach to interfaces:
 	// datapath.AttachAuto (tcx where the kernel has it, else classic tc),

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"time"
 
@@ -39,6 +40,10 @@ type serviceController struct {
 	root    string // bpffs root
 	cgroup  string // "" = the cgroup v2 root
 	nsFD    int    // node netns (0: our own)
+	// netnsDir holds the pods' network namespace files, where connected
+	// UDP sockets to removed backends are looked for.
+	netnsDir        string
+	terminateFailed bool // ErrTerminateUnsupported logged once
 	log     *slog.Logger
 	cluster Cluster
 
@@ -66,7 +71,7 @@ var serviceRecheck = 10 * time.Second
 func newServiceController(a *Agent) *serviceController {
 	c := &serviceController{
 		mode: a.cfg.KubeProxyReplacement, node: a.cfg.NodeName, root: a.cfg.BPFRoot,
-		cgroup: a.cfg.ServiceCgroup, log: a.log.With("controller", "services"), cluster: a.cluster,
+		cgroup: a.cfg.ServiceCgroup, netnsDir: a.cfg.NetnsDir, log: a.log.With("controller", "services"), cluster: a.cluster,
 		kick: make(chan struct{}, 1),
 		frontend: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "sinabro_agent_service_frontends",
@@ -235,6 +240,7 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	st, err := c.lb.Sync(desiredServices(svcs, eps, c.node))
 	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, c.node)),
 		c.health.sync(desiredHealthChecks(svcs, eps, c.node)))
+	c.terminateUDP(st.GoneUDP)
 	c.frontend.Set(float64(st.Frontends))
 	c.syncTime.Observe(time.Since(start).Seconds())
 	if st.Written+st.Deleted > 0 {
@@ -242,6 +248,37 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 	}
 	c.decided("serving", fmt.Sprintf("no kube-proxy rules found (mode %s): %d frontends", c.mode, st.Frontends))
 	return err
+}
+
+// terminateUDP ends the connected UDP sockets that still send to backends
+// that left their Service, in the node's namespace and the pods', as
+// kube-proxy clears their conntrack entries. Failures are logged, not
+// retried: a socket left behind only keeps talking to a backend on its way
+// out, as it would have before.
+func (c *serviceController) terminateUDP(gone []service.Gone) {
+	if len(gone) == 0 {
+		return
+	}
+	var paths []string
+	if c.netnsDir != "" {
+		paths, _ = filepath.Glob(filepath.Join(c.netnsDir, "*"))
+	}
+	if c.nsFD != 0 {
+		paths = append(paths, fmt.Sprintf("/proc/self/fd/%d", c.nsFD))
+	}
+	n, err := c.lb.TerminateUDP(gone, paths)
+	switch {
+	case errors.Is(err, service.ErrTerminateUnsupported):
+		if !c.terminateFailed {
+			c.terminateFailed = true
+			c.log.Warn("connected UDP sockets to removed backends are not terminated on this kernel", "err", err)
+		}
+	case err != nil:
+		c.log.Warn("terminate UDP sockets of removed backends", "err", err)
+	}
+	if n > 0 {
+		c.log.Info("terminated connected UDP sockets of removed backends", "sockets", n, "backends", len(gone))
+	}
 }
 
 // syncExternal makes the datapath's table of frontends reachable from

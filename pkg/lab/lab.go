@@ -31,8 +31,8 @@ const (
 	DefaultProxyAddr   = "127.0.0.1:16443"
 	DefaultNodes       = 2
 	DefaultPodsPerNode = 2
-	// DefaultKubeProxy: Sinabro serves Services; real nodes (--runtime
-	// containerd) default to kube-proxy nftables instead (see Up).
+	// DefaultKubeProxy: Sinabro serves Services, on stand-in and real
+	// nodes alike.
 	DefaultKubeProxy = KubeProxyNone
 
 	// DefaultName is the name of a lab made without --name. Every name a lab

@@ -69,9 +69,6 @@ func Up(ctx context.Context, o UpOptions, out io.Writer) error {
 	}
 	if o.KubeProxy == "" {
 		o.KubeProxy = DefaultKubeProxy
-		if runtime == RuntimeContainerd {
-			o.KubeProxy = KubeProxyNFTables
-		}
 	}
 	kubeProxy, err := ParseKubeProxyMode(o.KubeProxy)
 	if err != nil {

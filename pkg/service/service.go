@@ -115,6 +115,7 @@ type LoadBalancer struct {
 	links []link.Link
 
 	mu      sync.Mutex
+	term    *terminator // loaded on the first TerminateUDP
 	state   map[Frontend]programmed
 	freeIDs []uint32 // ids released by deleted frontends
 	nextID  uint32   // lowest id never used
@@ -247,6 +248,8 @@ type SyncStats struct {
 	Frontends int // frontends programmed after the sync
 	Written   int // frontends created or changed
 	Deleted   int
+	// GoneUDP: backends that left UDP frontends, for TerminateUDP.
+	GoneUDP []Gone
 }
 
 // Sync makes the programmed frontends exactly desired. Frontends whose
@@ -260,7 +263,8 @@ func (lb *LoadBalancer) Sync(desired map[Frontend]Entry) (SyncStats, error) {
 		if fe.Port == 0 || (!fe.NodePort && !fe.Addr.Is4()) {
 			continue // IPv6 frontends: not served yet
 		}
-		if cur, ok := lb.state[fe]; ok && cur.entry.Equal(e) {
+		cur, ok := lb.state[fe]
+		if ok && cur.entry.Equal(e) {
 			continue
 		}
 		if err := lb.write(fe, e); err != nil {
@@ -268,16 +272,19 @@ func (lb *LoadBalancer) Sync(desired map[Frontend]Entry) (SyncStats, error) {
 			continue
 		}
 		st.Written++
+		st.GoneUDP = append(st.GoneUDP, goneOf(fe, cur.entry.Backends, e.Backends)...)
 	}
 	for fe := range lb.state {
 		if _, ok := desired[fe]; ok {
 			continue
 		}
+		gone := goneOf(fe, lb.state[fe].entry.Backends, nil)
 		if err := lb.remove(fe); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		st.Deleted++
+		st.GoneUDP = append(st.GoneUDP, gone...)
 	}
 	st.Frontends = len(lb.state)
 	return st, errors.Join(errs...)
@@ -392,6 +399,10 @@ func (lb *LoadBalancer) Close() error {
 		errs = append(errs, l.Close())
 	}
 	lb.links = nil
+	if lb.term != nil {
+		errs = append(errs, lb.term.close())
+		lb.term = nil
+	}
 	errs = append(errs, lb.objs.Close())
 	return errors.Join(errs...)
 }

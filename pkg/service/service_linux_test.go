@@ -363,3 +363,84 @@ func TestUpdatesNeverEmptyAndRestartAdopts(t *testing.T) {
 		t.Fatalf("delete: %+v %v", st, err)
 	}
 }
+
+// A connected UDP socket keeps its backend; when the backend leaves the
+// Service, TerminateUDP destroys the socket (ECONNABORTED) and a new one
+// reaches a live backend. Unconnected sockets, sockets of other ports and
+// sockets not connected through the load balancer are left alone.
+func TestUDPSocketsToRemovedBackendTerminated(t *testing.T) {
+	b := newBed(t)
+	one, two := b.server("one", 18011), b.server("two", 18012)
+	dns := Frontend{Addr: vip, Port: 53, Proto: UDP}
+	if _, err := b.lb.Sync(map[Frontend]Entry{dns: {Name: "kube-system/dns:dns", Backends: []Backend{one}}}); err != nil {
+		t.Fatal(err)
+	}
+	var conn, direct *net.UDPConn
+	err := b.socket(func() (err error) {
+		if conn, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(vip, 53))); err != nil {
+			return err
+		}
+		direct, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(one))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	defer direct.Close()
+	ask := func(c *net.UDPConn) (string, error) {
+		if _, err := c.Write([]byte("hi")); err != nil {
+			return "", err
+		}
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		return string(buf[:n]), err
+	}
+	if who, err := ask(conn); err != nil || who != "one" {
+		t.Fatalf("connected socket: %q, %v; want one", who, err)
+	}
+
+	st, err := b.lb.Sync(map[Frontend]Entry{dns: {Name: "kube-system/dns:dns", Backends: []Backend{two}}})
+	if err != nil || len(st.GoneUDP) != 1 || st.GoneUDP[0] != (Gone{FrontendPort: 53, Backend: one}) {
+		t.Fatalf("sync: %+v, %v; want one gone from port 53", st, err)
+	}
+	// Without termination the connected socket would stay on "one".
+	if who, err := ask(conn); err != nil || who != "one" {
+		t.Fatalf("before TerminateUDP: %q, %v; want still one", who, err)
+	}
+	n, err := b.lb.TerminateUDP(st.GoneUDP, []string{b.ns, "/run/netns/sinabro-no-such-netns"})
+	if errors.Is(err, ErrTerminateUnsupported) {
+		t.Skipf("this kernel cannot destroy sockets from BPF: %v", err)
+	}
+	if err != nil || n != 1 {
+		t.Fatalf("TerminateUDP = %d, %v; want 1 socket", n, err)
+	}
+	// The owner learns it on its next read; the socket is disconnected,
+	// so a write without an address fails too.
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Read(make([]byte, 64)); !errors.Is(err, syscall.ECONNABORTED) {
+		t.Errorf("read on the terminated socket: %v, want ECONNABORTED", err)
+	}
+	if _, err := conn.Write([]byte("hi")); !errors.Is(err, syscall.EDESTADDRREQ) {
+		t.Errorf("write on the terminated socket: %v, want EDESTADDRREQ", err)
+	}
+	if who, err := ask(direct); err != nil || who != "one" {
+		t.Errorf("a socket connected to the backend's own address: %q, %v; want it untouched (one)", who, err)
+	}
+	var again *net.UDPConn
+	if err := b.socket(func() (err error) {
+		again, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(vip, 53)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	if who, err := ask(again); err != nil || who != "two" {
+		t.Errorf("a new socket: %q, %v; want two", who, err)
+	}
+	// Nothing left to terminate.
+	if n, err := b.lb.TerminateUDP(st.GoneUDP, []string{b.ns}); err != nil || n != 0 {
+		t.Errorf("second TerminateUDP = %d, %v; want 0", n, err)
+	}
+}

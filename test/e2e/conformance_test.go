@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -24,11 +25,15 @@ const conformanceFocus = `\[sig-network\].*\[Conformance\]`
 
 // TestConformance runs the upstream sig-network conformance specs (e2e.test
 // built from the pinned Kubernetes module by `scripts/build-kube.sh
-// --with-e2e`) against a lab of real nodes — kubelet + containerd per node
+// --with-e2e`) against labs of real nodes — kubelet + containerd per node
 // (2.x and 1.x), Sinabro installed by its DaemonSet from manifests/,
-// kube-proxy (nftables), CoreDNS — and fails on any failed spec. It prints one line per spec and
-// "N passed, M failed". $SINABRO_CONFORMANCE_FOCUS narrows the focus (a
-// regular expression over spec names, for development).
+// CoreDNS — and fails on any failed spec, twice: with Sinabro alone
+// serving Services (no kube-proxy: the socket load balancer and the
+// datapath's NodePorts) and next to kube-proxy (nftables), where Sinabro
+// leaves Services to it. Each prints one line per spec and "N passed, M
+// failed". $SINABRO_CONFORMANCE_FOCUS narrows the focus (a regular
+// expression over spec names, for development); $SINABRO_CONFORMANCE_MODES
+// picks the modes ("none,nftables" by default).
 func TestConformance(t *testing.T) {
 	if skipReason != "" {
 		t.Skip(skipReason)
@@ -41,11 +46,24 @@ func TestConformance(t *testing.T) {
 	if f := os.Getenv("SINABRO_CONFORMANCE_FOCUS"); f != "" {
 		focus = f
 	}
+	modes := strings.Split(cmp.Or(os.Getenv("SINABRO_CONFORMANCE_MODES"), lab.KubeProxyNone+","+lab.KubeProxyNFTables), ",")
+	for _, mode := range modes {
+		name := "services-by-sinabro"
+		if mode != lab.KubeProxyNone {
+			name = "services-by-kube-proxy-" + mode
+		}
+		t.Run(name, func(t *testing.T) { conformance(t, e2eTest, focus, mode) })
+	}
+}
+
+// conformance runs the specs of focus against a new lab of real nodes
+// whose Services are served as kubeProxy says.
+func conformance(t *testing.T, e2eTest, focus, kubeProxy string) {
 	// node-1 on containerd 2.x, node-2 on Debian's 1.6: both generations
 	// of the CNI library run the conflist.
-	l, took := newNamedLab(t, randomLabName("sbconf"), 2, 0, lab.KubeProxyNFTables,
+	l, took := newNamedLab(t, randomLabName("sbconf"), 2, 0, kubeProxy,
 		"--runtime="+lab.RuntimeContainerd, "--containerd="+lab.ContainerdMixed, "--timeout=15m")
-	t.Logf("lab of real nodes up in %s", took.Round(time.Second))
+	t.Logf("lab of real nodes (kube-proxy %s) up in %s", kubeProxy, took.Round(time.Second))
 
 	report := filepath.Join(t.TempDir(), "report.json")
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Minute)
@@ -64,7 +82,7 @@ func TestConformance(t *testing.T) {
 		"--report-dir="+t.TempDir(),
 	)
 	cmd.Env = append(os.Environ(), "PATH="+kubeBinDir+":"+os.Getenv("PATH"), "KUBECONFIG="+filepath.Join(l.dir, "admin-underlay.kubeconfig"))
-	logPath := filepath.Join(os.TempDir(), "sinabro-conformance.log")
+	logPath := filepath.Join(os.TempDir(), "sinabro-conformance-"+kubeProxy+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/lab"
@@ -132,6 +133,82 @@ func TestSinabroServices(t *testing.T) {
 		t.Logf("figure: EndpointSlice update to node-1's datapath in %s", took.Round(time.Millisecond))
 		if took > time.Second {
 			t.Errorf("endpoint change took %s to reach the datapath", took)
+		}
+	})
+
+	t.Run("connected UDP socket to a removed backend is terminated", func(t *testing.T) {
+		svc, err := cs.Services("default").Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "udp-moving"},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "udp", Protocol: corev1.ProtocolUDP,
+				Port: lab.ServeUDPPort, TargetPort: intstr.FromInt(lab.ServeUDPPort)}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pname, proto, port := "udp", corev1.ProtocolUDP, int32(lab.ServeUDPPort)
+		slice, err := cs.EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
+			ObjectMeta: metav1.ObjectMeta{Name: "udp-moving", Labels: map[string]string{
+				discoveryv1.LabelServiceName: "udp-moving", discoveryv1.LabelManagedBy: "sinabro-e2e"}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Ports:       []discoveryv1.EndpointPort{{Name: &pname, Protocol: &proto, Port: &port}},
+			Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{a.ip}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(lab.ServeUDPPort))
+		connect := func() (net.Conn, error) {
+			var c net.Conn
+			err := netns.Do(netns.Path(client.netns), func() error {
+				leave, err := cgroup.Enter(cfg.NodePodCgroup(client.node))
+				if err != nil {
+					return err
+				}
+				c, err = net.Dial("udp", addr)
+				return errors.Join(err, leave())
+			})
+			return c, err
+		}
+		ask := func(c net.Conn) error {
+			c.SetDeadline(time.Now().Add(time.Second))
+			if _, err := c.Write([]byte("probe\n")); err != nil {
+				return err
+			}
+			_, err := c.Read(make([]byte, 128))
+			return err
+		}
+		var conn net.Conn
+		waitFor(t, 10*time.Second, "the backend answers a connected socket", func() (bool, string) {
+			if conn != nil {
+				conn.Close()
+			}
+			if conn, err = connect(); err != nil {
+				return false, err.Error()
+			}
+			err := ask(conn)
+			return err == nil, fmt.Sprint(err)
+		})
+		defer conn.Close()
+		slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{b.ip}}}
+		if _, err := cs.EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// The agent destroys the socket in the pass that removes the
+		// backend: its owner's next read reports ECONNABORTED.
+		start := time.Now()
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = conn.Read(make([]byte, 128))
+		if !errors.Is(err, syscall.ECONNABORTED) {
+			t.Fatalf("read on a socket connected to the removed backend: %v, want ECONNABORTED", err)
+		}
+		t.Logf("figure: connected UDP socket to a removed backend terminated %s after the EndpointSlice update", time.Since(start).Round(time.Millisecond))
+		again, err := connect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer again.Close()
+		if err := ask(again); err != nil {
+			t.Errorf("a new socket to the Service: %v", err)
 		}
 	})
 
