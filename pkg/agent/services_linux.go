@@ -35,17 +35,17 @@ import (
 // runs it detaches its programs and leaves Services to it, so the two never
 // both answer; when they go, it takes over.
 type serviceController struct {
-	mode    string // KPRAuto, KPRTrue, KPRFalse
-	node    string
-	root    string // bpffs root
-	cgroup  string // "" = the cgroup v2 root
-	nsFD    int    // node netns (0: our own)
+	mode   string // KPRAuto, KPRTrue, KPRFalse
+	node   string
+	root   string // bpffs root
+	cgroup string // "" = the cgroup v2 root
+	nsFD   int    // node netns (0: our own)
 	// netnsDir holds the pods' network namespace files, where connected
 	// UDP sockets to removed backends are looked for.
 	netnsDir        string
 	terminateFailed bool // ErrTerminateUnsupported logged once
-	log     *slog.Logger
-	cluster Cluster
+	log             *slog.Logger
+	cluster         Cluster
 
 	kick     chan struct{}
 	services cache.Store
