@@ -144,11 +144,18 @@ func applyManifests(ctx context.Context, cfg *rest.Config, dir string, workloads
 	return applyObjects(ctx, cfg, objs, workloads)
 }
 
-// adaptManifest makes the two changes a lab of real nodes needs, and no
+// realNodeNetnsDir is where a real lab node's containerd (1.x and 2.x,
+// netns_mounts_under_state_dir) pins its pods' network namespaces.
+const realNodeNetnsDir = "/run/containerd/io.containerd.grpc.v1.cri/netns"
+
+// adaptManifest makes the changes a lab of real nodes needs, and no
 // others:
 //   - every node is a cgroup of one host, so the agent's --pod-cgroup and
 //     --service-cgroup name its node's cgroup root, not the host's root,
 //     which all of them share;
+//   - the nodes' containerd keeps pod network namespaces under its state
+//     dir (realNodeNetnsDir), not in the host's /var/run/netns, so the
+//     agent's netns volume points there;
 //   - without kube-proxy, nothing serves the kubernetes Service before the
 //     agent does, so the agent reaches the API server at its own address
 //     (the ConfigMap's k8s-service-host/-port, as a user of a cluster
@@ -183,7 +190,25 @@ func (c *Config) adaptManifest(o *unstructured.Unstructured) error {
 		if patched != 2 {
 			return fmt.Errorf("agent container: found %d of --pod-cgroup and --service-cgroup, want both", patched)
 		}
-		return unstructured.SetNestedSlice(o.Object, containers, "spec", "template", "spec", "containers")
+		if err := unstructured.SetNestedSlice(o.Object, containers, "spec", "template", "spec", "containers"); err != nil {
+			return err
+		}
+		volumes, _, err := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "volumes")
+		if err != nil {
+			return err
+		}
+		found := false
+		for _, v := range volumes {
+			if m, ok := v.(map[string]any); ok && m["name"] == "netns" {
+				if hp, ok := m["hostPath"].(map[string]any); ok {
+					hp["path"], found = realNodeNetnsDir, true
+				}
+			}
+		}
+		if !found {
+			return errors.New("no hostPath volume named netns")
+		}
+		return unstructured.SetNestedSlice(o.Object, volumes, "spec", "template", "spec", "volumes")
 	case o.GetKind() == "ConfigMap" && o.GetName() == "sinabro-config" && !c.kubeProxy():
 		api := netip.AddrPortFrom(c.controlPlaneAddr(), apiPort)
 		if err := unstructured.SetNestedField(o.Object, api.Addr().String(), "data", "k8s-service-host"); err != nil {
