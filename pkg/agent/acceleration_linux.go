@@ -2,11 +2,17 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"slices"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
 	"github.com/sinabro-io/sinabro/pkg/sockmap"
@@ -15,30 +21,89 @@ import (
 // kernelBTF is where the running kernel describes its types (CONFIG_DEBUG_INFO_BTF).
 const kernelBTF = "/sys/kernel/btf/vmlinux"
 
-// ensureAcceleration keeps same-node TCP acceleration (pkg/sockmap) in line
+// accelerationController owns same-node TCP acceleration (pkg/sockmap):
+// its programs, its maps and its metrics. It reads our Node (the pod
+// CIDRs), this node's Pods and every Namespace (the annotation) from the
+// shared informers and runs its own loop, independent of the overlay's.
+type accelerationController struct {
+	cfg     Config
+	log     *slog.Logger
+	metrics *metrics
+	kick    chan struct{}
+
+	nodes            corelisters.NodeLister
+	pods, namespaces cache.Store
+	synced           func() bool // all three are listed
+
+	accel     *sockmap.Accelerator
+	plan      accelerationPlan // what accel's pod map holds
+	collector prometheus.Collector
+	off       bool            // disabled (a leftover from an earlier run, or ours)
+	noBTF     bool            // warned once that the kernel lacks BTF
+	warned    map[string]bool // bad annotation values already logged
+}
+
+func newAccelerationController(a *Agent, inf *informers) (*accelerationController, error) {
+	c := &accelerationController{cfg: a.cfg, log: a.log.With("controller", "acceleration"), metrics: a.metrics, kick: make(chan struct{}, 1)}
+	nodes, pods, nss := inf.Nodes(), inf.Pods(), inf.Namespaces()
+	c.nodes = corelisters.NewNodeLister(nodes.GetIndexer())
+	c.pods, c.namespaces = pods.GetStore(), nss.GetStore()
+	c.synced = func() bool { return nodes.HasSynced() && pods.HasSynced() && nss.HasSynced() }
+	kick := func() { trigger(c.kick) }
+	err := errors.Join(
+		onChange(nodes, func(o, n *corev1.Node) bool {
+			return n.Name == c.cfg.NodeName && (!slices.Equal(o.Spec.PodCIDRs, n.Spec.PodCIDRs) || o.Spec.PodCIDR != n.Spec.PodCIDR)
+		}, kick),
+		onChange(pods, accelerationInputsChanged, kick),
+		onChange(nss, func(o, n *corev1.Namespace) bool {
+			return o.Annotations[AnnotationTCPAcceleration] != n.Annotations[AnnotationTCPAcceleration]
+		}, kick))
+	return c, err
+}
+
+// run waits for the informers, then keeps acceleration in line until ctx
+// ends; the handles are released then, and acceleration keeps running.
+func (c *accelerationController) run(ctx context.Context) error {
+	defer c.close()
+	// Until our Node, the Pods and Namespaces are known, any decision
+	// could accelerate a pod that opted out, or detach connections a
+	// restarted agent should keep: leave things as they are.
+	if !cache.WaitForCacheSync(ctx.Done(), c.synced) {
+		return nil
+	}
+	runLoop(ctx, c.kick, c.cfg.ResyncInterval, c.pass, func(err error, retry time.Duration) {
+		c.log.Error("TCP acceleration", "err", err, "retry_in", retry)
+	})
+	return nil
+}
+
+// pass plans from our Node's pod CIDRs (none until it has them).
+func (c *accelerationController) pass(ctx context.Context) error {
+	var self nodeInfo
+	if n, err := c.nodes.Get(c.cfg.NodeName); err == nil {
+		self, _ = parseNode(n)
+	}
+	return c.ensure(ctx, self)
+}
+
+// ensure keeps same-node TCP acceleration (pkg/sockmap) in line
 // with the node's --tcp-acceleration and the pods' and namespaces'
 // annotations (see planAcceleration). The programs are attached only while
 // something can be accelerated, and detached live otherwise (established
 // connections continue on the normal path).
-func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
+func (a *accelerationController) ensure(ctx context.Context, self nodeInfo) error {
 	if a.cfg.BPFRoot == "" {
 		return a.disableAcceleration(ctx, "no bpffs root")
 	}
-	// Until the Pods and Namespaces are known, any decision could
-	// accelerate a pod that opted out, or detach connections a restarted
-	// agent should keep: leave things as they are (syncing triggers a pass).
-	if a.accelSynced != nil && !a.accelSynced() {
-		return nil
-	}
 	plan := a.accelerationPlan(self)
 	for _, w := range plan.Warnings {
-		if !a.accelWarned[w] {
+		if !a.warned[w] {
 			a.log.Warn("ignoring a TCP acceleration annotation that is neither true nor false", "annotation", w)
 		}
 	}
-	a.accelWarned = map[string]bool{}
+	a.warned = map[string]bool{}
 	for _, w := range plan.Warnings {
-		a.accelWarned[w] = true
+		a.warned[w] = true
 	}
 	if !plan.active() {
 		reason := "no pod opted in (sinabro.io/tcp-acceleration: \"true\" on the pod or its namespace)"
@@ -55,21 +120,21 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 		}
 	}
 	if a.accel != nil {
-		if slices.Equal(plan.Prefixes, a.accelPlan.Prefixes) && slices.Equal(plan.Excluded, a.accelPlan.Excluded) {
+		if slices.Equal(plan.Prefixes, a.plan.Prefixes) && slices.Equal(plan.Excluded, a.plan.Excluded) {
 			return nil
 		}
 		if err := a.accel.SetPods(plan.Prefixes, plan.Excluded); err != nil {
 			return err
 		}
-		a.accelPlan = plan
+		a.plan = plan
 		logPlan("TCP acceleration pods changed")
 		return nil
 	}
 	// The programs read socket internals through the kernel's BTF: without
 	// it the node runs unaccelerated (an optimisation, not a failure).
 	if _, err := os.Stat(kernelBTF); err != nil {
-		if !a.accelNoBTF {
-			a.accelNoBTF = true
+		if !a.noBTF {
+			a.noBTF = true
 			a.log.Warn("TCP acceleration needs kernel BTF; running without it", "btf", kernelBTF, "err", err)
 		}
 		return nil
@@ -82,8 +147,8 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 	if err != nil {
 		return fmt.Errorf("enable TCP acceleration on cgroup %s: %w", cg, err)
 	}
-	a.accel, a.accelCollector, a.accelOff, a.accelPlan = acc, acc.Collector(), false, plan
-	if err := a.metrics.registry.Register(a.accelCollector); err != nil {
+	a.accel, a.collector, a.off, a.plan = acc, acc.Collector(), false, plan
+	if err := a.metrics.registry.Register(a.collector); err != nil {
 		a.log.Warn("register TCP acceleration metrics", "err", err)
 	}
 	logPlan("TCP acceleration enabled on cgroup " + cg)
@@ -92,20 +157,20 @@ func (a *Agent) ensureAcceleration(ctx context.Context, self nodeInfo) error {
 
 // disableAcceleration detaches the programs, once: its own, or those a
 // previous run left pinned under the bpffs root.
-func (a *Agent) disableAcceleration(ctx context.Context, reason string) error {
+func (a *accelerationController) disableAcceleration(ctx context.Context, reason string) error {
 	if a.accel != nil {
-		a.metrics.registry.Unregister(a.accelCollector)
+		a.metrics.registry.Unregister(a.collector)
 		err := a.accel.Disable(ctx)
 		if cerr := a.accel.Close(); err == nil {
 			err = cerr
 		}
-		a.accel, a.accelCollector, a.accelPlan, a.accelOff = nil, nil, accelerationPlan{}, true
+		a.accel, a.collector, a.plan, a.off = nil, nil, accelerationPlan{}, true
 		a.log.Info("TCP acceleration disabled", "reason", reason)
 		return err
 	}
-	if !a.accelOff && a.cfg.BPFRoot != "" {
+	if !a.off && a.cfg.BPFRoot != "" {
 		// A previous run may have left it enabled.
-		a.accelOff = true
+		a.off = true
 		if err := sockmap.Disable(ctx, a.cfg.BPFRoot); err != nil {
 			return fmt.Errorf("disable TCP acceleration of an earlier run: %w", err)
 		}
@@ -115,7 +180,7 @@ func (a *Agent) disableAcceleration(ctx context.Context, reason string) error {
 }
 
 // accelerationPlan decides from this node's Pods and the Namespaces.
-func (a *Agent) accelerationPlan(self nodeInfo) accelerationPlan {
+func (a *accelerationController) accelerationPlan(self nodeInfo) accelerationPlan {
 	var pods []*corev1.Pod
 	if a.pods != nil {
 		for _, obj := range a.pods.List() {
@@ -135,13 +200,13 @@ func (a *Agent) accelerationPlan(self nodeInfo) accelerationPlan {
 	return planAcceleration(a.cfg.TCPAcceleration, self.PodCIDRs, pods, namespaces)
 }
 
-// closeAcceleration releases the handles; acceleration keeps running.
-func (a *Agent) closeAcceleration() error {
+// close releases the handles; acceleration keeps running.
+func (a *accelerationController) close() error {
 	if a.accel == nil {
 		return nil
 	}
-	a.metrics.registry.Unregister(a.accelCollector)
+	a.metrics.registry.Unregister(a.collector)
 	err := a.accel.Close()
-	a.accel, a.accelCollector = nil, nil
+	a.accel, a.collector = nil, nil
 	return err
 }

@@ -29,12 +29,10 @@ import (
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
@@ -182,17 +180,6 @@ type Agent struct {
 	mtuChecked  bool
 	lastConfMTU int
 	lastDevice  overlay.Link
-	// TCP acceleration (pkg/sockmap); accelOff records that it was
-	// disabled (a leftover from an earlier run, or ours).
-	accel          *sockmap.Accelerator
-	accelPlan      accelerationPlan // what accel's pod map holds
-	pods           cache.Store      // this node's Pods
-	namespaces     cache.Store      // all Namespaces (their acceleration annotation)
-	accelSynced    func() bool      // pods and namespaces are listed
-	accelCollector prometheus.Collector
-	accelOff       bool
-	accelNoBTF     bool            // warned once that the kernel lacks BTF
-	accelWarned    map[string]bool // bad annotation values already logged
 	// vxlanIndex is the vxlan device's ifindex, read by the endpoint sync
 	// to attach host routing to traffic arriving from other nodes.
 	vxlanIndex atomic.Int32
@@ -278,7 +265,7 @@ func New(cfg Config, cluster Cluster, log *slog.Logger) (*Agent, error) {
 // flows their conntrack state, while the agent restarts.
 func (a *Agent) Close() error {
 	var errs []error
-	errs = append(errs, a.closeDatapath(), a.closeAcceleration())
+	errs = append(errs, a.closeDatapath())
 	if a.epConn != nil {
 		errs = append(errs, a.epConn.Close())
 	}
@@ -295,122 +282,7 @@ func (a *Agent) Close() error {
 // reconciliation succeeded.
 func (a *Agent) Ready() bool { return a.ready.Load() }
 
-// Run watches Nodes and reconciles until ctx is cancelled.
-func (a *Agent) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	informer := cache.NewSharedIndexInformer(a.cluster.Nodes(ctx), &corev1.Node{}, 0, cache.Indexers{})
-	a.nodes = corelisters.NewNodeLister(informer.GetIndexer())
-	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { a.trigger() },
-		UpdateFunc: func(old, cur any) {
-			o, ok1 := old.(*corev1.Node)
-			n, ok2 := cur.(*corev1.Node)
-			if !ok1 || !ok2 || relevantChange(o, n) {
-				a.trigger()
-			}
-		},
-		DeleteFunc: func(any) { a.trigger() },
-	}); err != nil {
-		return fmt.Errorf("add node event handler: %w", err)
-	}
-
-	// The node's Pods and all Namespaces, for per-pod settings (the TCP
-	// acceleration annotation, on a pod or its namespace).
-	podInformer := cache.NewSharedIndexInformer(a.cluster.Pods(ctx, a.cfg.NodeName), &corev1.Pod{}, 0, cache.Indexers{})
-	a.pods = podInformer.GetStore()
-	if _, err := podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { a.trigger() },
-		UpdateFunc: func(old, cur any) {
-			o, ok1 := old.(*corev1.Pod)
-			n, ok2 := cur.(*corev1.Pod)
-			if !ok1 || !ok2 || accelerationInputsChanged(o, n) {
-				a.trigger()
-			}
-		},
-		DeleteFunc: func(any) { a.trigger() },
-	}); err != nil {
-		return fmt.Errorf("add pod event handler: %w", err)
-	}
-	nsInformer := cache.NewSharedIndexInformer(a.cluster.Namespaces(ctx), &corev1.Namespace{}, 0, cache.Indexers{})
-	a.namespaces = nsInformer.GetStore()
-	if _, err := nsInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { a.trigger() },
-		UpdateFunc: func(old, cur any) {
-			o, ok1 := old.(*corev1.Namespace)
-			n, ok2 := cur.(*corev1.Namespace)
-			if !ok1 || !ok2 || o.Annotations[AnnotationTCPAcceleration] != n.Annotations[AnnotationTCPAcceleration] {
-				a.trigger()
-			}
-		},
-		DeleteFunc: func(any) { a.trigger() },
-	}); err != nil {
-		return fmt.Errorf("add namespace event handler: %w", err)
-	}
-	a.accelSynced = func() bool { return podInformer.HasSynced() && nsInformer.HasSynced() }
-
-	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
-	a.recorder = recorder
-	defer stopEvents()
-
-	g, ctx := errgroup.WithContext(ctx)
-	if a.cfg.HealthAddr != "" {
-		srv, err := a.healthServer()
-		if err != nil {
-			return err
-		}
-		srv.run(ctx, g)
-	}
-	g.Go(func() error {
-		informer.RunWithContext(ctx)
-		return nil
-	})
-	g.Go(func() error {
-		podInformer.RunWithContext(ctx)
-		return nil
-	})
-	g.Go(func() error {
-		nsInformer.RunWithContext(ctx)
-		return nil
-	})
-	g.Go(func() error {
-		// Acceleration waits for both (see ensureAcceleration).
-		if cache.WaitForCacheSync(ctx.Done(), podInformer.HasSynced, nsInformer.HasSynced) {
-			a.trigger()
-		}
-		return nil
-	})
-	if err := a.runEndpoints(ctx, g); err != nil {
-		cancel()
-		g.Wait()
-		return err
-	}
-	g.Go(func() error { return a.runGC(ctx) })
-	if err := newServiceController(a).start(ctx, g); err != nil {
-		cancel()
-		g.Wait()
-		return err
-	}
-	g.Go(func() error {
-		a.log.Info("waiting for the node informer to sync")
-		if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return errors.New("sync the node informer")
-		}
-		a.trigger()
-		return a.loop(ctx)
-	})
-	return g.Wait()
-}
-
-func (a *Agent) trigger() {
-	select {
-	case a.kick <- struct{}{}:
-	default: // a pass is already pending; it will see the latest state
-	}
-}
+func (a *Agent) trigger() { trigger(a.kick) }
 
 // loop runs reconciliations on triggers, on every resync interval, and with
 // exponential backoff after a failure.
@@ -593,9 +465,6 @@ func (a *Agent) reconcile(ctx context.Context) (err error) {
 	if err := a.ensureDatapath(ctx, self, under, dev, sel); err != nil {
 		errs = append(errs, err)
 		podPathErr = errors.Join(podPathErr, err)
-	}
-	if err := a.ensureAcceleration(ctx, self); err != nil {
-		errs = append(errs, err)
 	}
 
 	if len(self.PodCIDRs) == 0 {

@@ -38,10 +38,12 @@ const defaultAffinityTimeout = 10800 * time.Second
 //     this node;
 //   - external addresses and NodePorts reached from inside the node use
 //     every endpoint, as kube-proxy does for traffic that starts in the
-//     cluster whatever the externalTrafficPolicy.
+//     cluster whatever the externalTrafficPolicy;
+//   - topology hints narrow the endpoints of Cluster policies to this
+//     node's or zone's (backendsFor).
 //
 // IPv6 addresses are skipped (the datapath is IPv4 today).
-func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[service.Frontend]service.Entry {
+func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, here locality) map[service.Frontend]service.Entry {
 	bySvc := slicesByService(eps)
 	out := map[service.Frontend]service.Entry{}
 	for _, svc := range svcs {
@@ -63,11 +65,11 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 				continue
 			}
 			name := svc.Namespace + "/" + svc.Name + ":" + cmp.Or(sp.Name, strconv.Itoa(int(sp.Port)))
-			all := backendsFor(slicesOf, sp.Name, sp.Protocol, "")
+			all := backendsFor(slicesOf, sp.Name, sp.Protocol, here, false)
 			entry := service.Entry{Name: name, Backends: all, Affinity: affinity}
 			internal := entry
 			if itpLocal {
-				internal.Backends = backendsFor(slicesOf, sp.Name, sp.Protocol, node)
+				internal.Backends = backendsFor(slicesOf, sp.Name, sp.Protocol, here, true)
 			}
 			for _, ip := range svc.Spec.ClusterIPs {
 				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
@@ -94,7 +96,7 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 // endpoints, or with externalTrafficPolicy Local only this node's (none
 // left: packets are dropped, as kube-proxy does, so the load balancer in
 // front picks another node through healthCheckNodePort).
-func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[datapath.LBFrontend][]netip.AddrPort {
+func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, here locality) map[datapath.LBFrontend][]netip.AddrPort {
 	bySvc := slicesByService(eps)
 	out := map[datapath.LBFrontend][]netip.AddrPort{}
 	for _, svc := range svcs {
@@ -108,11 +110,7 @@ func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, n
 			if !ok || proto == service.SCTP {
 				continue
 			}
-			only := ""
-			if local {
-				only = node
-			}
-			backends := backendsFor(slicesOf, sp.Name, sp.Protocol, only)
+			backends := backendsFor(slicesOf, sp.Name, sp.Protocol, here, local)
 			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
 				out[datapath.LBFrontend{NodePort: true, Port: uint16(sp.NodePort), Proto: uint8(proto)}] = backends
 			}
@@ -167,17 +165,25 @@ func protocolOf(p corev1.Protocol) (service.Protocol, bool) {
 }
 
 // backendsFor collects the endpoints of one Service port (matched by port
-// name and protocol, as kube-proxy does), sorted; node, when set, keeps
-// only that node's endpoints.
-func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1.Protocol, node string) []service.Backend {
-	var ready, terminating []service.Backend
+// name and protocol, as kube-proxy does), sorted: with local, only this
+// node's; otherwise, as kube-proxy does, only those whose topology hints
+// name this node (trafficDistribution PreferSameNode) or else its zone
+// (PreferClose, topology-mode Auto) — when every ready endpoint has such
+// hints and one is for here; else all of them.
+func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1.Protocol, here locality, local bool) []service.Backend {
+	type candidate struct {
+		b            service.Backend
+		zones, nodes []string
+	}
+	var ready []candidate
+	var terminating []service.Backend
 	for _, s := range eps {
 		for _, p := range s.Ports {
 			if p.Port == nil || cmp.Or(ptrString(p.Name), "") != portName || cmp.Or(ptrProto(p.Protocol), corev1.ProtocolTCP) != cmp.Or(proto, corev1.ProtocolTCP) {
 				continue
 			}
 			for _, e := range s.Endpoints {
-				if node != "" && ptrString(e.NodeName) != node {
+				if local && ptrString(e.NodeName) != here.node {
 					continue
 				}
 				isReady := e.Conditions.Ready == nil || *e.Conditions.Ready
@@ -186,6 +192,15 @@ func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1
 					serving = *e.Conditions.Serving
 				}
 				term := e.Conditions.Terminating != nil && *e.Conditions.Terminating
+				var zones, nodes []string
+				if h := e.Hints; h != nil {
+					for _, z := range h.ForZones {
+						zones = append(zones, z.Name)
+					}
+					for _, n := range h.ForNodes {
+						nodes = append(nodes, n.Name)
+					}
+				}
 				for _, ip := range e.Addresses {
 					a, err := netip.ParseAddr(ip)
 					if err != nil || !a.Is4() {
@@ -194,7 +209,7 @@ func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1
 					b := netip.AddrPortFrom(a, uint16(*p.Port))
 					switch {
 					case isReady:
-						ready = append(ready, b)
+						ready = append(ready, candidate{b: b, zones: zones, nodes: nodes})
 					case serving && term:
 						terminating = append(terminating, b)
 					}
@@ -202,13 +217,40 @@ func backendsFor(eps []*discoveryv1.EndpointSlice, portName string, proto corev1
 			}
 		}
 	}
-	out := ready
+	hinted := func(hints func(candidate) []string, want string) []service.Backend {
+		var out []service.Backend
+		for _, c := range ready {
+			if len(hints(c)) == 0 {
+				return nil // not every endpoint has hints: ignore them
+			}
+			if want != "" && slices.Contains(hints(c), want) {
+				out = append(out, c.b)
+			}
+		}
+		return out
+	}
+	var out []service.Backend
+	if !local {
+		out = hinted(func(c candidate) []string { return c.nodes }, here.node)
+		if len(out) == 0 {
+			out = hinted(func(c candidate) []string { return c.zones }, here.zone)
+		}
+	}
+	if len(out) == 0 {
+		for _, c := range ready {
+			out = append(out, c.b)
+		}
+	}
 	if len(out) == 0 {
 		out = terminating
 	}
 	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	return slices.Compact(out)
 }
+
+// locality is where the node is, for topology hints: its name and its
+// topology.kubernetes.io/zone label.
+type locality struct{ node, zone string }
 
 func ptrString(s *string) string {
 	if s == nil {

@@ -15,9 +15,9 @@ import (
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
@@ -45,11 +45,11 @@ type serviceController struct {
 	netnsDir        string
 	terminateFailed bool // ErrTerminateUnsupported logged once
 	log             *slog.Logger
-	cluster         Cluster
 
 	kick     chan struct{}
 	services cache.Store
 	slices   cache.Store
+	nodes    corelisters.NodeLister // our Node's zone, for topology hints
 	synced   func() bool
 
 	lb *service.LoadBalancer
@@ -68,10 +68,10 @@ type serviceController struct {
 // serviceRecheck bounds how long kube-proxy can appear or go unnoticed.
 var serviceRecheck = 10 * time.Second
 
-func newServiceController(a *Agent) *serviceController {
+func newServiceController(a *Agent, inf *informers) (*serviceController, error) {
 	c := &serviceController{
 		mode: a.cfg.KubeProxyReplacement, node: a.cfg.NodeName, root: a.cfg.BPFRoot,
-		cgroup: a.cfg.ServiceCgroup, netnsDir: a.cfg.NetnsDir, log: a.log.With("controller", "services"), cluster: a.cluster,
+		cgroup: a.cfg.ServiceCgroup, netnsDir: a.cfg.NetnsDir, log: a.log.With("controller", "services"),
 		kick: make(chan struct{}, 1),
 		frontend: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "sinabro_agent_service_frontends",
@@ -92,71 +92,34 @@ func newServiceController(a *Agent) *serviceController {
 	}
 	c.health = &healthChecks{log: c.log, netns: a.cfg.NetNS}
 	a.metrics.registry.MustRegister(c.frontend, c.syncs, c.syncTime)
-	return c
-}
-
-func (c *serviceController) trigger() {
-	select {
-	case c.kick <- struct{}{}:
-	default:
-	}
-}
-
-// start runs the informers and the loop under g.
-func (c *serviceController) start(ctx context.Context, g *errgroup.Group) error {
 	if c.mode == KPRFalse {
-		// No informers: each pass only makes sure nothing of ours serves
+		// No watches: each pass only makes sure nothing of ours serves
 		// (an earlier run's programs, or its table for traffic from
 		// outside once the datapath is loaded).
-		g.Go(func() error { c.loop(ctx); return nil })
-		return nil
+		return c, nil
 	}
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { c.trigger() },
-		UpdateFunc: func(any, any) { c.trigger() },
-		DeleteFunc: func(any) { c.trigger() },
-	}
-	svcInf := cache.NewSharedIndexInformer(c.cluster.Services(ctx), &corev1.Service{}, 0, cache.Indexers{})
-	epInf := cache.NewSharedIndexInformer(c.cluster.EndpointSlices(ctx), &discoveryv1.EndpointSlice{}, 0, cache.Indexers{})
-	for _, inf := range []cache.SharedIndexInformer{svcInf, epInf} {
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			return fmt.Errorf("add service event handler: %w", err)
-		}
-		g.Go(func() error { inf.RunWithContext(ctx); return nil })
-	}
-	c.services, c.slices = svcInf.GetStore(), epInf.GetStore()
-	c.synced = func() bool { return svcInf.HasSynced() && epInf.HasSynced() }
-	g.Go(func() error {
-		cache.WaitForCacheSync(ctx.Done(), c.synced)
-		c.loop(ctx)
-		return nil
-	})
-	return nil
+	svcs, slices, nodes := inf.Services(), inf.EndpointSlices(), inf.Nodes()
+	c.services, c.slices = svcs.GetStore(), slices.GetStore()
+	c.nodes = corelisters.NewNodeLister(nodes.GetIndexer())
+	c.synced = func() bool { return svcs.HasSynced() && slices.HasSynced() && nodes.HasSynced() }
+	kick := func() { trigger(c.kick) }
+	return c, errors.Join(onChange[any](svcs, nil, kick), onChange[any](slices, nil, kick),
+		onChange(nodes, func(o, n *corev1.Node) bool {
+			return n.Name == c.node && o.Labels[corev1.LabelTopologyZone] != n.Labels[corev1.LabelTopologyZone]
+		}, kick))
 }
 
-// loop runs a pass on every trigger and at least every serviceRecheck;
-// after a failure, again after a backoff from 1 s up to serviceRecheck.
-func (c *serviceController) loop(ctx context.Context) {
+// run keeps Services served (or not) until ctx ends; the handles are
+// released then, and the programs stay attached.
+func (c *serviceController) run(ctx context.Context) error {
 	defer c.close()
-	timer := time.NewTimer(0)
-	defer timer.Stop()
-	backoff := time.Second
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.kick:
-		case <-timer.C:
-		}
-		wait := serviceRecheck
-		if err := c.pass(ctx); err != nil {
-			c.log.Error("service load balancing", "err", err, "retry_in", backoff)
-			wait, backoff = backoff, min(2*backoff, serviceRecheck)
-		} else {
-			backoff = time.Second
-		}
-		timer.Reset(wait)
+	if c.synced != nil && !cache.WaitForCacheSync(ctx.Done(), c.synced) {
+		return nil
 	}
+	runLoop(ctx, c.kick, serviceRecheck, c.pass, func(err error, retry time.Duration) {
+		c.log.Error("service load balancing", "err", err, "retry_in", retry)
+	})
+	return nil
 }
 
 func (c *serviceController) close() {
@@ -237,8 +200,12 @@ func (c *serviceController) pass(ctx context.Context) (err error) {
 		return err
 	}
 	svcs, eps := storeList[*corev1.Service](c.services), storeList[*discoveryv1.EndpointSlice](c.slices)
-	st, err := c.lb.Sync(desiredServices(svcs, eps, c.node))
-	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, c.node)),
+	here := locality{node: c.node}
+	if n, err := c.nodes.Get(c.node); err == nil {
+		here.zone = n.Labels[corev1.LabelTopologyZone]
+	}
+	st, err := c.lb.Sync(desiredServices(svcs, eps, here))
+	err = errors.Join(err, c.syncExternal(desiredExternal(svcs, eps, here)),
 		c.health.sync(desiredHealthChecks(svcs, eps, c.node)))
 	c.terminateUDP(st.GoneUDP)
 	c.frontend.Set(float64(st.Frontends))

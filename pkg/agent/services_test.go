@@ -76,7 +76,7 @@ func TestDesiredServices(t *testing.T) {
 		testSlice("old", "p", corev1.ProtocolTCP, 9090, testEP{"10.244.2.5", "b", false, true}),
 	}
 
-	got := desiredServices(svcs, eps, "a")
+	got := desiredServices(svcs, eps, locality{node: "a"})
 	both := []netip.AddrPort{ap("10.244.1.2:8080"), ap("10.244.2.2:8080")}
 	want := map[service.Frontend]service.Entry{
 		{Addr: netip.MustParseAddr("10.96.0.1"), Port: 80, Proto: service.TCP}:  {Name: "ns/web:http", Backends: both, Affinity: time.Minute},
@@ -103,7 +103,7 @@ func TestDesiredServices(t *testing.T) {
 	}
 
 	// From outside: eTP Local keeps this node's endpoints only.
-	ext := desiredExternal(svcs, eps, "a")
+	ext := desiredExternal(svcs, eps, locality{node: "a"})
 	wantExt := map[datapath.LBFrontend][]netip.AddrPort{
 		{NodePort: true, Port: 30080, Proto: 6}:                          both,
 		{Addr: netip.MustParseAddr("192.0.2.9"), Port: 80, Proto: 6}:     both,
@@ -122,5 +122,50 @@ func TestDesiredServices(t *testing.T) {
 	}
 	if hc := desiredHealthChecks(svcs, eps, "a"); len(hc) != 1 || hc[32000] != (healthCheck{Namespace: "ns", Name: "lb", LocalEndpoints: 1}) {
 		t.Errorf("health checks %+v", hc)
+	}
+}
+
+// Topology hints narrow a Cluster policy's endpoints as kube-proxy does:
+// node hints first, then zone hints, only when every ready endpoint has
+// them and one is for here; Local policies ignore them.
+func TestBackendsForTopologyHints(t *testing.T) {
+	hinted := func(zones, nodes []string, eps ...testEP) []*discoveryv1.EndpointSlice {
+		s := testSlice("web", "http", corev1.ProtocolTCP, 80, eps...)
+		for i := range s.Endpoints {
+			h := &discoveryv1.EndpointHints{}
+			if i < len(zones) && zones[i] != "" {
+				h.ForZones = []discoveryv1.ForZone{{Name: zones[i]}}
+			}
+			if i < len(nodes) && nodes[i] != "" {
+				h.ForNodes = []discoveryv1.ForNode{{Name: nodes[i]}}
+			}
+			s.Endpoints[i].Hints = h
+		}
+		return []*discoveryv1.EndpointSlice{s}
+	}
+	eps := []testEP{{"10.0.0.1", "n1", true, false}, {"10.0.0.2", "n2", true, false}, {"10.0.0.3", "n3", true, false}}
+	all := []service.Backend{ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")}
+	for _, tt := range []struct {
+		name         string
+		zones, nodes []string
+		here         locality
+		local        bool
+		want         []service.Backend
+	}{
+		{"no hints", nil, nil, locality{"n1", "a"}, false, all},
+		{"zone hints for here", []string{"a", "b", "a"}, nil, locality{"n2", "a"}, false, []service.Backend{ap("10.0.0.1:80"), ap("10.0.0.3:80")}},
+		{"zone hints, none for here", []string{"a", "b", "a"}, nil, locality{"n2", "c"}, false, all},
+		{"zone hints, node without a zone", []string{"a", "b", "a"}, nil, locality{"n2", ""}, false, all},
+		{"one endpoint without a hint", []string{"a", "", "a"}, nil, locality{"n1", "a"}, false, all},
+		{"node hints win over zone hints", []string{"a", "a", "a"}, []string{"n1", "n2", "n3"}, locality{"n2", "a"}, false, []service.Backend{ap("10.0.0.2:80")}},
+		{"node hints, none for here: zone hints", []string{"a", "b", "b"}, []string{"n1", "n2", "n3"}, locality{"n9", "b"}, false, []service.Backend{ap("10.0.0.2:80"), ap("10.0.0.3:80")}},
+		{"Local policy ignores hints", []string{"b", "b", "b"}, nil, locality{"n1", "a"}, true, []service.Backend{ap("10.0.0.1:80")}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got := backendsFor(hinted(tt.zones, tt.nodes, eps...), "http", corev1.ProtocolTCP, tt.here, tt.local)
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("backends = %v, want %v", got, tt.want)
+			}
+		})
 	}
 }
