@@ -17,8 +17,10 @@
  *     range, so the reply comes back here (plain, from the backend to the
  *     node address) and masq_ingress calls lb_reply_remote, which sends it
  *     back out of the uplink.
- * The forward entry keeps a flow on its backend. Entries live in an LRU
- * (no close tracking yet: idle flows age out only by eviction).
+ * The forward entry keeps a flow on its backend. Both entries carry the
+ * flags seen each way and when; the agent's conntrack GC expires them like
+ * masquerading's (pkg/datapath: gcLB), so the NAT ports of closed flows
+ * come back.
  * Only with the eBPF datapath's host routing and masquerading
  * (route_out_enabled): replies of local backends must pass host_route.
  */
@@ -105,7 +107,20 @@ struct lb_ct {
 	__be16 to_port;
 	__be16 from_port;
 	__u32 pad;
+	__u64 last_seen; /* bpf_ktime_get_ns, refreshed at most every TOUCH_NS */
+	__u8 flags;      /* CT_* seen in this entry's direction */
+	__u8 pad2[7];
 };
+
+/* lb_touch records a packet of direction e (writing only on a change, or a
+ * second after the last write). */
+static __always_inline void lb_touch(struct lb_ct *e, __u8 flags, __u64 now)
+{
+	if ((e->flags | flags) != e->flags || now - e->last_seen > TOUCH_NS) {
+		e->flags |= flags;
+		e->last_seen = now;
+	}
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -190,8 +205,12 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 	fk.dport = ports[1];
 	fk.proto = ip->protocol;
 	fk.dir = LB_FWD;
+	__u8 flags = flow_flags(skb, ip->protocol, l4off);
+	__u64 now = bpf_ktime_get_ns();
+
 	e = bpf_map_lookup_elem(&sb_lb_ct, &fk);
 	if (e) {
+		lb_touch(e, flags, now);
 		fv = *e;
 	} else {
 		if (svc->count == 0) {
@@ -217,6 +236,9 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 		rv.to_port = ports[0];
 		rv.from_addr = ip->daddr;
 		rv.from_port = ports[1];
+		rv.last_seen = now;
+		fv.last_seen = now;
+		fv.flags = flags;
 		if (lb_is_local(b.addr)) {
 			fv.from_addr = ip->saddr;
 			fv.from_port = ports[0];
@@ -286,6 +308,7 @@ static __always_inline bool lb_reply(struct __sk_buff *skb, struct iphdr *ip, __
 	e = bpf_map_lookup_elem(&sb_lb_ct, &rk);
 	if (!e)
 		return false;
+	lb_touch(e, flow_flags(skb, ip->protocol, l4off), bpf_ktime_get_ns());
 	struct lb_ct v = *e;
 	if (rewrite(skb, ip->protocol, l4off, 12, ip->saddr, v.from_addr, 0, ports[0], v.from_port) ||
 	    rewrite(skb, ip->protocol, l4off, 16, ip->daddr, v.to_addr, 2, ports[1], v.to_port) ||

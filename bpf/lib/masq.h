@@ -31,14 +31,7 @@
 #define CT_FWD 0
 #define CT_REV 1
 
-/* Flags seen in one direction of a flow. */
-#define CT_SEEN 0x01
-#define CT_SYN 0x02
-#define CT_FIN 0x04
-#define CT_RST 0x08
-
 #define PORT_TRIES 32
-#define TOUCH_NS 1000000000ULL /* refresh last_seen at most once a second */
 
 struct ct_key {
 	__be32 saddr;
@@ -88,19 +81,6 @@ static __always_inline __u32 cidr_flags(__be32 addr)
 	__u32 *f = bpf_map_lookup_elem(&sb_masq_cidrs, &k);
 
 	return f ? *f : 0;
-}
-
-static __always_inline __u8 tcp_ct_flags(__u8 tcpflags)
-{
-	__u8 f = CT_SEEN;
-
-	if (tcpflags & TCP_FLAG_SYN)
-		f |= CT_SYN;
-	if (tcpflags & TCP_FLAG_FIN)
-		f |= CT_FIN;
-	if (tcpflags & TCP_FLAG_RST)
-		f |= CT_RST;
-	return f;
 }
 
 /* ct_touch records a packet on an entry, writing only when something changed

@@ -9,6 +9,39 @@
 
 #include "common.h"
 
+/* Flags seen in one direction of a flow (masquerading's sb_ct and Service
+ * load balancing's sb_lb_ct): with last_seen, what conntrack GC in
+ * pkg/datapath (conntrack.go) expires flows by. */
+#define CT_SEEN 0x01
+#define CT_SYN 0x02
+#define CT_FIN 0x04
+#define CT_RST 0x08
+
+#define TOUCH_NS 1000000000ULL /* refresh last_seen at most once a second */
+
+static __always_inline __u8 tcp_ct_flags(__u8 tcpflags)
+{
+	__u8 f = CT_SEEN;
+
+	if (tcpflags & TCP_FLAG_SYN)
+		f |= CT_SYN;
+	if (tcpflags & TCP_FLAG_FIN)
+		f |= CT_FIN;
+	if (tcpflags & TCP_FLAG_RST)
+		f |= CT_RST;
+	return f;
+}
+
+/* flow_flags reads the flags of the packet at l4off: TCP's, or CT_SEEN. */
+static __always_inline __u8 flow_flags(struct __sk_buff *skb, __u8 proto, __u32 l4off)
+{
+	__u8 tcpflags;
+
+	if (proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, l4off + 13, &tcpflags, 1))
+		return CT_SEEN;
+	return tcp_ct_flags(tcpflags);
+}
+
 /* rewrite replaces the IPv4 address at ETH_HLEN+addr_off and the 16-bit
  * L4 field at l4off+port_off, fixing the IP and L4 checksums. ICMP has no
  * pseudo header, so its checksum only covers the identifier. */

@@ -211,16 +211,20 @@ func Monotonic() time.Duration {
 
 // GC deletes expired conntrack entries and returns how many flows it removed.
 func (d *Datapath) GC(ctx context.Context) (int, error) {
-	res, err := gcConntrack(ctx, d.objs.SbCt, d.cfg.Timeouts, Monotonic())
+	now := Monotonic()
+	res, err := gcConntrack(ctx, d.objs.SbCt, d.cfg.Timeouts, now)
 	d.gc.flows.Store(int64(res.flows - res.deleted))
 	d.gc.deleted.Add(uint64(res.deleted))
 	d.gc.runs.Add(1)
-	return res.deleted, err
+	lb, lerr := gcLB(ctx, d.objs.SbLbCt, d.cfg.Timeouts, now)
+	d.gc.lbFlows.Store(int64(lb.flows - lb.deleted))
+	return res.deleted + lb.deleted, errors.Join(err, lerr)
 }
 
 // gcStats are the last GC pass's findings, exported as metrics.
 type gcStats struct {
 	flows   atomic.Int64  // flows left after the last pass
+	lbFlows atomic.Int64  // Service flows from outside left after the last pass
 	deleted atomic.Uint64 // flows deleted by all passes
 	runs    atomic.Uint64
 }

@@ -98,6 +98,7 @@ type Collector struct {
 	bytes   *prometheus.Desc
 	errors  *prometheus.Desc
 	flows   *prometheus.Desc
+	lbFlows *prometheus.Desc
 	deleted *prometheus.Desc
 	gcRuns  *prometheus.Desc
 
@@ -113,7 +114,8 @@ func NewCollector(m *ebpf.Map) *Collector {
 		bytes:   prometheus.NewDesc("sinabro_datapath_bytes_total", "Bytes handled by a datapath program, by outcome.", labels, nil),
 		errors:  prometheus.NewDesc("sinabro_datapath_counter_read_errors_total", "Failed reads of the datapath counters map.", nil, nil),
 		flows:   prometheus.NewDesc("sinabro_datapath_conntrack_flows", "Masqueraded flows in conntrack after the last GC pass (two entries each).", nil, nil),
-		deleted: prometheus.NewDesc("sinabro_datapath_conntrack_gc_deleted_total", "Expired flows deleted by conntrack GC.", nil, nil),
+		lbFlows: prometheus.NewDesc("sinabro_datapath_service_flows", "Service flows from outside the node (NodePort, external and load-balancer IPs) in sb_lb_ct after the last GC pass.", nil, nil),
+		deleted: prometheus.NewDesc("sinabro_datapath_conntrack_gc_deleted_total", "Expired masqueraded flows deleted by conntrack GC.", nil, nil),
 		gcRuns:  prometheus.NewDesc("sinabro_datapath_conntrack_gc_runs_total", "Conntrack GC passes.", nil, nil),
 	}
 }
@@ -133,6 +135,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.errors
 	if c.gc != nil {
 		ch <- c.flows
+		ch <- c.lbFlows
 		ch <- c.deleted
 		ch <- c.gcRuns
 	}
@@ -142,6 +145,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	if c.gc != nil {
 		ch <- prometheus.MustNewConstMetric(c.flows, prometheus.GaugeValue, float64(c.gc.flows.Load()))
+		ch <- prometheus.MustNewConstMetric(c.lbFlows, prometheus.GaugeValue, float64(c.gc.lbFlows.Load()))
 		ch <- prometheus.MustNewConstMetric(c.deleted, prometheus.CounterValue, float64(c.gc.deleted.Load()))
 		ch <- prometheus.MustNewConstMetric(c.gcRuns, prometheus.CounterValue, float64(c.gc.runs.Load()))
 	}

@@ -256,12 +256,14 @@ func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelC
 	spec.Maps["sb_ct"].MaxEntries = cfg.CTSize
 	sizePrefixMaps(spec)
 	// The prefix and endpoint maps are rewritten by the agent after every
-	// load; conntrack and counters are kept.
+	// load; conntrack and counters are kept. sb_lb_ct is kept too, unless
+	// its layout changed (an upgrade: flows from outside to Services start
+	// afresh, those to a remote backend are cut).
 	progs, err := programOptions(cfg)
 	if err != nil {
 		return err
 	}
-	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers")
+	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct")
 }
 
 // programOptions are the options the programs load with. The programs'

@@ -62,6 +62,9 @@ type datapathLbCt struct {
 	ToPort   uint16
 	FromPort uint16
 	Pad      uint32
+	LastSeen uint64
+	Flags    uint8
+	Pad2     [7]uint8
 }
 
 type datapathLbCtKey struct {

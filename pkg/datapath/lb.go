@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -199,8 +201,7 @@ func (t *LBTable) ForgetUDPFlows(current map[LBFrontend][]netip.AddrPort) (int, 
 		if slices.Contains(backends, backend) {
 			continue
 		}
-		stale = append(stale, flow{fwd: k, rev: datapathLbCtKey{
-			Saddr: v.ToAddr, Sport: v.ToPort, Daddr: v.FromAddr, Dport: v.FromPort, Proto: k.Proto, Dir: lbRev}})
+		stale = append(stale, flow{fwd: k, rev: lbRevKey(k, v)})
 	}
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("read the Service flow table: %w", err)
@@ -213,6 +214,79 @@ func (t *LBTable) ForgetUDPFlows(current map[LBFrontend][]netip.AddrPort) (int, 
 		}
 	}
 	return len(stale), nil
+}
+
+// lbRevKey is the reverse key of the forward entry fk → fv: from the
+// backend to the source it was given (the client, or the node's NAT port).
+func lbRevKey(fk datapathLbCtKey, fv datapathLbCt) datapathLbCtKey {
+	return datapathLbCtKey{Saddr: fv.ToAddr, Sport: fv.ToPort, Daddr: fv.FromAddr, Dport: fv.FromPort, Proto: fk.Proto, Dir: lbRev}
+}
+
+// lbFwdKey is the forward key of the reverse entry rk → rv: from the
+// client to the frontend.
+func lbFwdKey(rk datapathLbCtKey, rv datapathLbCt) datapathLbCtKey {
+	return datapathLbCtKey{Saddr: rv.ToAddr, Sport: rv.ToPort, Daddr: rv.FromAddr, Dport: rv.FromPort, Proto: rk.Proto, Dir: lbFwd}
+}
+
+// gcLB expires the flows from outside in sb_lb_ct (both halves) by the
+// timeouts and TCP states of masquerading's conntrack, so a closed flow's
+// NAT port is free again after TCPClosing.
+func gcLB(ctx context.Context, m *ebpf.Map, t Timeouts, now time.Duration) (gcResult, error) {
+	t.setDefaults()
+	type pair struct {
+		fk, rk datapathLbCtKey
+		fv, rv datapathLbCt
+	}
+	pairs := map[datapathLbCtKey]*pair{}
+	var k datapathLbCtKey
+	var v datapathLbCt
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		fk := k
+		if k.Dir == lbRev {
+			fk = lbFwdKey(k, v)
+		}
+		p := pairs[fk]
+		if p == nil {
+			p = &pair{fk: fk}
+			pairs[fk] = p
+		}
+		if k.Dir == lbRev {
+			p.rk, p.rv = k, v
+		} else {
+			p.fv, p.rk = v, lbRevKey(k, v)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return gcResult{}, fmt.Errorf("dump the Service flow table: %w", err)
+	}
+	expired := func(p *pair) bool {
+		last := time.Duration(max(p.fv.LastSeen, p.rv.LastSeen))
+		return now-last > t.timeout(p.fk.Proto, p.fv.Flags, p.rv.Flags)
+	}
+	res := gcResult{flows: len(pairs)}
+	for _, p := range pairs {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		if !expired(p) {
+			continue
+		}
+		// Re-read both halves: a packet may have arrived since the dump.
+		p.fv, p.rv = datapathLbCt{}, datapathLbCt{}
+		m.Lookup(p.fk, &p.fv)
+		m.Lookup(p.rk, &p.rv)
+		if !expired(p) {
+			continue
+		}
+		for _, key := range []datapathLbCtKey{p.fk, p.rk} {
+			if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return res, fmt.Errorf("delete a Service flow: %w", err)
+			}
+		}
+		res.deleted++
+	}
+	return res, nil
 }
 
 func addrFromNE(a uint32) netip.Addr {

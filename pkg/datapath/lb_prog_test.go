@@ -2,9 +2,11 @@ package datapath
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/gopacket/gopacket/layers"
 )
@@ -152,4 +154,77 @@ func contains(list []netip.AddrPort, a netip.AddrPort) bool {
 		}
 	}
 	return false
+}
+
+// Flows from outside age like masqueraded ones: a TCP flow closed both
+// ways is gone TCPClosing after its last packet (its NAT port free again),
+// an open one stays until TCPEstablished; UDP after UDP.
+func TestLBFlowsExpire(t *testing.T) {
+	cfg := testConfig()
+	cfg.RouteOut = true
+	objs := newTestObjects(t, cfg)
+	table := &LBTable{m: objs.SbLbServices, active: objs.SbLbActive, ct: objs.SbLbCt}
+	client := netip.MustParseAddr("203.0.113.9")
+	backend := netip.MustParseAddrPort("10.244.2.7:8080")
+	for _, f := range []LBFrontend{{NodePort: true, Port: 30080, Proto: 6}, {NodePort: true, Port: 30053, Proto: 17}} {
+		if err := table.Put(f, []netip.AddrPort{backend}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := table.SetActive(2); err != nil {
+		t.Fatal(err)
+	}
+	// send runs a packet from the client to the NodePort and the
+	// backend's answer back, with the given TCP flags each way.
+	send := func(proto layers.IPProtocol, sport, dport uint16, fwdFlags, revFlags string) {
+		t.Helper()
+		_, out := run(t, objs.MasqIngress, pkt{proto: proto, src: client, dst: testNode, sport: sport, dport: dport, tcpFlags: fwdFlags}.bytes(t))
+		natPort := parse(t, out).sport
+		if revFlags == "-" {
+			return
+		}
+		if ret, _ := run(t, objs.MasqIngress, pkt{proto: proto, src: backend.Addr(), dst: testNode, sport: backend.Port(), dport: natPort, tcpFlags: revFlags}.bytes(t)); ret != verdictRedirect {
+			t.Fatalf("reply not translated (verdict %d)", int32(ret))
+		}
+	}
+	send(layers.IPProtocolTCP, 40000, 30080, "S", "SA") // closed below
+	send(layers.IPProtocolTCP, 40000, 30080, "FA", "FA")
+	send(layers.IPProtocolTCP, 40001, 30080, "S", "SA") // stays open
+	send(layers.IPProtocolTCP, 40001, 30080, "A", "A")
+	send(layers.IPProtocolUDP, 40002, 30053, "", "")
+
+	var timeouts Timeouts
+	timeouts.setDefaults()
+	count := func() int {
+		n := 0
+		var k datapathLbCtKey
+		var v datapathLbCt
+		it := objs.SbLbCt.Iterate()
+		for it.Next(&k, &v) {
+			n++
+		}
+		return n
+	}
+	if n := count(); n != 6 {
+		t.Fatalf("sb_lb_ct holds %d entries, want 3 flows × 2", n)
+	}
+	now := Monotonic()
+	for _, step := range []struct {
+		after   time.Duration
+		deleted int
+	}{
+		{timeouts.TCPClosing / 2, 0},           // nothing idle long enough
+		{timeouts.TCPClosing + time.Second, 1}, // the closed TCP flow
+		{timeouts.UDP + time.Second, 1},        // the UDP flow
+		{timeouts.TCPEstablished - time.Minute, 0},
+		{timeouts.TCPEstablished + time.Second, 1}, // the open TCP flow, idle
+	} {
+		res, err := gcLB(context.Background(), objs.SbLbCt, timeouts, now+step.after)
+		if err != nil || res.deleted != step.deleted {
+			t.Errorf("GC %s after the last packets: deleted %d flows (%v), want %d", step.after, res.deleted, err, step.deleted)
+		}
+	}
+	if n := count(); n != 0 {
+		t.Errorf("%d entries left after every flow expired", n)
+	}
 }
