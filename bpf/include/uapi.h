@@ -76,6 +76,7 @@ typedef _Bool bool;
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 
+#define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 

@@ -57,7 +57,7 @@ enum reason {
 	REASON_LB_NEW = 24,          /* ingress: a flow from outside to a Service frontend got its backend (lib/lb.h) */
 	REASON_LB_FORWARD = 25,      /* ingress: a packet from outside translated to its Service backend */
 	REASON_LB_REPLY = 26,        /* a Service backend's reply translated back to the frontend */
-	REASON_DROP_LB_NO_BACKEND = 27, /* ingress: a Service frontend without (local) backends */
+	REASON_DROP_LB_NO_BACKEND = 27, /* ingress: a Service frontend without (local) backends: answered with ICMP port unreachable */
 	REASON_MAX = 32,
 };
 

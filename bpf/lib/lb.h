@@ -169,6 +169,68 @@ static __always_inline int lb_snat_port(struct lb_ct_key *rk, const struct lb_ct
 	return REASON_DROP_NO_PORT;
 }
 
+#define ICMP_PORT_UNREACH 3
+
+/* An ICMP port unreachable with its quote: the offending packet's IPv4
+ * header and the first 8 bytes of its L4 header. */
+struct lb_unreach {
+	struct icmphdr icmp;
+	struct iphdr quoted_ip;
+	__u8 quoted_l4[8];
+};
+
+static __always_inline __sum16 csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__sum16)~s;
+}
+
+/* lb_reject answers a packet for a frontend without backends as
+ * kube-proxy's REJECT does: with an ICMP port unreachable (a TCP client's
+ * connect() fails with ECONNREFUSED at once, a UDP client's next recv),
+ * sent back out of the interface the packet came in on. The packet is
+ * rewritten in place into the answer. Packets with IP options are only
+ * dropped. */
+static __always_inline int lb_reject(struct __sk_buff *skb, struct iphdr *ip, __u32 l4off)
+{
+	struct ethhdr eth;
+	struct lb_unreach u = {};
+	struct iphdr out = {};
+	__u8 mac[ETH_ALEN];
+
+	if (ip->ihl != 5 || bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, l4off, u.quoted_l4, sizeof(u.quoted_l4)))
+		return TCX_DROP;
+	u.quoted_ip = *ip;
+	u.icmp.type = ICMP_DEST_UNREACH;
+	u.icmp.code = ICMP_PORT_UNREACH;
+	u.icmp.checksum = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&u, sizeof(u), 0));
+
+	out.version = 4;
+	out.ihl = 5;
+	out.tot_len = bpf_htons(sizeof(out) + sizeof(u));
+	out.frag_off = bpf_htons(IP_DF);
+	out.ttl = 64;
+	out.protocol = IPPROTO_ICMP;
+	out.saddr = ip->daddr;
+	out.daddr = ip->saddr;
+	out.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&out, sizeof(out), 0));
+
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(out) + sizeof(u), 0) ||
+	    bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &out, sizeof(out), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(out), &u, sizeof(u), 0))
+		return TCX_DROP;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* lb_ingress translates a packet from outside for a Service frontend and
  * sends it on to its backend. It returns -1 when the packet is not for a
  * frontend (untouched), else a tc verdict. */
@@ -215,7 +277,7 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 	} else {
 		if (svc->count == 0) {
 			count(skb, PROG_MASQ_INGRESS, REASON_DROP_LB_NO_BACKEND);
-			return TCX_DROP;
+			return lb_reject(skb, ip, l4off);
 		}
 		__u32 slot = lb_hash(fk.saddr, fk.daddr, fk.sport, fk.dport, fk.proto) % LB_MAGLEV_M;
 		/* The verifier loses the modulo's bound: hide the value from

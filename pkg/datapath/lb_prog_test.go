@@ -133,17 +133,37 @@ func TestLBFromOutside(t *testing.T) {
 		t.Errorf("a TCP flow moved off its backend %s after ForgetUDPFlows", fwd.dst)
 	}
 
-	// A frontend without backends drops at once and counts why.
-	empty := LBFrontend{NodePort: true, Port: 30081, Proto: 6}
-	if err := table.Put(empty, nil); err != nil {
-		t.Fatal(err)
+	// A frontend without backends answers at once, as kube-proxy's
+	// REJECT does: an ICMP port unreachable back out of the uplink, quoting
+	// the packet (its sender's stack then fails the connect or the recv).
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
+		empty := LBFrontend{NodePort: true, Port: 30081, Proto: uint8(proto)}
+		if err := table.Put(empty, nil); err != nil {
+			t.Fatal(err)
+		}
+		in = pkt{proto: proto, src: client, dst: testNode, sport: 40001, dport: 30081, tcpFlags: "S", payload: []byte("0123456789")}.bytes(t)
+		ret, out := run(t, objs.MasqIngress, in)
+		out = out[:14+56]
+		icmp := parse(t, out)
+		quoted := out[14+20+8:]
+		if ret != verdictRedirect || out[14+9] != 1 || icmp.src != testNode || icmp.dst != client || icmp.icmpType != 3 || icmp.l4[1] != 3 {
+			t.Fatalf("%v to a NodePort without backends: verdict %d, proto %d %s -> %s, ICMP %d/%d; want redirect, ICMP 3/3 %s -> %s",
+				proto, int32(ret), out[14+9], icmp.src, icmp.dst, icmp.icmpType, icmp.l4[1], testNode, client)
+		}
+		if !bytes.Equal(quoted, in[14:14+28]) {
+			t.Errorf("%v: ICMP quote = % x, want the packet's IP header and 8 bytes of L4 % x", proto, quoted, in[14:14+28])
+		}
+		if !bytes.Equal(out[0:6], in[6:12]) || !bytes.Equal(out[6:12], in[0:6]) {
+			t.Errorf("%v: the answer's MACs are not the packet's swapped", proto)
+		}
 	}
-	in = pkt{proto: layers.IPProtocolTCP, src: client, dst: testNode, sport: 40001, dport: 30081, tcpFlags: "S"}.bytes(t)
+	if n := counter(t, objs, "masq_ingress", "drop_lb_no_backend"); n != 2 {
+		t.Errorf("drop_lb_no_backend = %d, want 2", n)
+	}
+	// With IP options the packet is only dropped.
+	in = pkt{proto: layers.IPProtocolTCP, src: client, dst: testNode, sport: 40002, dport: 30081, tcpFlags: "S", options: 4}.bytes(t)
 	if ret, _ := run(t, objs.MasqIngress, in); ret != verdictDrop {
-		t.Errorf("SYN to a NodePort without backends: verdict %d, want drop", int32(ret))
-	}
-	if n := counter(t, objs, "masq_ingress", "drop_lb_no_backend"); n != 1 {
-		t.Errorf("drop_lb_no_backend = %d, want 1", n)
+		t.Errorf("SYN with IP options to a NodePort without backends: verdict %d, want drop", int32(ret))
 	}
 }
 

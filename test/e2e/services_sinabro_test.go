@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 	"github.com/sinabro-io/sinabro/pkg/service"
@@ -93,6 +94,30 @@ func TestSinabroServices(t *testing.T) {
 		if took := time.Since(start); !errors.Is(err, syscall.ECONNREFUSED) || took > 200*time.Millisecond {
 			t.Fatalf("connect to a Service without endpoints: %v after %s, want connection refused at once", err, took)
 		}
+		// From outside, through its NodePort: the datapath answers with an
+		// ICMP port unreachable, so the client's connect() fails at once.
+		svc, err := cs.Services("default").Get(ctx, "empty", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc.Spec.Type = corev1.ServiceTypeNodePort
+		if svc, err = cs.Services("default").Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		nodeAddr := net.JoinHostPort(nodeIPOf(t, cs, client.node), fmt.Sprint(svc.Spec.Ports[0].NodePort))
+		waitFor(t, 10*time.Second, "NodePort refused from outside", func() (bool, string) {
+			var took time.Duration
+			err := netns.Do(netns.Path(labNetns("ext")), func() error {
+				start := time.Now()
+				c, err := net.DialTimeout("tcp", nodeAddr, 2*time.Second)
+				took = time.Since(start)
+				if err == nil {
+					c.Close()
+				}
+				return err
+			})
+			return errors.Is(err, syscall.ECONNREFUSED) && took < 200*time.Millisecond, fmt.Sprintf("%v after %s", err, took)
+		})
 	})
 
 	t.Run("endpoint change reaches new connections", func(t *testing.T) {
@@ -297,4 +322,20 @@ func TestSinabroServices(t *testing.T) {
 			return p != pid && syscall.Kill(p, 0) == nil, fmt.Sprint(p)
 		})
 	})
+}
+
+// nodeIPOf is a lab node's InternalIP.
+func nodeIPOf(t *testing.T, cs *kube.Client, node string) string {
+	t.Helper()
+	n, err := cs.Nodes().Get(context.Background(), node, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range n.Status.Addresses {
+		if a.Type == corev1.NodeInternalIP {
+			return a.Address
+		}
+	}
+	t.Fatalf("node %s has no InternalIP", node)
+	return ""
 }
