@@ -83,6 +83,22 @@ func TestTCPAcceleration(t *testing.T) {
 		}
 	})
 
+	t.Run("through a ClusterIP whose backend is on the same node", func(t *testing.T) {
+		// The socket load balancer picks the backend at connect(), so
+		// sock_ops sees two local pods and the connection is accelerated.
+		// (svc-<pod> is the lab's ClusterIP Service of one pod.)
+		svc, err := a.cs.Services("default").Get(context.Background(), "svc-"+server.name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := a.stats(t)
+		a.exchange(t, client, net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(lab.ServeTCPPort)), 200)
+		after := a.stats(t)
+		if d := after.Message("redirect").Count - before.Message("redirect").Count; d < 200 {
+			t.Errorf("%d messages redirected over a ClusterIP connection to a same-node pod, want at least 200", d)
+		}
+	})
+
 	t.Run("cross-node and external flows are not redirected", func(t *testing.T) {
 		before := a.stats(t)
 		for _, to := range []string{a.pods["node-2-pod-1"].ip, a.external} {
