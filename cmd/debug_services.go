@@ -77,16 +77,20 @@ their backends and Maglev slots, and the socket-call counters by reason.`,
 			}
 			fmt.Fprintf(w, "\nfrom outside the node (uplink, per packet, Maglev): %d frontends\n", len(external))
 			tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "FRONTEND\tBACKENDS (MAGLEV SLOTS)")
+			fmt.Fprintln(tw, "FRONTEND\tBACKENDS (MAGLEV SLOTS)\tAFFINITY")
 			for _, r := range external {
 				var bs []string
 				for i, b := range r.Backends {
 					bs = append(bs, fmt.Sprintf("%s (%d)", b, r.Slots[i]))
 				}
 				if len(bs) == 0 {
-					bs = []string{"(none: dropped)"}
+					bs = []string{"(none: ICMP port unreachable)"}
 				}
-				fmt.Fprintf(tw, "%s\t%s\n", r.Frontend, strings.Join(bs, ", "))
+				aff := "-"
+				if r.Affinity {
+					aff = "ClientIP"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Frontend, strings.Join(bs, ", "), aff)
 			}
 			if err := tw.Flush(); err != nil {
 				return err

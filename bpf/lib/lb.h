@@ -49,9 +49,11 @@ struct lb_backend {
 	__u16 pad;
 };
 
+#define LB_F_AFFINITY 1 /* sessionAffinity ClientIP: the slot from the client address alone */
+
 struct lb_service {
-	__u32 count; /* backends; 0 drops */
-	__u32 pad;
+	__u32 count; /* backends; 0 answers ICMP port unreachable */
+	__u32 flags; /* LB_F_* */
 	struct lb_backend slots[LB_MAGLEV_M];
 };
 
@@ -279,7 +281,11 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 			count(skb, PROG_MASQ_INGRESS, REASON_DROP_LB_NO_BACKEND);
 			return lb_reject(skb, ip, l4off);
 		}
-		__u32 slot = lb_hash(fk.saddr, fk.daddr, fk.sport, fk.dport, fk.proto) % LB_MAGLEV_M;
+		/* With ClientIP affinity every flow of a client hashes alike, so
+		 * it stays on one backend while the set does not change (longer
+		 * than kube-proxy's timeout, which only bounds the stickiness). */
+		__u32 slot = (svc->flags & LB_F_AFFINITY) ? lb_hash(fk.saddr, 0, 0, 0, 0) % LB_MAGLEV_M
+							  : lb_hash(fk.saddr, fk.daddr, fk.sport, fk.dport, fk.proto) % LB_MAGLEV_M;
 		/* The verifier loses the modulo's bound: hide the value from
 		 * the compiler so the check it would drop stays. */
 		asm volatile("" : "+r"(slot));

@@ -94,11 +94,12 @@ func desiredServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, h
 // each NodePort on the node address, each external IP and load-balancer
 // ingress IP with its port, TCP and UDP. Their backends are all ready
 // endpoints, or with externalTrafficPolicy Local only this node's (none
-// left: packets are dropped, as kube-proxy does, so the load balancer in
-// front picks another node through healthCheckNodePort).
-func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, here locality) map[datapath.LBFrontend][]netip.AddrPort {
+// left: packets are rejected, as kube-proxy does, and the load balancer in
+// front picks another node through healthCheckNodePort); sessionAffinity
+// ClientIP keeps each client address on one backend.
+func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, here locality) map[datapath.LBFrontend]datapath.LBEntry {
 	bySvc := slicesByService(eps)
-	out := map[datapath.LBFrontend][]netip.AddrPort{}
+	out := map[datapath.LBFrontend]datapath.LBEntry{}
 	for _, svc := range svcs {
 		if !loadBalanced(svc) {
 			continue
@@ -110,13 +111,14 @@ func desiredExternal(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice, h
 			if !ok || proto == service.SCTP {
 				continue
 			}
-			backends := backendsFor(slicesOf, sp.Name, sp.Protocol, here, local)
+			entry := datapath.LBEntry{Backends: backendsFor(slicesOf, sp.Name, sp.Protocol, here, local),
+				Affinity: svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP}
 			if sp.NodePort != 0 && (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) {
-				out[datapath.LBFrontend{NodePort: true, Port: uint16(sp.NodePort), Proto: uint8(proto)}] = backends
+				out[datapath.LBFrontend{NodePort: true, Port: uint16(sp.NodePort), Proto: uint8(proto)}] = entry
 			}
 			for _, ip := range externalAddrs(svc) {
 				if a, err := netip.ParseAddr(ip); err == nil && a.Is4() {
-					out[datapath.LBFrontend{Addr: a, Port: uint16(sp.Port), Proto: uint8(proto)}] = backends
+					out[datapath.LBFrontend{Addr: a, Port: uint16(sp.Port), Proto: uint8(proto)}] = entry
 				}
 			}
 		}

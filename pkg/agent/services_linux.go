@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -56,7 +55,7 @@ type serviceController struct {
 	// The datapath's table of frontends reachable from outside, and what
 	// this controller wrote there (nil map: nothing known, rewrite all).
 	external *datapath.LBTable
-	extState map[datapath.LBFrontend][]netip.AddrPort
+	extState map[datapath.LBFrontend]datapath.LBEntry
 	health   *healthChecks
 	state    string // what the last pass decided, logged on change
 	rt       *rtnetlink.Conn
@@ -251,7 +250,7 @@ func (c *serviceController) terminateUDP(gone []service.Gone) {
 // syncExternal makes the datapath's table of frontends reachable from
 // outside exactly desired (nil: empty). Without a loaded datapath yet it
 // does nothing: the next pass (at most serviceRecheck later) writes it.
-func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip.AddrPort) error {
+func (c *serviceController) syncExternal(desired map[datapath.LBFrontend]datapath.LBEntry) error {
 	if c.external == nil {
 		t, err := datapath.OpenLBTable(c.root)
 		if errors.Is(err, os.ErrNotExist) {
@@ -269,23 +268,23 @@ func (c *serviceController) syncExternal(desired map[datapath.LBFrontend][]netip
 		if err != nil {
 			return fmt.Errorf("read the datapath's Service table: %w", err)
 		}
-		c.extState = map[datapath.LBFrontend][]netip.AddrPort{}
+		c.extState = map[datapath.LBFrontend]datapath.LBEntry{}
 		for _, f := range have {
-			c.extState[f] = []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), 0)} // never equal
+			c.extState[f] = datapath.LBEntry{Backends: []netip.AddrPort{netip.AddrPortFrom(netip.IPv4Unspecified(), 0)}} // never equal
 		}
 	}
 	var errs []error
 	udpChanged := false // a UDP frontend lost backends, or went
-	for f, backends := range desired {
+	for f, e := range desired {
 		cur, ok := c.extState[f]
-		if ok && slices.Equal(cur, backends) {
+		if ok && cur.Equal(e) {
 			continue
 		}
-		if err := c.external.Put(f, backends); err != nil {
+		if err := c.external.Put(f, e); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		c.extState[f] = backends
+		c.extState[f] = e
 		udpChanged = udpChanged || (ok && f.Proto == uint8(service.UDP))
 	}
 	for f := range c.extState {

@@ -104,19 +104,20 @@ func TestDesiredServices(t *testing.T) {
 
 	// From outside: eTP Local keeps this node's endpoints only.
 	ext := desiredExternal(svcs, eps, locality{node: "a"})
-	wantExt := map[datapath.LBFrontend][]netip.AddrPort{
-		{NodePort: true, Port: 30080, Proto: 6}:                          both,
-		{Addr: netip.MustParseAddr("192.0.2.9"), Port: 80, Proto: 6}:     both,
-		{NodePort: true, Port: 30053, Proto: 17}:                         {ap("10.244.1.2:5353")},
-		{Addr: netip.MustParseAddr("192.0.2.9"), Port: 53, Proto: 17}:    {ap("10.244.1.2:5353")},
-		{NodePort: true, Port: 30443, Proto: 6}:                          {ap("10.244.1.4:8443")},
-		{Addr: netip.MustParseAddr("198.51.100.7"), Port: 443, Proto: 6}: {ap("10.244.1.4:8443")},
+	// web has ClientIP affinity: one backend per client address.
+	wantExt := map[datapath.LBFrontend]datapath.LBEntry{
+		{NodePort: true, Port: 30080, Proto: 6}:                          {Backends: both, Affinity: true},
+		{Addr: netip.MustParseAddr("192.0.2.9"), Port: 80, Proto: 6}:     {Backends: both, Affinity: true},
+		{NodePort: true, Port: 30053, Proto: 17}:                         {Backends: []netip.AddrPort{ap("10.244.1.2:5353")}, Affinity: true},
+		{Addr: netip.MustParseAddr("192.0.2.9"), Port: 53, Proto: 17}:    {Backends: []netip.AddrPort{ap("10.244.1.2:5353")}, Affinity: true},
+		{NodePort: true, Port: 30443, Proto: 6}:                          {Backends: []netip.AddrPort{ap("10.244.1.4:8443")}},
+		{Addr: netip.MustParseAddr("198.51.100.7"), Port: 443, Proto: 6}: {Backends: []netip.AddrPort{ap("10.244.1.4:8443")}},
 	}
 	if len(ext) != len(wantExt) {
 		t.Errorf("external frontends %v, want %v", ext, wantExt)
 	}
 	for fe, w := range wantExt {
-		if !slices.Equal(ext[fe], w) {
+		if !ext[fe].Equal(w) {
 			t.Errorf("external %s: got %v, want %v", fe, ext[fe], w)
 		}
 	}

@@ -89,7 +89,7 @@ type datapathLbKey struct {
 type datapathLbService struct {
 	_     structs.HostLayout
 	Count uint32
-	Pad   uint32
+	Flags uint32
 	Slots [1021]datapathLbBackend
 }
 

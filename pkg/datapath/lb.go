@@ -95,11 +95,32 @@ func lbFrontend(k datapathLbKey) LBFrontend {
 	return f
 }
 
-// Put writes a frontend's Maglev table over backends in one update
-// (packets see the old table or the new one); no backend drops.
-func (t *LBTable) Put(f LBFrontend, backends []netip.AddrPort) error {
+// LBEntry is what a frontend reachable from outside does.
+type LBEntry struct {
+	Backends []netip.AddrPort
+	// Affinity (sessionAffinity ClientIP) sends every flow of a client
+	// address to one backend while the backends do not change.
+	Affinity bool
+}
+
+// Equal reports whether e and o program the same table.
+func (e LBEntry) Equal(o LBEntry) bool {
+	return e.Affinity == o.Affinity && slices.Equal(e.Backends, o.Backends)
+}
+
+// lbAffinity is LB_F_AFFINITY in bpf/lib/lb.h.
+const lbAffinity = 1
+
+// Put writes a frontend's Maglev table over e's backends in one update
+// (packets see the old table or the new one); without a backend, packets
+// are answered with ICMP port unreachable.
+func (t *LBTable) Put(f LBFrontend, e LBEntry) error {
+	backends := e.Backends
 	var v datapathLbService
 	v.Count = uint32(len(backends))
+	if e.Affinity {
+		v.Flags = lbAffinity
+	}
 	for slot, i := range Maglev(backends, MaglevSize) {
 		b := backends[i].Addr().As4()
 		v.Slots[slot] = datapathLbBackend{Addr: binary.NativeEndian.Uint32(b[:]), Port: be16(backends[i].Port())}
@@ -121,8 +142,9 @@ func (t *LBTable) Delete(f LBFrontend) error {
 // LBRow is one frontend reachable from outside as the datapath holds it.
 type LBRow struct {
 	Frontend string   `json:"frontend"`
-	Backends []string `json:"backends"` // distinct, in order of first slot
-	Slots    []int    `json:"slots"`    // Maglev slots per backend
+	Affinity bool     `json:"affinity,omitempty"` // ClientIP: one backend per client address
+	Backends []string `json:"backends"`           // distinct, in order of first slot
+	Slots    []int    `json:"slots"`              // Maglev slots per backend
 }
 
 // ListLB reads the frontend table pinned under root.
@@ -137,7 +159,7 @@ func ListLB(root string) ([]LBRow, error) {
 	var v datapathLbService
 	it := t.m.Iterate()
 	for it.Next(&k, &v) {
-		r := LBRow{Frontend: lbFrontend(k).String(), Backends: []string{}}
+		r := LBRow{Frontend: lbFrontend(k).String(), Affinity: v.Flags&lbAffinity != 0, Backends: []string{}}
 		idx := map[string]int{}
 		for slot := 0; v.Count > 0 && slot < MaglevSize; slot++ {
 			b := v.Slots[slot]
@@ -180,7 +202,7 @@ const (
 // on to a removed one. TCP flows stay, as kube-proxy leaves them: a
 // terminating backend may still finish its connections. It returns how
 // many flows it deleted.
-func (t *LBTable) ForgetUDPFlows(current map[LBFrontend][]netip.AddrPort) (int, error) {
+func (t *LBTable) ForgetUDPFlows(current map[LBFrontend]LBEntry) (int, error) {
 	type flow struct{ fwd, rev datapathLbCtKey }
 	var stale []flow
 	var k datapathLbCtKey
@@ -191,12 +213,13 @@ func (t *LBTable) ForgetUDPFlows(current map[LBFrontend][]netip.AddrPort) (int, 
 			continue
 		}
 		f := LBFrontend{Addr: addrFromNE(k.Daddr), Port: portFromBE16(k.Dport), Proto: k.Proto}
-		backends, ok := current[f]
+		e, ok := current[f]
 		if !ok {
 			// Not an address frontend: a NodePort on a node address.
 			f = LBFrontend{Port: f.Port, Proto: f.Proto, NodePort: true}
-			backends = current[f]
+			e = current[f]
 		}
+		backends := e.Backends
 		backend := netip.AddrPortFrom(addrFromNE(v.ToAddr), portFromBE16(v.ToPort))
 		if slices.Contains(backends, backend) {
 			continue

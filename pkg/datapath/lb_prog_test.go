@@ -35,7 +35,7 @@ func TestLBFromOutside(t *testing.T) {
 	client := netip.MustParseAddr("203.0.113.9")
 	nodePort := LBFrontend{NodePort: true, Port: 30080, Proto: 6}
 	remote := []netip.AddrPort{netip.MustParseAddrPort("10.244.2.7:8080"), netip.MustParseAddrPort("10.244.2.8:8080")}
-	if err := table.Put(nodePort, remote); err != nil {
+	if err := table.Put(nodePort, LBEntry{Backends: remote}); err != nil {
 		t.Fatal(err)
 	}
 	syn := func(sport uint16, flags string) []byte {
@@ -89,11 +89,28 @@ func TestLBFromOutside(t *testing.T) {
 		t.Errorf("64 flows went to %v, want both backends", seen)
 	}
 
+	// ClientIP affinity: every flow of one client to one backend.
+	sticky := LBFrontend{NodePort: true, Port: 30090, Proto: 6}
+	if err := table.Put(sticky, LBEntry{Backends: remote, Affinity: true}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []string{"203.0.113.9", "203.0.113.10", "203.0.113.11", "203.0.113.12"} {
+		seen := map[netip.Addr]int{}
+		for sport := uint16(42000); sport < 42016; sport++ {
+			in := pkt{proto: layers.IPProtocolTCP, src: netip.MustParseAddr(c), dst: testNode, sport: sport, dport: 30090, tcpFlags: "S"}.bytes(t)
+			_, out := run(t, objs.MasqIngress, in)
+			seen[parse(t, out).dst]++
+		}
+		if len(seen) != 1 {
+			t.Errorf("ClientIP affinity: client %s's 16 flows went to %v, want one backend", c, seen)
+		}
+	}
+
 	// External IP, backend on this node: only the destination changes, the
 	// pod sees the client; its reply is translated back on its veth.
 	extIP := LBFrontend{Addr: netip.MustParseAddr("198.51.100.10"), Port: 53, Proto: 17}
 	podDNS := netip.AddrPortFrom(pod.IP, 5353)
-	if err := table.Put(extIP, []netip.AddrPort{podDNS}); err != nil {
+	if err := table.Put(extIP, LBEntry{Backends: []netip.AddrPort{podDNS}}); err != nil {
 		t.Fatal(err)
 	}
 	query := pkt{proto: layers.IPProtocolUDP, src: client, dst: extIP.Addr, sport: 7777, dport: 53, payload: []byte("query")}.bytes(t)
@@ -113,7 +130,7 @@ func TestLBFromOutside(t *testing.T) {
 	// The pod leaves the external IP's backends: its UDP flow is forgotten
 	// and the next datagram goes to the new backend; TCP flows stay.
 	moved := netip.MustParseAddrPort("10.244.2.9:5353")
-	current := map[LBFrontend][]netip.AddrPort{extIP: {moved}, nodePort: remote[:1]}
+	current := map[LBFrontend]LBEntry{extIP: {Backends: []netip.AddrPort{moved}}, nodePort: {Backends: remote[:1]}}
 	for f, b := range current {
 		if err := table.Put(f, b); err != nil {
 			t.Fatal(err)
@@ -138,7 +155,7 @@ func TestLBFromOutside(t *testing.T) {
 	// the packet (its sender's stack then fails the connect or the recv).
 	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
 		empty := LBFrontend{NodePort: true, Port: 30081, Proto: uint8(proto)}
-		if err := table.Put(empty, nil); err != nil {
+		if err := table.Put(empty, LBEntry{}); err != nil {
 			t.Fatal(err)
 		}
 		in = pkt{proto: proto, src: client, dst: testNode, sport: 40001, dport: 30081, tcpFlags: "S", payload: []byte("0123456789")}.bytes(t)
@@ -187,7 +204,7 @@ func TestLBFlowsExpire(t *testing.T) {
 	client := netip.MustParseAddr("203.0.113.9")
 	backend := netip.MustParseAddrPort("10.244.2.7:8080")
 	for _, f := range []LBFrontend{{NodePort: true, Port: 30080, Proto: 6}, {NodePort: true, Port: 30053, Proto: 17}} {
-		if err := table.Put(f, []netip.AddrPort{backend}); err != nil {
+		if err := table.Put(f, LBEntry{Backends: []netip.AddrPort{backend}}); err != nil {
 			t.Fatal(err)
 		}
 	}
