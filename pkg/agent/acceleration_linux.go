@@ -91,65 +91,65 @@ func (c *accelerationController) pass(ctx context.Context) error {
 // annotations (see planAcceleration). The programs are attached only while
 // something can be accelerated, and detached live otherwise (established
 // connections continue on the normal path).
-func (a *accelerationController) ensure(ctx context.Context, self nodeInfo) error {
-	if a.cfg.BPFRoot == "" {
-		return a.disableAcceleration(ctx, "no bpffs root")
+func (c *accelerationController) ensure(ctx context.Context, self nodeInfo) error {
+	if c.cfg.BPFRoot == "" {
+		return c.disableAcceleration(ctx, "no bpffs root")
 	}
-	plan := a.accelerationPlan(self)
+	plan := c.accelerationPlan(self)
 	for _, w := range plan.Warnings {
-		if !a.warned[w] {
-			a.log.Warn("ignoring a TCP acceleration annotation that is neither true nor false", "annotation", w)
+		if !c.warned[w] {
+			c.log.Warn("ignoring a TCP acceleration annotation that is neither true nor false", "annotation", w)
 		}
 	}
-	a.warned = map[string]bool{}
+	c.warned = map[string]bool{}
 	for _, w := range plan.Warnings {
-		a.warned[w] = true
+		c.warned[w] = true
 	}
 	if !plan.active() {
 		reason := "no pod opted in (sinabro.io/tcp-acceleration: \"true\" on the pod or its namespace)"
-		if a.cfg.TCPAcceleration {
+		if c.cfg.TCPAcceleration {
 			reason = "the node has no IPv4 pod CIDR"
 		}
-		return a.disableAcceleration(ctx, reason)
+		return c.disableAcceleration(ctx, reason)
 	}
 	logPlan := func(msg string) {
-		if a.cfg.TCPAcceleration {
-			a.log.Info(msg, "node_default", true, "pod_prefixes", plan.Prefixes, "opted_out", plan.Excluded)
+		if c.cfg.TCPAcceleration {
+			c.log.Info(msg, "node_default", true, "pod_prefixes", plan.Prefixes, "opted_out", plan.Excluded)
 		} else {
-			a.log.Info(msg, "node_default", false, "opted_in", plan.Prefixes)
+			c.log.Info(msg, "node_default", false, "opted_in", plan.Prefixes)
 		}
 	}
-	if a.accel != nil {
-		if slices.Equal(plan.Prefixes, a.plan.Prefixes) && slices.Equal(plan.Excluded, a.plan.Excluded) {
+	if c.accel != nil {
+		if slices.Equal(plan.Prefixes, c.plan.Prefixes) && slices.Equal(plan.Excluded, c.plan.Excluded) {
 			return nil
 		}
-		if err := a.accel.SetPods(plan.Prefixes, plan.Excluded); err != nil {
+		if err := c.accel.SetPods(plan.Prefixes, plan.Excluded); err != nil {
 			return err
 		}
-		a.plan = plan
+		c.plan = plan
 		logPlan("TCP acceleration pods changed")
 		return nil
 	}
 	// The programs read socket internals through the kernel's BTF: without
 	// it the node runs unaccelerated (an optimisation, not a failure).
 	if _, err := os.Stat(kernelBTF); err != nil {
-		if !a.noBTF {
-			a.noBTF = true
-			a.log.Warn("TCP acceleration needs kernel BTF; running without it", "btf", kernelBTF, "err", err)
+		if !c.noBTF {
+			c.noBTF = true
+			c.log.Warn("TCP acceleration needs kernel BTF; running without it", "btf", kernelBTF, "err", err)
 		}
 		return nil
 	}
-	cg, err := cgroup.V2Dir(a.cfg.PodCgroup)
+	cg, err := cgroup.V2Dir(c.cfg.PodCgroup)
 	if err != nil {
 		return fmt.Errorf("TCP acceleration needs a cgroup v2 (--pod-cgroup): %w", err)
 	}
-	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: a.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: plan.Prefixes, Excluded: plan.Excluded})
+	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: c.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: plan.Prefixes, Excluded: plan.Excluded})
 	if err != nil {
 		return fmt.Errorf("enable TCP acceleration on cgroup %s: %w", cg, err)
 	}
-	a.accel, a.collector, a.off, a.plan = acc, acc.Collector(), false, plan
-	if err := a.metrics.registry.Register(a.collector); err != nil {
-		a.log.Warn("register TCP acceleration metrics", "err", err)
+	c.accel, c.collector, c.off, c.plan = acc, acc.Collector(), false, plan
+	if err := c.metrics.registry.Register(c.collector); err != nil {
+		c.log.Warn("register TCP acceleration metrics", "err", err)
 	}
 	logPlan("TCP acceleration enabled on cgroup " + cg)
 	return nil
@@ -157,56 +157,56 @@ func (a *accelerationController) ensure(ctx context.Context, self nodeInfo) erro
 
 // disableAcceleration detaches the programs, once: its own, or those a
 // previous run left pinned under the bpffs root.
-func (a *accelerationController) disableAcceleration(ctx context.Context, reason string) error {
-	if a.accel != nil {
-		a.metrics.registry.Unregister(a.collector)
-		err := a.accel.Disable(ctx)
-		if cerr := a.accel.Close(); err == nil {
+func (c *accelerationController) disableAcceleration(ctx context.Context, reason string) error {
+	if c.accel != nil {
+		c.metrics.registry.Unregister(c.collector)
+		err := c.accel.Disable(ctx)
+		if cerr := c.accel.Close(); err == nil {
 			err = cerr
 		}
-		a.accel, a.collector, a.plan, a.off = nil, nil, accelerationPlan{}, true
-		a.log.Info("TCP acceleration disabled", "reason", reason)
+		c.accel, c.collector, c.plan, c.off = nil, nil, accelerationPlan{}, true
+		c.log.Info("TCP acceleration disabled", "reason", reason)
 		return err
 	}
-	if !a.off && a.cfg.BPFRoot != "" {
+	if !c.off && c.cfg.BPFRoot != "" {
 		// A previous run may have left it enabled.
-		a.off = true
-		if err := sockmap.Disable(ctx, a.cfg.BPFRoot); err != nil {
+		c.off = true
+		if err := sockmap.Disable(ctx, c.cfg.BPFRoot); err != nil {
 			return fmt.Errorf("disable TCP acceleration of an earlier run: %w", err)
 		}
-		a.log.Debug("TCP acceleration off", "reason", reason)
+		c.log.Debug("TCP acceleration off", "reason", reason)
 	}
 	return nil
 }
 
 // accelerationPlan decides from this node's Pods and the Namespaces.
-func (a *accelerationController) accelerationPlan(self nodeInfo) accelerationPlan {
+func (c *accelerationController) accelerationPlan(self nodeInfo) accelerationPlan {
 	var pods []*corev1.Pod
-	if a.pods != nil {
-		for _, obj := range a.pods.List() {
+	if c.pods != nil {
+		for _, obj := range c.pods.List() {
 			if p, ok := obj.(*corev1.Pod); ok {
 				pods = append(pods, p)
 			}
 		}
 	}
 	namespaces := map[string]*corev1.Namespace{}
-	if a.namespaces != nil {
-		for _, obj := range a.namespaces.List() {
+	if c.namespaces != nil {
+		for _, obj := range c.namespaces.List() {
 			if ns, ok := obj.(*corev1.Namespace); ok {
 				namespaces[ns.Name] = ns
 			}
 		}
 	}
-	return planAcceleration(a.cfg.TCPAcceleration, self.PodCIDRs, pods, namespaces)
+	return planAcceleration(c.cfg.TCPAcceleration, self.PodCIDRs, pods, namespaces)
 }
 
 // close releases the handles; acceleration keeps running.
-func (a *accelerationController) close() error {
-	if a.accel == nil {
+func (c *accelerationController) close() error {
+	if c.accel == nil {
 		return nil
 	}
-	a.metrics.registry.Unregister(a.collector)
-	err := a.accel.Close()
-	a.accel, a.collector = nil, nil
+	c.metrics.registry.Unregister(c.collector)
+	err := c.accel.Close()
+	c.accel, c.collector = nil, nil
 	return err
 }
