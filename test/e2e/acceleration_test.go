@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -91,8 +92,14 @@ func TestTCPAcceleration(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		port := 0
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol == corev1.ProtocolTCP {
+				port = int(p.Port)
+			}
+		}
 		before := a.stats(t)
-		a.exchange(t, client, net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(lab.ServeTCPPort)), 200)
+		a.exchange(t, client, net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(port)), 200)
 		after := a.stats(t)
 		if d := after.Message("redirect").Count - before.Message("redirect").Count; d < 200 {
 			t.Errorf("%d messages redirected over a ClusterIP connection to a same-node pod, want at least 200", d)
