@@ -416,16 +416,25 @@ static __always_inline int lb_reply_local(struct __sk_buff *skb, struct iphdr *i
 }
 
 /* lb_reply_remote: masq_ingress's part, for replies of backends on other
- * nodes to the node's NAT port, sent back out of the uplink to the client.
- * Returns -1 when the packet is not such a reply. */
+ * nodes to the node's NAT port, sent on to the client: a pod of another
+ * node (it reached this node's address, not masqueraded) over the overlay,
+ * a pod here to it, anything else back out of the uplink. Returns -1 when
+ * the packet is not such a reply. */
 static __always_inline int lb_reply_remote(struct __sk_buff *skb, struct iphdr *ip)
 {
 	int verdict = -1;
+	int r;
 
 	if (!lb_reply(skb, ip, PROG_MASQ_INGRESS, &verdict))
 		return -1;
 	if (verdict >= 0)
 		return verdict;
+	r = route_local(skb, ip, PROG_MASQ_INGRESS);
+	if (r >= 0)
+		return r;
+	r = route_remote(skb, ip, PROG_MASQ_INGRESS);
+	if (r >= 0)
+		return r;
 	return bpf_redirect_neigh(uplink_ifindex, NULL, 0, 0);
 }
 

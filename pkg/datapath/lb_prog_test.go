@@ -265,3 +265,44 @@ func TestLBFlowsExpire(t *testing.T) {
 		t.Errorf("%d entries left after every flow expired", n)
 	}
 }
+
+// A pod of another node that reaches this node's NodePort (its address is
+// not masqueraded toward node addresses) gets the reply of a backend on a
+// third node over the overlay, not out of the uplink, where its address is
+// not on-link.
+func TestLBReplyToPodOfAnotherNode(t *testing.T) {
+	cfg := testConfig()
+	cfg.RouteOut = true
+	cfg.VXLANPort, cfg.VXLANVNI = 4789, 7 // encapsulation in eBPF
+	objs := newTestObjects(t, cfg)
+	d := &Datapath{cfg: cfg, objs: *objs}
+	peer := Remote{Prefix: netip.MustParsePrefix("10.244.3.0/24"), Ifindex: 42, VTEP: netip.MustParseAddr("192.168.50.13"),
+		PeerMAC: net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 3}, LocalMAC: net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 1}}
+	if err := d.SetRemotes([]Remote{peer}); err != nil {
+		t.Fatal(err)
+	}
+	table := &LBTable{m: objs.SbLbServices, active: objs.SbLbActive, ct: objs.SbLbCt}
+	backend := netip.MustParseAddrPort("10.244.2.7:8080")
+	if err := table.Put(LBFrontend{NodePort: true, Port: 30080, Proto: 6}, LBEntry{Backends: []netip.AddrPort{backend}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := table.SetActive(1); err != nil {
+		t.Fatal(err)
+	}
+	client := netip.MustParseAddr("10.244.3.5")
+	_, out := run(t, objs.MasqIngress, pkt{proto: layers.IPProtocolTCP, src: client, dst: testNode, sport: 40000, dport: 30080, tcpFlags: "S"}.bytes(t))
+	natPort := parse(t, out).sport
+	reply := pkt{proto: layers.IPProtocolTCP, src: backend.Addr(), dst: testNode, sport: backend.Port(), dport: natPort, tcpFlags: "SA"}.bytes(t)
+	ret, out := run(t, objs.MasqIngress, reply)
+	// VXLAN: outer Ethernet, IPv4, UDP and VXLAN headers (50 bytes) around
+	// the translated reply.
+	if ret != verdictRedirect || len(out) < len(reply)+50 {
+		t.Fatalf("reply to a pod of another node: verdict %d, %d bytes; want redirect, encapsulated (%d bytes)", int32(ret), len(out), len(reply)+50)
+	}
+	outer := parse(t, out)
+	inner := parse(t, out[50:])
+	if outer.dst != peer.VTEP || inner.src != testNode || inner.sport != 30080 || inner.dst != client || inner.dport != 40000 {
+		t.Errorf("reply = outer to %s, inner %s:%d -> %s:%d; want outer to %s, inner %s:30080 -> %s:40000",
+			outer.dst, inner.src, inner.sport, inner.dst, inner.dport, peer.VTEP, testNode, client)
+	}
+}

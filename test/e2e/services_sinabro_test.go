@@ -237,6 +237,30 @@ func TestSinabroServices(t *testing.T) {
 		}
 	})
 
+	t.Run("pod to the NodePort of another node", func(t *testing.T) {
+		// Not translated at the socket (not this node's address): the
+		// other node's datapath picks a backend per connection, and the
+		// reply of a backend on a third node (or this one) must come back
+		// over the overlay, since the pod's address is not on the underlay.
+		svc, err := cs.Services("default").Get(ctx, "svc-nodeport", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := net.JoinHostPort(nodeIPOf(t, cs, b.node), fmt.Sprint(svc.Spec.Ports[0].NodePort))
+		for i := range 20 {
+			c, err := dial(addr)
+			if err != nil {
+				t.Fatalf("connection %d from %s to %s: %v", i, client.name, addr, err)
+			}
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			c.Write([]byte("probe\n"))
+			if _, err := c.Read(make([]byte, 128)); err != nil {
+				t.Fatalf("connection %d from %s to %s: no answer: %v", i, client.name, addr, err)
+			}
+			c.Close()
+		}
+	})
+
 	t.Run("internalTrafficPolicy Local", func(t *testing.T) {
 		local := corev1.ServiceInternalTrafficPolicyLocal
 		svc, err := cs.Services("default").Create(ctx, &corev1.Service{
