@@ -77,7 +77,7 @@ type CheckResult struct {
 
 // Categories of probes, in print order.
 var categories = []string{"pod↔pod same node", "pod↔pod across nodes", "node→pod", "pod→node", "pod→external",
-	catSvcSameNode, catSvcOtherNode, catSvcOutside, catSvcHairpin, catNodeSvc, catNodePort, catNodePortLocal}
+	catSvcSameNode, catSvcOtherNode, catSvcOutside, catSvcHairpin, catNodeSvc, catNodePort, catNodePortLocal, catPodNodePort}
 
 const (
 	catSvcSameNode   = "pod→ClusterIP backend same node"
@@ -87,6 +87,7 @@ const (
 	catNodeSvc       = "node→ClusterIP"
 	catNodePort      = "external→NodePort"
 	catNodePortLocal = "external→NodePort eTP=Local"
+	catPodNodePort   = "pod→NodePort other node"
 )
 
 // Check probes the lab's connectivity from inside its namespaces.

@@ -339,8 +339,8 @@ func (c *Config) nodeServices(node string) ([]service.Row, error) {
 // backend on the pod's node, on another node and outside the cluster;
 // pod→its own ClusterIP (hairpin); node→ClusterIP; external host→NodePort
 // on every node, and →eTP=Local NodePort on nodes with a backend, where the
-// pod must see the external host's address. Also a state check per
-// kube-proxy.
+// pod must see the external host's address; pod→NodePort of every other
+// node. Also a state check per kube-proxy.
 func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pods []Endpoint, ext Endpoint, nodeIP map[string]string) ([]Probe, []StateCheck, error) {
 	var state []StateCheck
 	// Probe what the API says, once kube-proxy has caught up with it (a
@@ -443,6 +443,14 @@ func serviceProbes(ctx context.Context, cfg *Config, cs *kube.Client, nodes, pod
 			dst := Endpoint{Name: np + "@" + n.Name, Kind: "nodeport", IP: n.IP, Node: n.Name}
 			if np == svcNodePort {
 				add(catNodePort, ext, dst, "", tcp, udp)
+				// A pod reaching another node's address: that node's
+				// datapath translates, and replies of backends anywhere
+				// must find the pod back.
+				for _, p := range pods {
+					if p.Node != n.Name {
+						add(catPodNodePort, p, dst, "", tcp, udp)
+					}
+				}
 			} else if hasBackend[n.Name] {
 				// externalTrafficPolicy=Local keeps the client's address.
 				add(catNodePortLocal, ext, dst, ext.IP, tcp, udp)

@@ -84,6 +84,7 @@ func checkServiceRows(t *testing.T, out string, nodes, podsPerNode int) {
 		{"node→ClusterIP", nodes * pods},
 		{"external→NodePort", nodes},
 		{"external→NodePort eTP=Local", nodes},
+		{"pod→NodePort other node", pods * (nodes - 1)},
 	} {
 		// Cells are padded by at least two spaces.
 		if got := strings.Count(out, "  "+c.cat+"  "); got != c.want {
