@@ -116,6 +116,7 @@ type LoadBalancer struct {
 
 	mu      sync.Mutex
 	term    *terminator // loaded on the first TerminateUDP
+	termErr error       // ErrTerminateUnsupported, once found
 	state   map[Frontend]programmed
 	freeIDs []uint32 // ids released by deleted frontends
 	nextID  uint32   // lowest id never used

@@ -48,9 +48,15 @@ func (lb *LoadBalancer) TerminateUDP(gone []Gone, netnsPaths []string) (int, err
 	}
 	lb.mu.Lock()
 	defer lb.mu.Unlock()
+	if lb.termErr != nil {
+		return 0, lb.termErr // this kernel cannot: not tried again
+	}
 	if lb.term == nil {
 		t, err := lb.loadTerminator()
 		if err != nil {
+			if errors.Is(err, ErrTerminateUnsupported) {
+				lb.termErr = err
+			}
 			return 0, err
 		}
 		lb.term = t
