@@ -233,6 +233,17 @@ static __always_inline int lb_reject(struct __sk_buff *skb, struct iphdr *ip, __
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* lb_route sends a translated packet on to a pod, of this node
+ * (route_local) or of another (route_remote); -1 when it is for neither. */
+static __always_inline int lb_route(struct __sk_buff *skb, struct iphdr *ip, __u32 prog)
+{
+	int r = route_local(skb, ip, prog);
+
+	if (r >= 0)
+		return r;
+	return route_remote(skb, ip, prog);
+}
+
 /* lb_ingress translates a packet from outside for a Service frontend and
  * sends it on to its backend. It returns -1 when the packet is not for a
  * frontend (untouched), else a tc verdict. */
@@ -340,10 +351,7 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 		return TCX_DROP;
 	}
 	count(skb, PROG_MASQ_INGRESS, REASON_LB_FORWARD);
-	r = route_local(skb, ip, PROG_MASQ_INGRESS);
-	if (r >= 0)
-		return r;
-	r = route_remote(skb, ip, PROG_MASQ_INGRESS);
+	r = lb_route(skb, ip, PROG_MASQ_INGRESS);
 	if (r >= 0)
 		return r;
 	/* A local backend the endpoint map does not list yet: the stack
@@ -403,10 +411,7 @@ static __always_inline int lb_reply_local(struct __sk_buff *skb, struct iphdr *i
 		return -1;
 	if (verdict >= 0)
 		return verdict;
-	r = route_local(skb, ip, PROG_HOST_ROUTE);
-	if (r >= 0)
-		return r;
-	r = route_remote(skb, ip, PROG_HOST_ROUTE);
+	r = lb_route(skb, ip, PROG_HOST_ROUTE);
 	if (r >= 0)
 		return r;
 	r = route_out(skb, ip, PROG_HOST_ROUTE);
@@ -429,10 +434,7 @@ static __always_inline int lb_reply_remote(struct __sk_buff *skb, struct iphdr *
 		return -1;
 	if (verdict >= 0)
 		return verdict;
-	r = route_local(skb, ip, PROG_MASQ_INGRESS);
-	if (r >= 0)
-		return r;
-	r = route_remote(skb, ip, PROG_MASQ_INGRESS);
+	r = lb_route(skb, ip, PROG_MASQ_INGRESS);
 	if (r >= 0)
 		return r;
 	return bpf_redirect_neigh(uplink_ifindex, NULL, 0, 0);
