@@ -78,12 +78,17 @@ func isCgroup2(dir string) bool {
 }
 
 // Current returns the cgroup v2 directory of this process.
-func Current() (string, error) {
+func Current() (string, error) { return Of("/proc/self") }
+
+// Of returns the cgroup v2 directory of the process whose /proc directory
+// is proc ("/proc/1234").
+func Of(proc string) (string, error) {
 	mnt, err := V2Mount()
 	if err != nil {
 		return "", err
 	}
-	b, err := os.ReadFile("/proc/self/cgroup")
+	path := filepath.Join(proc, "cgroup")
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return "", err
 	}
@@ -92,7 +97,7 @@ func Current() (string, error) {
 			return filepath.Join(mnt, rest), nil
 		}
 	}
-	return "", errors.New("no cgroup v2 line in /proc/self/cgroup")
+	return "", fmt.Errorf("no cgroup v2 line in %s", path)
 }
 
 var enterMu sync.Mutex

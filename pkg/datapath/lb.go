@@ -81,8 +81,7 @@ func lbKey(f LBFrontend) datapathLbKey {
 	if f.NodePort {
 		k.Scope = 1
 	} else {
-		b := f.Addr.As4()
-		k.Addr = binary.NativeEndian.Uint32(b[:])
+		k.Addr = be32(f.Addr)
 	}
 	return k
 }
@@ -90,7 +89,7 @@ func lbKey(f LBFrontend) datapathLbKey {
 func lbFrontend(k datapathLbKey) LBFrontend {
 	f := LBFrontend{Port: portFromBE16(k.Port), Proto: k.Proto, NodePort: k.Scope == 1}
 	if !f.NodePort {
-		f.Addr = addrFromNE(k.Addr)
+		f.Addr = addrFromBE32(k.Addr)
 	}
 	return f
 }
@@ -122,8 +121,7 @@ func (t *LBTable) Put(f LBFrontend, e LBEntry) error {
 		v.Flags = lbAffinity
 	}
 	for slot, i := range Maglev(backends, MaglevSize) {
-		b := backends[i].Addr().As4()
-		v.Slots[slot] = datapathLbBackend{Addr: binary.NativeEndian.Uint32(b[:]), Port: be16(backends[i].Port())}
+		v.Slots[slot] = datapathLbBackend{Addr: be32(backends[i].Addr()), Port: be16(backends[i].Port())}
 	}
 	if err := t.m.Put(lbKey(f), &v); err != nil {
 		return fmt.Errorf("write Service frontend %s: %w", f, err)
@@ -163,7 +161,7 @@ func ListLB(root string) ([]LBRow, error) {
 		idx := map[string]int{}
 		for slot := 0; v.Count > 0 && slot < MaglevSize; slot++ {
 			b := v.Slots[slot]
-			name := netip.AddrPortFrom(addrFromNE(b.Addr), portFromBE16(b.Port)).String()
+			name := netip.AddrPortFrom(addrFromBE32(b.Addr), portFromBE16(b.Port)).String()
 			i, ok := idx[name]
 			if !ok {
 				i = len(r.Backends)
@@ -212,7 +210,7 @@ func (t *LBTable) ForgetUDPFlows(current map[LBFrontend]LBEntry) (int, error) {
 		if k.Proto != 17 || k.Dir != lbFwd {
 			continue
 		}
-		f := LBFrontend{Addr: addrFromNE(k.Daddr), Port: portFromBE16(k.Dport), Proto: k.Proto}
+		f := LBFrontend{Addr: addrFromBE32(k.Daddr), Port: portFromBE16(k.Dport), Proto: k.Proto}
 		e, ok := current[f]
 		if !ok {
 			// Not an address frontend: a NodePort on a node address.
@@ -220,7 +218,7 @@ func (t *LBTable) ForgetUDPFlows(current map[LBFrontend]LBEntry) (int, error) {
 			e = current[f]
 		}
 		backends := e.Backends
-		backend := netip.AddrPortFrom(addrFromNE(v.ToAddr), portFromBE16(v.ToPort))
+		backend := netip.AddrPortFrom(addrFromBE32(v.ToAddr), portFromBE16(v.ToPort))
 		if slices.Contains(backends, backend) {
 			continue
 		}
@@ -310,12 +308,6 @@ func gcLB(ctx context.Context, m *ebpf.Map, t Timeouts, now time.Duration) (gcRe
 		res.deleted++
 	}
 	return res, nil
-}
-
-func addrFromNE(a uint32) netip.Addr {
-	var b [4]byte
-	binary.NativeEndian.PutUint32(b[:], a)
-	return netip.AddrFrom4(b)
 }
 
 // Maglev fills a lookup table of size m (a prime larger than the number

@@ -310,27 +310,18 @@ func realPods(lab string) map[string]realPod {
 		for _, kv := range bytes.Split(b, []byte{0}) {
 			if pod, ok := bytes.CutPrefix(kv, want); ok {
 				dir := filepath.Dir(e)
-				out[string(pod)] = realPod{netns: filepath.Join(dir, "ns", "net"), cgroup: procCgroup(dir)}
+				out[string(pod)] = realPod{netns: filepath.Join(dir, "ns", "net"), cgroup: cgroupOf(dir)}
 			}
 		}
 	}
 	return out
 }
 
-// procCgroup is the cgroup v2 directory of the process /proc/PID; "" when
-// unknown.
-func procCgroup(proc string) string {
-	mnt, err := cgroup.V2Mount()
-	if err != nil {
-		return ""
-	}
-	b, _ := os.ReadFile(filepath.Join(proc, "cgroup"))
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			return filepath.Join(mnt, rest)
-		}
-	}
-	return ""
+// cgroupOf is the cgroup v2 directory of the process /proc/PID; "" when
+// unknown (the probe then runs in the lab's own cgroup).
+func cgroupOf(proc string) string {
+	dir, _ := cgroup.Of(proc)
+	return dir
 }
 
 // realNodeProbeCgroup is a leaf cgroup in a real node's cgroup root (the
