@@ -22,6 +22,7 @@ enum prog_id {
 	PROG_MASQ_EGRESS = 0,
 	PROG_MASQ_INGRESS = 1,
 	PROG_HOST_ROUTE = 2,
+	PROG_POL_TO_POD = 3,
 	PROG_MAX = 4,
 };
 
@@ -58,6 +59,9 @@ enum reason {
 	REASON_LB_FORWARD = 25,      /* ingress: a packet from outside translated to its Service backend */
 	REASON_LB_REPLY = 26,        /* a Service backend's reply translated back to the frontend */
 	REASON_DROP_LB_NO_BACKEND = 27, /* ingress: a Service frontend without (local) backends: answered with ICMP port unreachable */
+	REASON_DROP_POLICY = 28,     /* NetworkPolicy denies it (lib/policy.h; per policy in sb_pol_drops) */
+	REASON_POLICY_ALLOW = 29,    /* a new flow (or one after a policy change) allowed by a NetworkPolicy rule */
+	REASON_POLICY_REPLY = 30,    /* a reply of a flow NetworkPolicy allowed the other way */
 	REASON_MAX = 32,
 };
 

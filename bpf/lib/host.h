@@ -21,6 +21,7 @@
 
 #include "common.h"
 #include "kct.h"
+#include "policy.h"
 #include "tunnel.h"
 
 #define EP_LOCAL 0x1 /* the pod runs on this node */
@@ -92,6 +93,8 @@ static __always_inline int route_local(struct __sk_buff *skb, const struct iphdr
 	/* An expiring packet needs an ICMP time exceeded: the stack's job. */
 	if (ip->ttl <= 1)
 		return -1;
+	if (policy_check(skb, ip, ETH_HLEN + ip->ihl * 4, POL_INGRESS, prog))
+		return TCX_DROP;
 
 	if (decrement_ttl(skb, ip) || set_macs(skb, ep->pod_mac, ep->host_mac)) {
 		count(skb, prog, REASON_DROP_REWRITE);
@@ -262,6 +265,10 @@ int host_route(struct __sk_buff *skb)
 		count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);
 		return TCX_NEXT;
 	}
+	/* NetworkPolicy first: the pod's egress rules see its packet as it
+	 * left it (a Service address is translated at the socket already). */
+	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_EGRESS, PROG_HOST_ROUTE))
+		return TCX_DROP;
 	ret = lb_reply_local(skb, &ip);
 	if (ret >= 0)
 		return ret;
@@ -284,6 +291,23 @@ int host_route(struct __sk_buff *skb)
 			return ret;
 	}
 	count(skb, PROG_HOST_ROUTE, REASON_PASS_STACK);
+	return TCX_NEXT;
+}
+
+/* pol_to_pod runs on the egress of each pod's host veth when NetworkPolicy
+ * is on: the ingress check for what the stack delivers (the node's own
+ * traffic, kube-proxy's translations, anything host routing left to the
+ * stack). Packets host routing redirects never pass here. */
+SEC("tc")
+int pol_to_pod(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) ||
+	    ip.version != 4 || ip.ihl < 5)
+		return TCX_NEXT;
+	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_INGRESS, PROG_POL_TO_POD))
+		return TCX_DROP;
 	return TCX_NEXT;
 }
 

@@ -218,15 +218,24 @@ func (d *Datapath) GC(ctx context.Context) (int, error) {
 	d.gc.runs.Add(1)
 	lb, lerr := gcLB(ctx, d.objs.SbLbCt, d.cfg.Timeouts, now)
 	d.gc.lbFlows.Store(int64(lb.flows - lb.deleted))
-	return res.deleted + lb.deleted, errors.Join(err, lerr)
+	var pexp int
+	var perr error
+	if d.cfg.Policy {
+		var kept int
+		kept, pexp, perr = d.Policy().gcPolicy(ctx, now, d.cfg.Timeouts)
+		d.gc.policyFlows.Store(int64(kept))
+	}
+	return res.deleted + lb.deleted + pexp, errors.Join(err, lerr, perr)
 }
 
 // gcStats are the last GC pass's findings, exported as metrics.
 type gcStats struct {
-	flows   atomic.Int64  // flows left after the last pass
-	lbFlows atomic.Int64  // Service flows from outside left after the last pass
-	deleted atomic.Uint64 // flows deleted by all passes
-	runs    atomic.Uint64
+	flows   atomic.Int64 // flows left after the last pass
+	lbFlows atomic.Int64 // Service flows from outside left after the last pass
+	// policyFlows are NetworkPolicy's tracked flows left after the last pass.
+	policyFlows atomic.Int64
+	deleted     atomic.Uint64 // flows deleted by all passes
+	runs        atomic.Uint64
 }
 
 type gcResult struct{ flows, deleted int }

@@ -97,6 +97,10 @@ type Config struct {
 	// translation (bpf/lib/kct.h). Load fails with ErrNoKernelCT where the
 	// kernel lacks the conntrack kfuncs.
 	KernelCT bool
+	// Policy turns on NetworkPolicy enforcement (bpf/lib/policy.h): the
+	// checks in host routing and a program on each host veth's egress.
+	// The agent fills its maps (SetPolicy); an empty state allows all.
+	Policy bool
 	// Attach is how programs attach to interfaces; "" is AttachAuto,
 	// which Load resolves to AttachTCX or AttachClassic.
 	Attach AttachMode
@@ -244,6 +248,7 @@ func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelC
 		"uplink_ifindex":    uint32(cfg.UplinkIfindex),
 		"route_out_enabled": cfg.RouteOut,
 		"kernel_ct_enabled": cfg.KernelCT,
+		"policy_enabled":    cfg.Policy,
 	}
 	if cfg.KernelCT {
 		vars["kernel_ct_opts_size"] = kct.OptsSize
@@ -263,7 +268,8 @@ func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelC
 	if err != nil {
 		return err
 	}
-	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct")
+	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct",
+		"sb_pol_endpoints", "sb_pol_ipcache", "sb_pol_rules")
 }
 
 // programOptions are the options the programs load with. The programs'

@@ -99,12 +99,54 @@ type datapathLpmV4Key struct {
 	Addr      uint32
 }
 
+type datapathPolCt struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Gen      [2]uint32
+	Flags    uint8
+	Pad      [7]uint8
+}
+
+type datapathPolCtKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type datapathPolDropKey struct {
+	_      structs.HostLayout
+	Policy uint32
+	Dir    uint32
+}
+
+type datapathPolEndpoint struct {
+	_          structs.HostLayout
+	Flags      uint32
+	Ifindex    uint32
+	DenyPolicy [2]uint32
+}
+
+type datapathPolRuleKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Pod       uint32
+	Identity  uint32
+	Dir       uint8
+	Proto     uint8
+	Port      uint16
+}
+
 type datapathProgId uint32
 
 const (
 	datapathProgIdPROG_MASQ_EGRESS  datapathProgId = 0
 	datapathProgIdPROG_MASQ_INGRESS datapathProgId = 1
 	datapathProgIdPROG_HOST_ROUTE   datapathProgId = 2
+	datapathProgIdPROG_POL_TO_POD   datapathProgId = 3
 	datapathProgIdPROG_MAX          datapathProgId = 4
 )
 
@@ -139,6 +181,9 @@ const (
 	datapathReasonREASON_LB_FORWARD              datapathReason = 25
 	datapathReasonREASON_LB_REPLY                datapathReason = 26
 	datapathReasonREASON_DROP_LB_NO_BACKEND      datapathReason = 27
+	datapathReasonREASON_DROP_POLICY             datapathReason = 28
+	datapathReasonREASON_POLICY_ALLOW            datapathReason = 29
+	datapathReasonREASON_POLICY_REPLY            datapathReason = 30
 	datapathReasonREASON_MAX                     datapathReason = 32
 )
 
@@ -162,14 +207,22 @@ const (
 	datapathMapSbLbCt           = "sb_lb_ct"
 	datapathMapSbLbServices     = "sb_lb_services"
 	datapathMapSbMasqCidrs      = "sb_masq_cidrs"
+	datapathMapSbPolCt          = "sb_pol_ct"
+	datapathMapSbPolDrops       = "sb_pol_drops"
+	datapathMapSbPolEndpoints   = "sb_pol_endpoints"
+	datapathMapSbPolGen         = "sb_pol_gen"
+	datapathMapSbPolIpcache     = "sb_pol_ipcache"
+	datapathMapSbPolRules       = "sb_pol_rules"
 	datapathMapSbRemoteCidrs    = "sb_remote_cidrs"
 	datapathMapSbVtepPeers      = "sb_vtep_peers"
 	datapathProgHostRoute       = "host_route"
 	datapathProgMasqEgress      = "masq_egress"
 	datapathProgMasqIngress     = "masq_ingress"
+	datapathProgPolToPod        = "pol_to_pod"
 	datapathVarKernelCtEnabled  = "kernel_ct_enabled"
 	datapathVarKernelCtOptsSize = "kernel_ct_opts_size"
 	datapathVarNodeIp           = "node_ip"
+	datapathVarPolicyEnabled    = "policy_enabled"
 	datapathVarPortMax          = "port_max"
 	datapathVarPortMin          = "port_min"
 	datapathVarRouteOutEnabled  = "route_out_enabled"
@@ -225,21 +278,28 @@ type datapathProgramSpecs struct {
 	HostRoute   *ebpf.ProgramSpec `ebpf:"host_route"`
 	MasqEgress  *ebpf.ProgramSpec `ebpf:"masq_egress"`
 	MasqIngress *ebpf.ProgramSpec `ebpf:"masq_ingress"`
+	PolToPod    *ebpf.ProgramSpec `ebpf:"pol_to_pod"`
 }
 
 // datapathMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathMapSpecs struct {
-	SbCounters    *ebpf.MapSpec `ebpf:"sb_counters"`
-	SbCt          *ebpf.MapSpec `ebpf:"sb_ct"`
-	SbEndpoints   *ebpf.MapSpec `ebpf:"sb_endpoints"`
-	SbLbActive    *ebpf.MapSpec `ebpf:"sb_lb_active"`
-	SbLbCt        *ebpf.MapSpec `ebpf:"sb_lb_ct"`
-	SbLbServices  *ebpf.MapSpec `ebpf:"sb_lb_services"`
-	SbMasqCidrs   *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
-	SbRemoteCidrs *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
-	SbVtepPeers   *ebpf.MapSpec `ebpf:"sb_vtep_peers"`
+	SbCounters     *ebpf.MapSpec `ebpf:"sb_counters"`
+	SbCt           *ebpf.MapSpec `ebpf:"sb_ct"`
+	SbEndpoints    *ebpf.MapSpec `ebpf:"sb_endpoints"`
+	SbLbActive     *ebpf.MapSpec `ebpf:"sb_lb_active"`
+	SbLbCt         *ebpf.MapSpec `ebpf:"sb_lb_ct"`
+	SbLbServices   *ebpf.MapSpec `ebpf:"sb_lb_services"`
+	SbMasqCidrs    *ebpf.MapSpec `ebpf:"sb_masq_cidrs"`
+	SbPolCt        *ebpf.MapSpec `ebpf:"sb_pol_ct"`
+	SbPolDrops     *ebpf.MapSpec `ebpf:"sb_pol_drops"`
+	SbPolEndpoints *ebpf.MapSpec `ebpf:"sb_pol_endpoints"`
+	SbPolGen       *ebpf.MapSpec `ebpf:"sb_pol_gen"`
+	SbPolIpcache   *ebpf.MapSpec `ebpf:"sb_pol_ipcache"`
+	SbPolRules     *ebpf.MapSpec `ebpf:"sb_pol_rules"`
+	SbRemoteCidrs  *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
+	SbVtepPeers    *ebpf.MapSpec `ebpf:"sb_vtep_peers"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -249,6 +309,7 @@ type datapathVariableSpecs struct {
 	KernelCtEnabled  *ebpf.VariableSpec `ebpf:"kernel_ct_enabled"`
 	KernelCtOptsSize *ebpf.VariableSpec `ebpf:"kernel_ct_opts_size"`
 	NodeIp           *ebpf.VariableSpec `ebpf:"node_ip"`
+	PolicyEnabled    *ebpf.VariableSpec `ebpf:"policy_enabled"`
 	PortMax          *ebpf.VariableSpec `ebpf:"port_max"`
 	PortMin          *ebpf.VariableSpec `ebpf:"port_min"`
 	RouteOutEnabled  *ebpf.VariableSpec `ebpf:"route_out_enabled"`
@@ -279,15 +340,21 @@ func (o *datapathObjects) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathMaps struct {
-	SbCounters    *ebpf.Map `ebpf:"sb_counters"`
-	SbCt          *ebpf.Map `ebpf:"sb_ct"`
-	SbEndpoints   *ebpf.Map `ebpf:"sb_endpoints"`
-	SbLbActive    *ebpf.Map `ebpf:"sb_lb_active"`
-	SbLbCt        *ebpf.Map `ebpf:"sb_lb_ct"`
-	SbLbServices  *ebpf.Map `ebpf:"sb_lb_services"`
-	SbMasqCidrs   *ebpf.Map `ebpf:"sb_masq_cidrs"`
-	SbRemoteCidrs *ebpf.Map `ebpf:"sb_remote_cidrs"`
-	SbVtepPeers   *ebpf.Map `ebpf:"sb_vtep_peers"`
+	SbCounters     *ebpf.Map `ebpf:"sb_counters"`
+	SbCt           *ebpf.Map `ebpf:"sb_ct"`
+	SbEndpoints    *ebpf.Map `ebpf:"sb_endpoints"`
+	SbLbActive     *ebpf.Map `ebpf:"sb_lb_active"`
+	SbLbCt         *ebpf.Map `ebpf:"sb_lb_ct"`
+	SbLbServices   *ebpf.Map `ebpf:"sb_lb_services"`
+	SbMasqCidrs    *ebpf.Map `ebpf:"sb_masq_cidrs"`
+	SbPolCt        *ebpf.Map `ebpf:"sb_pol_ct"`
+	SbPolDrops     *ebpf.Map `ebpf:"sb_pol_drops"`
+	SbPolEndpoints *ebpf.Map `ebpf:"sb_pol_endpoints"`
+	SbPolGen       *ebpf.Map `ebpf:"sb_pol_gen"`
+	SbPolIpcache   *ebpf.Map `ebpf:"sb_pol_ipcache"`
+	SbPolRules     *ebpf.Map `ebpf:"sb_pol_rules"`
+	SbRemoteCidrs  *ebpf.Map `ebpf:"sb_remote_cidrs"`
+	SbVtepPeers    *ebpf.Map `ebpf:"sb_vtep_peers"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -299,6 +366,12 @@ func (m *datapathMaps) Close() error {
 		m.SbLbCt,
 		m.SbLbServices,
 		m.SbMasqCidrs,
+		m.SbPolCt,
+		m.SbPolDrops,
+		m.SbPolEndpoints,
+		m.SbPolGen,
+		m.SbPolIpcache,
+		m.SbPolRules,
 		m.SbRemoteCidrs,
 		m.SbVtepPeers,
 	)
@@ -311,6 +384,7 @@ type datapathVariables struct {
 	KernelCtEnabled  *ebpf.Variable `ebpf:"kernel_ct_enabled"`
 	KernelCtOptsSize *ebpf.Variable `ebpf:"kernel_ct_opts_size"`
 	NodeIp           *ebpf.Variable `ebpf:"node_ip"`
+	PolicyEnabled    *ebpf.Variable `ebpf:"policy_enabled"`
 	PortMax          *ebpf.Variable `ebpf:"port_max"`
 	PortMin          *ebpf.Variable `ebpf:"port_min"`
 	RouteOutEnabled  *ebpf.Variable `ebpf:"route_out_enabled"`
@@ -328,6 +402,7 @@ type datapathPrograms struct {
 	HostRoute   *ebpf.Program `ebpf:"host_route"`
 	MasqEgress  *ebpf.Program `ebpf:"masq_egress"`
 	MasqIngress *ebpf.Program `ebpf:"masq_ingress"`
+	PolToPod    *ebpf.Program `ebpf:"pol_to_pod"`
 }
 
 func (p *datapathPrograms) Close() error {
@@ -335,6 +410,7 @@ func (p *datapathPrograms) Close() error {
 		p.HostRoute,
 		p.MasqEgress,
 		p.MasqIngress,
+		p.PolToPod,
 	)
 }
 

@@ -86,39 +86,73 @@ func Endpoints(m *ebpf.Map) ([]Endpoint, error) {
 	return out, nil
 }
 
-const hostLinkPrefix = "host_route_"
-
-func hostLinkPath(root string, ifindex int) string {
-	return filepath.Join(linksDir(root), hostLinkPrefix+strconv.Itoa(ifindex))
+// hostLink is a program the datapath attaches to every pod's host veth.
+type hostLink struct {
+	prefix string // of its pin's name, followed by the ifindex
+	dir    direction
+	prog   func(*datapathObjects) *ebpf.Program
 }
 
-// AttachHostVeth attaches host routing to the ingress of a pod's host-side
-// veth (idempotent; the link is pinned and survives the agent).
+// hostLinks: host routing on the veth's ingress (packets leaving the pod)
+// and, with NetworkPolicy, the ingress check on its egress (packets the
+// stack hands to the pod).
+var (
+	hostRouteLink = hostLink{"host_route_", ingress, func(o *datapathObjects) *ebpf.Program { return o.HostRoute }}
+	polToPodLink  = hostLink{"pol_to_pod_", egress, func(o *datapathObjects) *ebpf.Program { return o.PolToPod }}
+	hostLinks     = []hostLink{hostRouteLink, polToPodLink}
+)
+
+func (h hostLink) name(ifindex int) string { return h.prefix + strconv.Itoa(ifindex) }
+
+func hostLinkPath(root string, h hostLink, ifindex int) string {
+	return filepath.Join(linksDir(root), h.name(ifindex))
+}
+
+// wantedHostLinks are the programs this configuration attaches to a veth.
+func (d *Datapath) wantedHostLinks() []hostLink {
+	if d.cfg.Policy {
+		return hostLinks
+	}
+	return hostLinks[:1]
+}
+
+// AttachHostVeth attaches host routing (and the policy check) to a pod's
+// host-side veth (idempotent; the links are pinned and survive the agent).
 func (d *Datapath) AttachHostVeth(ifindex int) error {
-	name := hostLinkPrefix + strconv.Itoa(ifindex)
-	if _, ok := d.links[name]; ok {
-		return nil
+	for _, h := range d.wantedHostLinks() {
+		name := h.name(ifindex)
+		if _, ok := d.links[name]; ok {
+			continue
+		}
+		l, err := d.attach(name, ifindex, h.prog(&d.objs), h.dir)
+		if err != nil {
+			return err
+		}
+		d.links[name] = l
 	}
-	l, err := d.attach(name, ifindex, d.objs.HostRoute, ingress)
-	if err != nil {
-		return err
-	}
-	d.links[name] = l
 	return nil
 }
 
-// DetachHostVeth removes host routing from a veth. Deleting the veth
-// detaches it too; this also removes the pin.
+// DetachHostVeth removes our programs from a veth. Deleting the veth
+// detaches them too; this also removes the pins.
 func (d *Datapath) DetachHostVeth(ifindex int) error {
-	name := hostLinkPrefix + strconv.Itoa(ifindex)
-	path := hostLinkPath(d.cfg.BPFRoot, ifindex)
+	var errs []error
+	for _, h := range hostLinks {
+		errs = append(errs, d.detachHostLink(h, ifindex))
+	}
+	return errors.Join(errs...)
+}
+
+func (d *Datapath) detachHostLink(h hostLink, ifindex int) error {
+	name := h.name(ifindex)
+	path := hostLinkPath(d.cfg.BPFRoot, h, ifindex)
 	if l, ok := d.links[name]; ok {
 		delete(d.links, name)
 		l.Close()
 	}
 	old, err := loadPin(path)
 	if err != nil {
-		return err
+		return nil // nothing pinned
 	}
 	defer old.Close()
 	if old.prog != nil {
@@ -129,12 +163,12 @@ func (d *Datapath) DetachHostVeth(ifindex int) error {
 		if err != nil {
 			return err
 		}
-		ours, _, err := d.tc.filters(ifindex, ingress)
+		ours, _, err := d.tc.filters(ifindex, h.dir)
 		if err != nil {
 			return err
 		}
 		if len(ours) == 1 && ours[0].ProgID == id {
-			if err := d.tc.deleteFilter(ifindex, ingress); err != nil {
+			if err := d.tc.deleteFilter(ifindex, h.dir); err != nil {
 				return err
 			}
 		}
@@ -146,46 +180,59 @@ func (d *Datapath) DetachHostVeth(ifindex int) error {
 }
 
 // adoptHostLinks points every pinned host-veth link at the newly loaded
-// program, and drops the pins of veths that are gone.
+// program, and drops the pins of veths that are gone (and of the policy
+// check when NetworkPolicy is now off).
 func (d *Datapath) adoptHostLinks() error {
 	entries, err := os.ReadDir(linksDir(d.cfg.BPFRoot))
 	if err != nil {
 		return fmt.Errorf("list pinned links: %w", err)
 	}
 	for _, e := range entries {
-		idx, ok := strings.CutPrefix(e.Name(), hostLinkPrefix)
-		if !ok {
-			continue
+		for _, h := range hostLinks {
+			idx, ok := strings.CutPrefix(e.Name(), h.prefix)
+			if !ok {
+				continue
+			}
+			ifindex, err := strconv.Atoi(idx)
+			if err != nil {
+				continue
+			}
+			if err := d.adoptHostLink(h, ifindex); err != nil {
+				return err
+			}
 		}
-		ifindex, err := strconv.Atoi(idx)
-		if err != nil {
-			continue
-		}
-		path := filepath.Join(linksDir(d.cfg.BPFRoot), e.Name())
-		alive, err := d.hostAttachmentAlive(path, ifindex)
-		if err != nil {
-			return err
-		}
-		if !alive {
-			// The veth went away with its pod.
-			os.Remove(path)
-			continue
-		}
-		// Re-pointed in place (tcx: link.Update; classic: the filter is
-		// replaced), or moved to the configured mode.
-		l, err := d.attach(e.Name(), ifindex, d.objs.HostRoute, ingress)
-		if err != nil {
-			return fmt.Errorf("adopt host attachment %s: %w", path, err)
-		}
-		d.links[e.Name()] = l
 	}
+	return nil
+}
+
+func (d *Datapath) adoptHostLink(h hostLink, ifindex int) error {
+	path := hostLinkPath(d.cfg.BPFRoot, h, ifindex)
+	if h.dir == egress && !d.cfg.Policy {
+		return d.detachHostLink(h, ifindex)
+	}
+	alive, err := d.hostAttachmentAlive(path, ifindex, h.dir)
+	if err != nil {
+		return err
+	}
+	if !alive {
+		// The veth went away with its pod.
+		os.Remove(path)
+		return nil
+	}
+	// Re-pointed in place (tcx: link.Update; classic: the filter is
+	// replaced), or moved to the configured mode.
+	l, err := d.attach(h.name(ifindex), ifindex, h.prog(&d.objs), h.dir)
+	if err != nil {
+		return fmt.Errorf("adopt host attachment %s: %w", path, err)
+	}
+	d.links[h.name(ifindex)] = l
 	return nil
 }
 
 // hostAttachmentAlive reports whether the pin at path records host
 // routing still attached to ifindex: a tcx link on it, or our filter on it
 // running the pinned program.
-func (d *Datapath) hostAttachmentAlive(path string, ifindex int) (bool, error) {
+func (d *Datapath) hostAttachmentAlive(path string, ifindex int, dir direction) (bool, error) {
 	p, err := loadPin(path)
 	if err != nil {
 		return false, nil // not ours to understand: dropped
@@ -200,7 +247,7 @@ func (d *Datapath) hostAttachmentAlive(path string, ifindex int) (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		ours, _, err := d.tc.filters(ifindex, ingress)
+		ours, _, err := d.tc.filters(ifindex, dir)
 		if err != nil {
 			return false, err
 		}

@@ -574,10 +574,10 @@ func testHostRoutingTopology(t *testing.T, mode AttachMode) {
 	}
 
 	// A restarted agent re-points the pinned host links at its programs.
-	before := attachmentID(t, d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)])
+	before := attachmentID(t, d.links[hostRouteLink.name(ep2.Ifindex)])
 	d.Close()
 	d = topo.load(t, cfg)
-	after, ok := d.links[hostLinkPrefix+fmt.Sprint(ep2.Ifindex)]
+	after, ok := d.links[hostRouteLink.name(ep2.Ifindex)]
 	if !ok {
 		t.Fatalf("host link of ifindex %d not adopted: %v", ep2.Ifindex, d.links)
 	}
@@ -617,7 +617,7 @@ func testHostRoutingTopology(t *testing.T, mode AttachMode) {
 	if err := d.DetachHostVeth(ep2.Ifindex); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(hostLinkPath(cfg.BPFRoot, ep2.Ifindex)); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(hostLinkPath(cfg.BPFRoot, hostRouteLink, ep2.Ifindex)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("host link pin still present after DetachHostVeth: %v", err)
 	}
 	topo.wantNothingOn(t, ep2.Ifindex)
