@@ -33,6 +33,7 @@ func newAgentCmd() *cobra.Command {
 			MasqueradeBackend:    agent.BackendEBPF,
 			HostRouting:          true,
 			KubeProxyCoexistence: true,
+			NetworkPolicy:        true,
 			ResyncInterval:       agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
@@ -161,6 +162,7 @@ established connections survive a restart. --cleanup removes it.`,
 	f.BoolVar(&cfg.KubeProxyCoexistence, "kube-proxy-coexistence", cfg.KubeProxyCoexistence, "leave flows that netfilter translated (kube-proxy's Services, hostPort DNAT) to the kernel stack, asking the kernel's conntrack per TCP/UDP packet; where the kernel cannot be asked, host routing is turned off. false only where nothing on the node translates pod traffic")
 	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, `redirect TCP between all of this node's pods at the socket layer (sock_ops + sk_msg), except those annotated sinabro.io/tcp-acceleration: "false" (pod or namespace); when false, only between pods that opt in with "true", and the programs are detached live while none does`)
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
+	f.BoolVar(&cfg.NetworkPolicy, "network-policy", cfg.NetworkPolicy, "enforce Kubernetes NetworkPolicy in the eBPF datapath (needs --host-routing); the CNI plugin's ADD then waits until a new pod's policy state is in the datapath (fail closed)")
 	f.StringVar(&cfg.KubeProxyReplacement, "kube-proxy-replacement", agent.KPRAuto, `Service load balancing in eBPF at the socket (connect/sendmsg): "auto" serves Services unless kube-proxy's rules are found in the node's network namespace (rechecked every 10 s), "true" serves them anyway, "false" leaves them to kube-proxy`)
 	f.StringVar(&cfg.ServiceCgroup, "service-cgroup", "", "cgroup v2 directory whose processes (and their children) reach Services through the socket load balancer (default: the cgroup v2 root, every pod and host process)")
 	f.StringVar(&cfg.NetnsDir, "netns-dir", "/var/run/netns", "directory of the pods' network namespace files (the container runtime's), searched for connected UDP sockets to a removed Service backend, which are terminated")

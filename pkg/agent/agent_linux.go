@@ -125,6 +125,11 @@ type Config struct {
 	// /proc/sys). An unprivileged container's /proc/sys is read-only: the
 	// DaemonSet mounts the host's /proc/sys/net elsewhere.
 	ProcSys string
+	// NetworkPolicy enforces Kubernetes NetworkPolicy in the eBPF
+	// datapath (needs host routing: its checks run on host routing's paths
+	// and host veths). The CNI plugin's ADD then waits for a new pod's
+	// policy state (fail closed).
+	NetworkPolicy bool
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests run several agents in one process).
 	NetNS string
@@ -164,6 +169,10 @@ type Agent struct {
 	dp          *datapath.Datapath
 	dpEndpoints *ebpf.Map // read-only handle on the endpoint map, for listing
 	dpCollector prometheus.Collector
+
+	// policy is the NetworkPolicy controller (nil when off), told about
+	// this node's pods by the endpoint loop.
+	policy *policyController
 
 	// Owned by the endpoint loop.
 	epConn   *rtnetlink.Conn
@@ -620,7 +629,11 @@ func (a *Agent) writeConfList(n *corev1.Node, mtu int) error {
 	if len(cidrs) == 0 {
 		cidrs = []string{n.Spec.PodCIDR}
 	}
-	path, err := cni.WriteConfList(a.cfg.CNIConfDir, cni.NetworkConfig{MTU: mtu, PodCIDRs: cidrs, DataDir: a.cfg.StateDir, PortMap: a.portMap()})
+	nc := cni.NetworkConfig{MTU: mtu, PodCIDRs: cidrs, DataDir: a.cfg.StateDir, PortMap: a.portMap()}
+	if a.policy != nil {
+		nc.PolicyMap = datapath.PolicyEndpointsPin(a.cfg.BPFRoot)
+	}
+	path, err := cni.WriteConfList(a.cfg.CNIConfDir, nc)
 	if err != nil {
 		return err
 	}

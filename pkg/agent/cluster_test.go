@@ -45,6 +45,28 @@ func (k clientsetCluster) Pods(ctx context.Context, node string) cache.ListerWat
 	}
 }
 
+func (k clientsetCluster) AllPods(ctx context.Context) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			return k.c.CoreV1().Pods("").List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			return k.c.CoreV1().Pods("").Watch(ctx, o)
+		},
+	}
+}
+
+func (k clientsetCluster) NetworkPolicies(ctx context.Context) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {
+			return k.c.NetworkingV1().NetworkPolicies("").List(ctx, o)
+		},
+		WatchFunc: func(o metav1.ListOptions) (watch.Interface, error) {
+			return k.c.NetworkingV1().NetworkPolicies("").Watch(ctx, o)
+		},
+	}
+}
+
 func (k clientsetCluster) Namespaces(ctx context.Context) cache.ListerWatcher {
 	return &cache.ListWatch{
 		ListFunc: func(o metav1.ListOptions) (runtime.Object, error) {

@@ -22,6 +22,9 @@ import (
 //	services      socket load balancer (pkg/service), the      Services, EndpointSlices
 //	              datapath's table for traffic from outside,
 //	              healthCheckNodePort servers
+//	policy        the datapath's NetworkPolicy maps,           Pods (all nodes), Namespaces,
+//	              policy.json (pkg/policy)                     NetworkPolicies, this node's pods
+//	                                                           (from endpoints), addresses
 //
 // Each has its own trigger and loop and fails alone: a Service error
 // never delays the overlay, and the reverse. A new feature adds a
@@ -47,6 +50,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if a.cfg.NetworkPolicy && a.cfg.HostRouting {
+		if a.policy, err = newPolicyController(a, inf); err != nil {
+			return err
+		}
+	} else if a.cfg.NetworkPolicy {
+		a.log.Error("NetworkPolicy is NOT enforced: it needs host routing (--host-routing, or the kernel's conntrack kfuncs with --kube-proxy-coexistence)")
+	}
 
 	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
 	a.recorder = recorder
@@ -69,6 +79,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.runGC(ctx) })
 	g.Go(func() error { return accel.run(ctx) })
 	g.Go(func() error { return services.run(ctx) })
+	if a.policy != nil {
+		g.Go(func() error { return a.policy.run(ctx) })
+	}
 	g.Go(func() error {
 		a.log.Info("waiting for the node informer to sync")
 		if !cache.WaitForCacheSync(ctx.Done(), nodes.HasSynced) {

@@ -180,6 +180,9 @@ func (a *Agent) datapathConfig(self nodeInfo, under overlay.Link, cluster, nonMa
 		// needs no kfuncs: on a kernel without them (New turned host
 		// routing off) Load must not fail for want of them.
 		cfg.KernelCT = a.cfg.KubeProxyCoexistence
+		// NetworkPolicy is checked on host routing's paths and on the
+		// host veths host routing attaches to.
+		cfg.Policy = a.cfg.NetworkPolicy
 	}
 	return cfg
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/policy"
 )
 
 // Host routing keeps the datapath's endpoint map in line with the pods on
@@ -48,24 +49,28 @@ func isHostVeth(l *rtnetlink.LinkMessage) bool {
 // discoverEndpoints reads the local pods' endpoints from the kernel. A pod
 // whose neighbour entry is not there yet (the plugin writes it last) is left
 // for the next pass.
-func discoverEndpoints(c *rtnetlink.Conn) (map[netip.Addr]datapath.Endpoint, error) {
+func discoverEndpoints(c *rtnetlink.Conn) (map[netip.Addr]datapath.Endpoint, map[netip.Addr]policy.Local, error) {
 	links, err := c.Link.List()
 	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
+		return nil, nil, fmt.Errorf("list links: %w", err)
 	}
 	veths := map[uint32]net.HardwareAddr{}
+	pods := map[uint32]policy.Local{}
 	for i := range links {
 		l := &links[i]
 		if l.Flags&unix.IFF_UP != 0 && isHostVeth(l) && len(l.Attributes.Address) == 6 {
 			veths[l.Index] = l.Attributes.Address
+			ns, name := cni.PodFromAlias(*l.Attributes.Alias)
+			pods[l.Index] = policy.Local{Ifindex: int(l.Index), Namespace: ns, Name: name}
 		}
 	}
+	local := map[netip.Addr]policy.Local{}
 	if len(veths) == 0 {
-		return map[netip.Addr]datapath.Endpoint{}, nil
+		return map[netip.Addr]datapath.Endpoint{}, local, nil
 	}
 	routes, err := c.Route.List()
 	if err != nil {
-		return nil, fmt.Errorf("list routes: %w", err)
+		return nil, nil, fmt.Errorf("list routes: %w", err)
 	}
 	podIfindex := map[netip.Addr]uint32{}
 	for _, r := range routes {
@@ -85,7 +90,7 @@ func discoverEndpoints(c *rtnetlink.Conn) (map[netip.Addr]datapath.Endpoint, err
 	}
 	neighs, err := c.Neigh.List()
 	if err != nil {
-		return nil, fmt.Errorf("list neighbours: %w", err)
+		return nil, nil, fmt.Errorf("list neighbours: %w", err)
 	}
 	out := map[netip.Addr]datapath.Endpoint{}
 	for _, n := range neighs {
@@ -107,8 +112,9 @@ func discoverEndpoints(c *rtnetlink.Conn) (map[netip.Addr]datapath.Endpoint, err
 			HostMAC: slices.Clone(veths[n.Index]),
 			Local:   true,
 		}
+		local[ip] = pods[n.Index]
 	}
-	return out, nil
+	return out, local, nil
 }
 
 func sameEndpoint(a, b datapath.Endpoint) bool {
@@ -218,9 +224,10 @@ func (a *Agent) syncEndpoints() error {
 		a.epFor, a.attached = d, map[int]bool{}
 	}
 	want := map[netip.Addr]datapath.Endpoint{}
+	local := map[netip.Addr]policy.Local{}
 	if a.cfg.HostRouting {
 		var err error
-		if want, err = discoverEndpoints(a.epConn); err != nil {
+		if want, local, err = discoverEndpoints(a.epConn); err != nil {
 			return err
 		}
 	}
@@ -305,6 +312,11 @@ func (a *Agent) syncEndpoints() error {
 		a.metrics.endpointChanges.WithLabelValues("upsert").Add(float64(added))
 		a.metrics.endpointChanges.WithLabelValues("delete").Add(float64(removed))
 		a.log.Info("host routing endpoints updated", "endpoints", len(want), "upserted", added, "deleted", removed)
+	}
+	if a.policy != nil {
+		// After the attachments: the policy entry the CNI plugin waits
+		// for means the pod's veth is checked.
+		a.policy.setLocal(local)
 	}
 	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/cache"
 
@@ -22,7 +23,7 @@ type informers struct {
 	node    string
 	started []cache.SharedIndexInformer
 
-	nodes, pods, namespaces, services, slices cache.SharedIndexInformer
+	nodes, pods, allPods, namespaces, services, slices, policies cache.SharedIndexInformer
 }
 
 func newInformers(ctx context.Context, cluster Cluster, node string) *informers {
@@ -47,7 +48,17 @@ func (i *informers) Pods() cache.SharedIndexInformer {
 	return i.get(&i.pods, i.cluster.Pods(i.ctx, i.node), &corev1.Pod{})
 }
 
-// Namespaces: every Namespace (their annotations).
+// AllPods: the Pods of every node (NetworkPolicy's peers).
+func (i *informers) AllPods() cache.SharedIndexInformer {
+	return i.get(&i.allPods, i.cluster.AllPods(i.ctx), &corev1.Pod{})
+}
+
+// NetworkPolicies: every NetworkPolicy.
+func (i *informers) NetworkPolicies() cache.SharedIndexInformer {
+	return i.get(&i.policies, i.cluster.NetworkPolicies(i.ctx), &networkingv1.NetworkPolicy{})
+}
+
+// Namespaces: every Namespace (their annotations and labels).
 func (i *informers) Namespaces() cache.SharedIndexInformer {
 	return i.get(&i.namespaces, i.cluster.Namespaces(i.ctx), &corev1.Namespace{})
 }

@@ -21,6 +21,10 @@ type Cluster interface {
 	// Pods lists and watches the Pods scheduled to node (for per-pod
 	// settings such as the TCP acceleration annotation).
 	Pods(ctx context.Context, node string) cache.ListerWatcher
+	// AllPods lists and watches the Pods of every node, and
+	// NetworkPolicies all NetworkPolicies (NetworkPolicy's peers).
+	AllPods(ctx context.Context) cache.ListerWatcher
+	NetworkPolicies(ctx context.Context) cache.ListerWatcher
 	// Namespaces lists and watches all Namespaces (the TCP acceleration
 	// annotation of a pod's namespace).
 	Namespaces(ctx context.Context) cache.ListerWatcher
@@ -66,6 +70,14 @@ func (k kubeCluster) Pods(ctx context.Context, node string) cache.ListerWatcher 
 	return k.c.Pods("").ListWatch(ctx, func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
 	})
+}
+
+func (k kubeCluster) AllPods(ctx context.Context) cache.ListerWatcher {
+	return k.c.Pods("").ListWatch(ctx, nil)
+}
+
+func (k kubeCluster) NetworkPolicies(ctx context.Context) cache.ListerWatcher {
+	return k.c.NetworkPolicies("").ListWatch(ctx, nil)
 }
 
 func (k kubeCluster) Namespaces(ctx context.Context) cache.ListerWatcher {

@@ -30,6 +30,7 @@ func TestManifestsLeastPrivilege(t *testing.T) {
 		// Service load balancing (services_linux.go).
 		"services/list": true, "services/watch": true,
 		"discovery.k8s.io/endpointslices/list": true, "discovery.k8s.io/endpointslices/watch": true,
+		"networking.k8s.io/networkpolicies/list": true, "networking.k8s.io/networkpolicies/watch": true,
 	}
 	got := map[string]bool{}
 	for _, rule := range role.Rules {

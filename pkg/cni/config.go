@@ -19,6 +19,8 @@ type PluginConf struct {
 	MTU      int      `json:"mtu,omitempty"`
 	PodCIDRs []string `json:"podCIDRs,omitempty"`
 	DataDir  string   `json:"dataDir,omitempty"`
+	// PolicyMap: see NetworkConfig.PolicyMap (under /sys/fs/bpf).
+	PolicyMap string `json:"policyMap,omitempty"`
 	// IPAM belongs to the plugin itself; a delegated "ipam" section is refused.
 	IPAMSection json.RawMessage `json:"ipam,omitempty"`
 
@@ -28,6 +30,9 @@ type PluginConf struct {
 // DataDirRoot confines "dataDir": the plugin runs as root and creates and
 // rewrites files wherever the network configuration points it.
 const DataDirRoot = "/var/lib"
+
+// PolicyMapRoot confines "policyMap" to bpffs.
+const PolicyMapRoot = "/sys/fs/bpf"
 
 // Plugin-specific error codes (the spec reserves 100 and up for plugins).
 const (
@@ -70,6 +75,12 @@ func parseConf(data []byte) (*PluginConf, error) {
 			fmt.Sprintf("%q is not under %s", conf.DataDir, DataDirRoot))
 	}
 	conf.DataDir = filepath.Clean(conf.DataDir)
+	if conf.PolicyMap != "" {
+		if rel, err := filepath.Rel(PolicyMapRoot, conf.PolicyMap); err != nil || !filepath.IsLocal(rel) {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig, "invalid \"policyMap\"",
+				fmt.Sprintf("%q is not under %s", conf.PolicyMap, PolicyMapRoot))
+		}
+	}
 	var have4, have6 bool
 	for _, s := range conf.PodCIDRs {
 		p, err := netip.ParsePrefix(s)

@@ -41,6 +41,9 @@ type NetworkConfig struct {
 	// hostPort (the runtime passes the mappings as its portMappings
 	// capability).
 	PortMap bool
+	// PolicyMap is the agent's pinned map of pods' NetworkPolicy state:
+	// ADD returns only once the new pod has its entry (fail closed).
+	PolicyMap string
 }
 
 // PortMapPlugin is the name of the reference plugin that implements
@@ -60,6 +63,9 @@ func ConfList(cfg NetworkConfig) ([]byte, error) {
 	}
 	if cfg.DataDir != "" {
 		plugin["dataDir"] = cfg.DataDir
+	}
+	if cfg.PolicyMap != "" {
+		plugin["policyMap"] = cfg.PolicyMap
 	}
 	list := map[string]any{
 		"cniVersion":  ConfVersion,

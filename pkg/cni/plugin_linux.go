@@ -164,7 +164,8 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 		return nil, fmt.Errorf("find pod interface %s: %v", args.IfName, err)
 	}
 	hostMAC := host.Attributes.Address
-	if err := setUp(hostConn, host.Index, hostVethAlias(args.ContainerID, args.IfName)); err != nil {
+	podNamespace, podName := podArgs(args.Args)
+	if err := setUp(hostConn, host.Index, hostVethAlias(args.ContainerID, args.IfName, podNamespace, podName)); err != nil {
 		return nil, fmt.Errorf("set up host veth %s: %w", hostName, err)
 	}
 	if err := setUp(podConn, pod.Index, ""); err != nil {
@@ -229,6 +230,15 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 	}
 	if err := enableForwarding(v4, v6); err != nil {
 		return nil, err
+	}
+	if conf.PolicyMap != "" {
+		for _, a := range allocs {
+			if a.IP.Is4() {
+				if err := waitForPolicy(conf.PolicyMap, a.IP, host.Index); err != nil {
+					return nil, err
+				}
+			}
+		}
 	}
 	return result, nil
 }

@@ -40,8 +40,18 @@ func HostVethName(containerID, ifName string) string {
 	return "sb" + hex.EncodeToString(sum[:])[:11]
 }
 
-func hostVethAlias(containerID, ifName string) string {
-	return aliasPrefix + containerID + "/" + ifName
+// hostVethAlias names the attachment and, when the runtime passed them
+// (K8S_POD_NAMESPACE, K8S_POD_NAME), the pod: the agent learns a new pod's
+// address from the kernel before the kubelet reports it, and compiles its
+// NetworkPolicy while ADD waits (PodFromAlias). 255 bytes at most.
+func hostVethAlias(containerID, ifName, podNamespace, podName string) string {
+	alias := aliasPrefix + containerID + "/" + ifName
+	if podNamespace != "" && podName != "" {
+		if withPod := alias + " pod=" + podNamespace + "/" + podName; len(withPod) <= 255 {
+			return withPod
+		}
+	}
+	return alias
 }
 
 // dial opens an rtnetlink socket in the namespace behind nsFD (-1: ours).

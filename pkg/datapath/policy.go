@@ -126,6 +126,10 @@ func (d *Datapath) Policy() *PolicyMaps {
 	}
 }
 
+// PolicyEndpointsPin is where the pods' policy entries are pinned under a
+// datapath root (the CNI plugin waits for a new pod's entry there).
+func PolicyEndpointsPin(root string) string { return filepath.Join(mapsDir(root), "sb_pol_endpoints") }
+
 // OpenPolicyMaps opens the policy maps pinned under a datapath's root.
 func OpenPolicyMaps(root string) (*PolicyMaps, error) {
 	m := &PolicyMaps{owned: true}
@@ -392,6 +396,28 @@ func (m *PolicyMaps) PolicyDrops() (map[[2]uint32]uint64, error) {
 		return nil, fmt.Errorf("read sb_pol_drops: %w", err)
 	}
 	return out, nil
+}
+
+// ResetDrops zeroes the drop counters.
+func (m *PolicyMaps) ResetDrops() error {
+	var (
+		k    datapathPolDropKey
+		vs   []datapathCounter
+		keys []datapathPolDropKey
+	)
+	it := m.Drops.Iterate()
+	for it.Next(&k, &vs) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read sb_pol_drops: %w", err)
+	}
+	for _, k := range keys {
+		if err := ignoreMissing(m.Drops.Delete(k)); err != nil {
+			return fmt.Errorf("reset sb_pol_drops: %w", err)
+		}
+	}
+	return nil
 }
 
 // gcPolicy expires idle policy flows: closed TCP after closing, other

@@ -19,6 +19,7 @@ import (
 	coordv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -43,7 +44,7 @@ func loadScheme() {
 		scheme = runtime.NewScheme()
 		for _, add := range []func(*runtime.Scheme) error{
 			corev1.AddToScheme, coordv1.AddToScheme, authnv1.AddToScheme, rbacv1.AddToScheme, appsv1.AddToScheme,
-			discoveryv1.AddToScheme,
+			discoveryv1.AddToScheme, networkingv1.AddToScheme,
 		} {
 			if err := add(scheme); err != nil {
 				panic(fmt.Sprintf("register API types: %v", err)) // programming error
@@ -74,8 +75,8 @@ func Config(path string) (*rest.Config, error) {
 
 // Client holds one REST client per API group version in use.
 type Client struct {
-	core, coord, authn, rbac, apps, discovery *rest.RESTClient
-	Config                                    *rest.Config
+	core, coord, authn, rbac, apps, discovery, networking *rest.RESTClient
+	Config                                                *rest.Config
 }
 
 // New returns a client for cfg. userAgent names the component in API logs.
@@ -111,6 +112,7 @@ func New(cfg *rest.Config, userAgent string) (*Client, error) {
 		{&c.rbac, rbacv1.SchemeGroupVersion},
 		{&c.apps, appsv1.SchemeGroupVersion},
 		{&c.discovery, discoveryv1.SchemeGroupVersion},
+		{&c.networking, networkingv1.SchemeGroupVersion},
 	} {
 		if *g.dst, err = mk(g.gv, "/apis"); err != nil {
 			return nil, err
@@ -182,6 +184,10 @@ func (c *Client) Deployments(ns string) Resource[appsv1.Deployment, appsv1.Deplo
 
 func (c *Client) EndpointSlices(ns string) Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList] {
 	return Resource[discoveryv1.EndpointSlice, discoveryv1.EndpointSliceList, *discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList]{rc: c.discovery, resource: "endpointslices", namespace: ns}
+}
+
+func (c *Client) NetworkPolicies(ns string) Resource[networkingv1.NetworkPolicy, networkingv1.NetworkPolicyList, *networkingv1.NetworkPolicy, *networkingv1.NetworkPolicyList] {
+	return Resource[networkingv1.NetworkPolicy, networkingv1.NetworkPolicyList, *networkingv1.NetworkPolicy, *networkingv1.NetworkPolicyList]{rc: c.networking, resource: "networkpolicies", namespace: ns}
 }
 
 // CreateToken issues a bound token for a ServiceAccount (TokenRequest API).

@@ -67,10 +67,10 @@ type Compiled struct {
 // Meta names the numbers in the datapath's state. It is written beside the
 // pinned maps for `sinabro debug policy`.
 type Meta struct {
-	// Policies are numbered from 1 (index+1).
-	Policies []PolicyMeta `json:"policies"`
-	// Rules are numbered from 1 (index+1); rule 1 is HostRule.
-	Rules      []RuleMeta                  `json:"rules"`
+	// Policies and rules by number; numbers stay stable while the agent
+	// runs (drop counters are kept by policy number). Rule 1 is HostRule.
+	Policies   map[uint32]PolicyMeta       `json:"policies"`
+	Rules      map[uint32]RuleMeta         `json:"rules"`
 	Identities map[uint32]IdentityMeta     `json:"identities"`
 	Endpoints  map[netip.Addr]EndpointMeta `json:"endpoints"`
 	// Pods maps "namespace/name" to its address, for every known pod.
@@ -123,20 +123,30 @@ type EndpointMeta struct {
 // Compiler keeps identity numbers stable from one compilation to the next,
 // so an unchanged peer keeps its entries.
 type Compiler struct {
-	ids  map[string]uint32
+	ids, policies, rules numbering
+}
+
+func NewCompiler() *Compiler {
+	return &Compiler{ids: numbering{m: map[string]uint32{}, next: 16}, policies: numbering{m: map[string]uint32{}},
+		rules: numbering{m: map[string]uint32{}, next: HostRule}}
+}
+
+// numbering hands out a number per key, the same one every time.
+type numbering struct {
+	m    map[string]uint32
 	next uint32
 }
 
-func NewCompiler() *Compiler { return &Compiler{ids: map[string]uint32{}, next: 16} }
-
-func (c *Compiler) identity(key string) uint32 {
-	if id, ok := c.ids[key]; ok {
-		return id
+func (n *numbering) of(key string) uint32 {
+	if v, ok := n.m[key]; ok {
+		return v
 	}
-	c.next++
-	c.ids[key] = c.next
-	return c.next
+	n.next++
+	n.m[key] = n.next
+	return n.next
 }
+
+func (c *Compiler) identity(key string) uint32 { return c.ids.of(key) }
 
 type identity struct {
 	id   uint32
@@ -167,7 +177,8 @@ func (c *Compiler) Compile(in Input) *Compiled {
 			Rules:     map[datapath.PolicyRuleKey]uint32{},
 		},
 		Meta: Meta{
-			Rules:      []RuleMeta{{Index: -1, Text: "traffic from this node (kubelet probes) is always allowed in"}},
+			Policies:   map[uint32]PolicyMeta{},
+			Rules:      map[uint32]RuleMeta{HostRule: {Index: -1, Text: "traffic from this node (kubelet probes) is always allowed in"}},
 			Identities: map[uint32]IdentityMeta{},
 			Endpoints:  map[netip.Addr]EndpointMeta{},
 			Pods:       map[string]netip.Addr{},
@@ -297,9 +308,10 @@ func (c *Compiler) Compile(in Input) *Compiled {
 		}
 	}
 
-	// Policies, numbered in order.
-	for _, p := range policies {
-		out.Meta.Policies = append(out.Meta.Policies, PolicyMeta{Namespace: p.Namespace, Name: p.Name})
+	nums := make([]uint32, len(policies))
+	for i, p := range policies {
+		nums[i] = c.policies.of(p.Namespace + "/" + p.Name)
+		out.Meta.Policies[nums[i]] = PolicyMeta{Namespace: p.Namespace, Name: p.Name}
 	}
 	for _, ip := range slices.SortedFunc(maps.Keys(localPods), netip.Addr.Compare) {
 		pod := localPods[ip]
@@ -323,7 +335,7 @@ func (c *Compiler) Compile(in Input) *Compiled {
 			if !sel.Matches(labels.Set(pod.Labels)) {
 				continue
 			}
-			num := uint32(pi + 1)
+			num := nums[pi]
 			for _, dir := range policyDirs(p) {
 				em.Selected[dir] = append(em.Selected[dir], num)
 				if !ep.Isolated[dir] {
@@ -343,7 +355,7 @@ func (c *Compiler) Compile(in Input) *Compiled {
 
 	// Rules: each selecting policy's rules, for each pod it selects.
 	for pi, p := range policies {
-		num := uint32(pi + 1)
+		num := nums[pi]
 		var selected []netip.Addr
 		for ip, em := range out.Meta.Endpoints {
 			for _, dir := range []datapath.PolicyDir{datapath.Ingress, datapath.Egress} {
@@ -405,8 +417,8 @@ func (c *Compiler) compileRules(out *Compiled, p *networkingv1.NetworkPolicy, nu
 			rm.Ports = append(rm.Ports, portText(port))
 		}
 		rm.Text = ruleText(p, rm)
-		out.Meta.Rules = append(out.Meta.Rules, rm)
-		ruleNum := uint32(len(out.Meta.Rules))
+		ruleNum := c.rules.of(fmt.Sprintf("%s/%s\x00%s\x00%d", p.Namespace, p.Name, r.dir, rm.Index))
+		out.Meta.Rules[ruleNum] = rm
 
 		for _, ip := range selected {
 			em := out.Meta.Endpoints[ip]
