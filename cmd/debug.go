@@ -20,7 +20,7 @@ func newDebugCmd() *cobra.Command {
 		Use:   "debug",
 		Short: "Inspect the node's live datapath",
 	}
-	cmd.AddCommand(newDebugMapsCmd(), newDebugServicesCmd(), newDebugPreflightCmd())
+	cmd.AddCommand(newDebugMapsCmd(), newDebugServicesCmd(), newDebugPolicyCmd(), newDebugPreflightCmd())
 	return cmd
 }
 

@@ -34,7 +34,8 @@ const (
 	polIsolatedIngress = 0x1
 	polIsolatedEgress  = 0x2
 	polRuleFixedBits   = 72 // pod, identity, direction
-	anyIdentity        = ^uint32(0)
+	// AnyIdentity in a rule key stands for every peer (a rule without peers).
+	AnyIdentity = ^uint32(0)
 )
 
 // PolicyEndpoint is a local pod as policy sees it.
@@ -364,7 +365,7 @@ func (m *PolicyMaps) Lookup(pod, peer netip.Addr, dir PolicyDir, proto uint8, po
 	}
 	key := datapathPolRuleKey{Prefixlen: polRuleFixedBits + 8 + 16, Pod: be32(pod), Identity: id, Dir: uint8(dir), Proto: proto, Port: be16(port)}
 	var rule uint32
-	for _, id := range []uint32{id, anyIdentity} {
+	for _, id := range []uint32{id, AnyIdentity} {
 		key.Identity = id
 		switch err := m.Rules.Lookup(key, &rule); {
 		case err == nil:

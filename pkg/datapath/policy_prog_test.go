@@ -40,7 +40,7 @@ func TestPolicyLookups(t *testing.T) {
 			{Pod: pod, Identity: friendID, Dir: Ingress, Proto: 6, Port: 80, PortBits: 16}:    101,
 			{Pod: pod, Identity: friendID, Dir: Ingress, Proto: 17, Port: 5000, PortBits: 13}: 102,
 			// ingress from anyone on TCP 8080
-			{Pod: pod, Identity: anyIdentity, Dir: Ingress, Proto: 6, Port: 8080, PortBits: 16}: 103,
+			{Pod: pod, Identity: AnyIdentity, Dir: Ingress, Proto: 6, Port: 8080, PortBits: 16}: 103,
 			// egress to the CIDR, any protocol
 			{Pod: pod, Identity: cidrID, Dir: Egress}: 104,
 		},

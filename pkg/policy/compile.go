@@ -28,7 +28,7 @@ import (
 
 // AnyIdentity stands for every peer in a rule key (a rule without peers):
 // the datapath tries it after the peer's own identity.
-const AnyIdentity = ^uint32(0)
+const AnyIdentity = datapath.AnyIdentity
 
 // HostRule is the rule number of "traffic from this node to its pods",
 // allowed to every isolated pod (kubelet probes).
