@@ -267,7 +267,7 @@ int host_route(struct __sk_buff *skb)
 	}
 	/* NetworkPolicy first: the pod's egress rules see its packet as it
 	 * left it (a Service address is translated at the socket already). */
-	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_EGRESS, PROG_HOST_ROUTE))
+	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_EGRESS | POL_FROM_VETH | POL_DEFER_SERVICE, PROG_HOST_ROUTE))
 		return TCX_DROP;
 	ret = lb_reply_local(skb, &ip);
 	if (ret >= 0)
@@ -294,10 +294,13 @@ int host_route(struct __sk_buff *skb)
 	return TCX_NEXT;
 }
 
-/* pol_to_pod runs on the egress of each pod's host veth when NetworkPolicy
- * is on: the ingress check for what the stack delivers (the node's own
- * traffic, kube-proxy's translations, anything host routing left to the
- * stack). Packets host routing redirects never pass here. */
+/* pol_to_pod runs on the egress of each pod's host veth (and of the vxlan
+ * device) when NetworkPolicy is on: the checks for what the stack delivers
+ * (the node's own traffic, kube-proxy's translations, anything host
+ * routing left to the stack). The source pod's egress first: a flow judged
+ * in host_route passes on its conntrack entry, one kube-proxy translated is
+ * judged here on its backend. Packets host routing redirects never pass
+ * here. */
 SEC("tc")
 int pol_to_pod(struct __sk_buff *skb)
 {
@@ -306,7 +309,8 @@ int pol_to_pod(struct __sk_buff *skb)
 	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) ||
 	    ip.version != 4 || ip.ihl < 5)
 		return TCX_NEXT;
-	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_INGRESS, PROG_POL_TO_POD))
+	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_EGRESS, PROG_POL_TO_POD) ||
+	    policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_INGRESS, PROG_POL_TO_POD))
 		return TCX_DROP;
 	return TCX_NEXT;
 }

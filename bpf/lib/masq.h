@@ -300,6 +300,11 @@ int masq_egress(struct __sk_buff *skb)
 		count(skb, PROG_MASQ_EGRESS, REASON_DROP_MALFORMED);
 		return TCX_DROP;
 	}
+	/* A pod's egress policy for what the stack forwarded (kube-proxy's
+	 * translations, judged on the backend), before masquerading hides
+	 * the pod. A flow host routing judged passes on its entry. */
+	if (policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_EGRESS, PROG_MASQ_EGRESS))
+		return TCX_DROP;
 	if (!(cidr_flags(ip.saddr) & CIDR_POD)) {
 		count(skb, PROG_MASQ_EGRESS, REASON_PASS_NOT_POD);
 		return TCX_NEXT;

@@ -35,6 +35,18 @@ enum pol_dir {
 	POL_EGRESS = 1,
 };
 
+/* Flags or-ed into policy_check's dir for the egress check in host_route,
+ * where a pod's packet has just left it: only from the pod's own veth, and
+ * a packet for a Service address (kube-proxy translates it in the stack
+ * after this hook) is judged after translation, on the way out (pol_to_pod
+ * on a host veth or the vxlan device, masq_egress on the uplink). */
+#define POL_FROM_VETH 0x2
+#define POL_DEFER_SERVICE 0x4
+
+/* The identity of Service addresses (ClusterIPs, external and load
+ * balancer IPs) in sb_pol_ipcache. */
+#define POL_SERVICE_IDENTITY 2
+
 #define POL_ISOLATED_INGRESS 0x1
 #define POL_ISOLATED_EGRESS 0x2
 
@@ -170,15 +182,18 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	__u8 flags = CT_SEEN;
 	__u64 now;
 
+	bool from_veth = dir & POL_FROM_VETH, defer_service = dir & POL_DEFER_SERVICE;
+
 	if (!policy_enabled || !ip)
 		return 0;
+	dir &= 1;
 	pod = dir == POL_INGRESS ? ip->daddr : ip->saddr;
 	peer = dir == POL_INGRESS ? ip->saddr : ip->daddr;
 	ep = bpf_map_lookup_elem(&sb_pol_endpoints, &pod);
 	/* Not a pod of this node, or one the agent has not compiled yet (the
 	 * CNI plugin holds its start until it has). On egress, only packets
 	 * that came out of the pod's own veth. */
-	if (!ep || (dir == POL_EGRESS && ep->ifindex != skb->ifindex))
+	if (!ep || (from_veth && ep->ifindex != skb->ifindex))
 		return 0;
 	gen = bpf_map_lookup_elem(&sb_pol_gen, &zero);
 	if (!gen)
@@ -219,6 +234,16 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 		id = bpf_map_lookup_elem(&sb_pol_ipcache, &ik);
 		rk.pod = pod;
 		rk.identity = id ? *id : 0;
+		if (defer_service && rk.identity == POL_SERVICE_IDENTITY) {
+			/* Judged after kube-proxy's translation; the entry (never
+			 * judged) lets the translated-back replies in. */
+			if (!ct) {
+				struct pol_ct v = {.last_seen = now, .flags = flags};
+
+				bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
+			}
+			return 0;
+		}
 		rk.dir = dir;
 		rk.proto = k.proto;
 		rk.port = k.dport;

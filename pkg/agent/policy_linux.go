@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -41,8 +42,8 @@ type policyController struct {
 	kick    chan struct{}
 	metrics *policyMetrics
 
-	pods, namespaces, policies cache.Store
-	synced                     func() bool
+	pods, namespaces, policies, services cache.Store
+	synced                               func() bool
 
 	compiler *policy.Compiler
 	warned   map[string]bool
@@ -59,16 +60,17 @@ func newPolicyController(a *Agent, inf *informers) (*policyController, error) {
 		a: a, log: a.log.With("controller", "policy"), kick: make(chan struct{}, 1),
 		compiler: policy.NewCompiler(), warned: map[string]bool{},
 	}
-	pods, nss, pols := inf.AllPods(), inf.Namespaces(), inf.NetworkPolicies()
-	c.pods, c.namespaces, c.policies = pods.GetStore(), nss.GetStore(), pols.GetStore()
-	c.synced = func() bool { return pods.HasSynced() && nss.HasSynced() && pols.HasSynced() }
+	pods, nss, pols, svcs := inf.AllPods(), inf.Namespaces(), inf.NetworkPolicies(), inf.Services()
+	c.pods, c.namespaces, c.policies, c.services = pods.GetStore(), nss.GetStore(), pols.GetStore(), svcs.GetStore()
+	c.synced = func() bool { return pods.HasSynced() && nss.HasSynced() && pols.HasSynced() && svcs.HasSynced() }
 	kick := func() { trigger(c.kick) }
 	err := errors.Join(
 		onChange(pods, func(o, n *corev1.Pod) bool {
 			return o.Status.PodIP != n.Status.PodIP || !maps.Equal(o.Labels, n.Labels) || o.Status.Phase != n.Status.Phase
 		}, kick),
 		onChange(nss, func(o, n *corev1.Namespace) bool { return !maps.Equal(o.Labels, n.Labels) }, kick),
-		onChange[*networkingv1.NetworkPolicy](pols, nil, kick))
+		onChange[*networkingv1.NetworkPolicy](pols, nil, kick),
+		onChange(svcs, func(o, n *corev1.Service) bool { return !slices.Equal(serviceAddrs(o), serviceAddrs(n)) }, kick))
 	c.metrics = newPolicyMetrics(c)
 	if err == nil {
 		err = a.metrics.registry.Register(c.metrics)
@@ -126,6 +128,9 @@ func (c *policyController) pass(ctx context.Context) error {
 	for _, o := range c.policies.List() {
 		in.Policies = append(in.Policies, o.(*networkingv1.NetworkPolicy))
 	}
+	for _, o := range c.services.List() {
+		in.ServiceIPs = append(in.ServiceIPs, serviceAddrs(o.(*corev1.Service))...)
+	}
 	hostIPs, err := c.hostAddrs()
 	if err != nil {
 		return err
@@ -161,6 +166,26 @@ func (c *policyController) localPods() map[netip.Addr]policy.Local {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return maps.Clone(c.local)
+}
+
+// serviceAddrs are the addresses kube-proxy would translate for svc.
+func serviceAddrs(svc *corev1.Service) []netip.Addr {
+	var out []netip.Addr
+	add := func(s string) {
+		if ip, err := netip.ParseAddr(s); err == nil {
+			out = append(out, ip)
+		}
+	}
+	for _, s := range svc.Spec.ClusterIPs {
+		add(s)
+	}
+	for _, s := range svc.Spec.ExternalIPs {
+		add(s)
+	}
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		add(in.IP)
+	}
+	return out
 }
 
 // hostAddrs lists this node's IPv4 addresses (its pods' traffic from the

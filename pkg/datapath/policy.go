@@ -34,6 +34,9 @@ const (
 	polIsolatedIngress = 0x1
 	polIsolatedEgress  = 0x2
 	polRuleFixedBits   = 72 // pod, identity, direction
+	// ServiceIdentity marks Service addresses in the ipcache: a pod's
+	// egress to one is judged after kube-proxy translates it.
+	ServiceIdentity = 2
 	// AnyIdentity in a rule key stands for every peer (a rule without peers).
 	AnyIdentity = ^uint32(0)
 )

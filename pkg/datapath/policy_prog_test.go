@@ -25,6 +25,7 @@ func TestPolicyLookups(t *testing.T) {
 	other := netip.MustParseAddr("10.244.1.6")  // local, not selected
 	friend := netip.MustParseAddr("10.244.2.7") // a pod of another node: identity 20
 	outside := netip.MustParseAddr("203.0.113.9")
+	service := netip.MustParseAddr("10.96.0.10") // a ClusterIP kube-proxy translates
 	const friendID, cidrID = 20, 30
 	state := PolicyState{
 		Endpoints: map[netip.Addr]PolicyEndpoint{
@@ -34,6 +35,7 @@ func TestPolicyLookups(t *testing.T) {
 		IPCache: map[netip.Prefix]uint32{
 			netip.PrefixFrom(friend, 32):            friendID,
 			netip.MustParsePrefix("203.0.113.0/24"): cidrID,
+			netip.PrefixFrom(service, 32):           ServiceIdentity,
 		},
 		Rules: map[PolicyRuleKey]uint32{
 			// ingress from friend: TCP 80 exactly, UDP 5000-5007 (one prefix)
@@ -76,6 +78,12 @@ func TestPolicyLookups(t *testing.T) {
 		// Replies of allowed flows pass both ways, whatever the rules.
 		{"reply of the allowed ingress flow, out", true, out, tcp(pod, friend, 80, 40000, "SA")},
 		{"reply of the allowed egress flow, in", true, in, udp(outside, pod, 53, 40007)},
+		// To a Service address: judged after kube-proxy's translation, on
+		// the way out (pol_to_pod also checks the source pod's egress).
+		{"egress to a ClusterIP, before translation", true, out, udp(pod, service, 40010, 53)},
+		{"the same flow translated to friend, on the way out", false, in, udp(pod, friend, 40010, 53)},
+		{"translated to the CIDR, on the way out", true, in, udp(pod, outside, 40011, 53)},
+		{"the reply translated back from the ClusterIP", true, in, udp(service, pod, 53, 40010)},
 	} {
 		if got := c.check(c.frame); got != c.pass {
 			t.Errorf("%s: passed %v, want %v", c.name, got, c.pass)
@@ -85,8 +93,8 @@ func TestPolicyLookups(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if drops[[2]uint32{7, uint32(Ingress)}] != 3 || drops[[2]uint32{8, uint32(Egress)}] != 1 {
-		t.Errorf("drops per policy = %v, want 3 under policy 7 ingress, 1 under 8 egress", drops)
+	if drops[[2]uint32{7, uint32(Ingress)}] != 3 || drops[[2]uint32{8, uint32(Egress)}] != 2 {
+		t.Errorf("drops per policy = %v, want 3 under policy 7 ingress, 2 under 8 egress", drops)
 	}
 
 	// Lookup answers what the datapath decided.
@@ -137,8 +145,8 @@ func TestPolicyLookups(t *testing.T) {
 	if again.Any() || again.Generation != changes.Generation {
 		t.Errorf("second SyncPolicy of the same state: %+v after %+v", again, changes)
 	}
-	if n := counter(t, objs, "pol_to_pod", "drop_policy"); n != 4 {
-		t.Errorf("pol_to_pod drop_policy = %d, want 4", n)
+	if n := counter(t, objs, "pol_to_pod", "drop_policy"); n != 5 {
+		t.Errorf("pol_to_pod drop_policy = %d, want 5", n)
 	}
 }
 

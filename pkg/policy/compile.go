@@ -54,6 +54,10 @@ type Input struct {
 	Local map[netip.Addr]Local
 	// HostIPs are this node's addresses: always allowed to its pods.
 	HostIPs []netip.Addr
+	// ServiceIPs are Service addresses (ClusterIPs, external and load
+	// balancer IPs): where kube-proxy translates them in the stack, a
+	// pod's egress to them is judged on the translated packet.
+	ServiceIPs []netip.Addr
 }
 
 // Compiled is the datapath's state and what explains it.
@@ -291,6 +295,13 @@ func (c *Compiler) Compile(in Input) *Compiled {
 			continue
 		}
 		addIdentity("host", pr, IdentityMeta{Kind: "host"}, nil, nil)
+	}
+	for _, ip := range in.ServiceIPs {
+		pr := netip.PrefixFrom(ip, 32)
+		if _, taken := out.State.IPCache[pr]; !taken && ip.Is4() {
+			out.State.IPCache[pr] = datapath.ServiceIdentity
+			out.Meta.Identities[datapath.ServiceIdentity] = IdentityMeta{Kind: "service"}
+		}
 	}
 	for _, q := range slices.SortedFunc(maps.Keys(cidrSet), netip.Prefix.Compare) {
 		if _, taken := out.State.IPCache[q]; taken {

@@ -170,6 +170,8 @@ func (i IdentityMeta) String() string {
 		parts = append(parts, fmt.Sprintf("pods of namespace %s with labels {%s}", i.Namespace, strings.Join(ls, ",")))
 	case "host":
 		parts = append(parts, "this node's addresses")
+	case "service":
+		parts = append(parts, "Service addresses (egress judged after kube-proxy translates them)")
 	default:
 		parts = append(parts, "addresses of ipBlock CIDRs")
 	}

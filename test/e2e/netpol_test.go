@@ -499,3 +499,65 @@ func (n *netpolLab) failClosed(t *testing.T) {
 		}
 	}
 }
+
+// TestNetworkPolicyThroughServices: a pod's egress policy applies to the
+// Service's backend, whoever translates the ClusterIP — Sinabro's socket
+// load balancer (before the packet exists) or kube-proxy (in the stack,
+// after host routing has seen the packet: the check waits for the
+// translated packet on its way out).
+func TestNetworkPolicyThroughServices(t *testing.T) {
+	for _, mode := range []string{lab.KubeProxyNone, "nftables"} {
+		t.Run("kube-proxy "+mode, func(t *testing.T) {
+			l, _ := newNamedLab(t, labName, 2, 2, mode)
+			cs, cfg, _ := labBasics(t, l)
+			ctx := context.Background()
+			clusterIP := func(svc string) string {
+				s, err := cs.Services("default").Get(ctx, svc, metav1.GetOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return net.JoinHostPort(s.Spec.ClusterIP, "80")
+			}
+			client, err := cs.Pods("default").Get(ctx, "node-1-pod-1", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			dial := func(addr string) bool {
+				cmd := exec.Command("ip", "netns", "exec", podNetnsName(client), os.Args[0])
+				cmd.Env = append(os.Environ(), helperEnv+"=dial", "SINABRO_E2E_ADDR="+addr)
+				f, err := os.Open(cfg.NodePodCgroup(client.Spec.NodeName))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer f.Close()
+				cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+				return cmd.Run() == nil
+			}
+			allowed, other := clusterIP("svc-node-2-pod-1"), clusterIP("svc-node-1-pod-2")
+			if !dial(allowed) || !dial(other) {
+				t.Fatal("Services unreachable before any policy")
+			}
+			pol := &networkingv1.NetworkPolicy{
+				ObjectMeta: metav1.ObjectMeta{Name: "egress-to-node-2-pod-1", Namespace: "default"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"lab.sinabro.io/pod": "node-1-pod-1"}},
+					PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+					Egress: []networkingv1.NetworkPolicyEgressRule{{To: []networkingv1.NetworkPolicyPeer{{
+						PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"lab.sinabro.io/pod": "node-2-pod-1"}},
+					}}}},
+				},
+			}
+			if _, err := cs.NetworkPolicies("default").Create(ctx, pol, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			took := waitFor(t, 5*time.Second, "the other Service denied", func() (bool, string) { return !dial(other), "" })
+			if !dial(allowed) {
+				t.Errorf("ClusterIP %s of the allowed backend (node-2-pod-1) denied", allowed)
+			}
+			if dial(other) {
+				t.Errorf("ClusterIP %s of a backend the policy does not allow (node-1-pod-2) reachable", other)
+			}
+			t.Logf("egress policy through ClusterIPs enforced %s after it was created", took.Round(time.Millisecond))
+		})
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/sinabro-io/sinabro/internal/tcpload"
 )
@@ -41,6 +42,15 @@ func helperMain(role string) int {
 		fmt.Println("ready")
 		fmt.Fprintln(os.Stderr, tcpload.Serve(raw))
 		return 1
+	case "dial": // one TCP connection, as a pod's process (netpol_test.go)
+		c, err := net.DialTimeout("tcp4", addr, 1500*time.Millisecond)
+		if err != nil {
+			fmt.Println(err)
+			return 1
+		}
+		c.Close()
+		fmt.Println("ok")
+		return 0
 	case "client":
 		scenario := os.Getenv("SINABRO_E2E_SCENARIO")
 		port := workloadPort
