@@ -134,6 +134,9 @@ struct conn_state {
 	 * the psock's reference count being what the sockhash (and the
 	 * program's own sendmsg) hold. See EVICT_DRAIN and note_quiet. */
 	__u32 quiet[2];
+	/* sock_cfg's policy_epoch when the connection was established. */
+	__u32 epoch;
+	__u32 pad;
 };
 
 struct {
@@ -150,6 +153,11 @@ struct sock_cfg {
 	__u32 enabled;       /* 0: every socket moves to PASS at its next send */
 	__u32 msg_threshold; /* a send of at least this many bytes moves to PASS (0: none) */
 	__u64 window;        /* unanswered redirected bytes that move to PASS (0: unlimited) */
+	/* Moved by the agent when a NetworkPolicy change may deny flows that
+	 * exist: connections established before move to PASS (TCP for good)
+	 * at their next send, so their bytes cross tc, where policy decides. */
+	__u32 policy_epoch;
+	__u32 pad;
 };
 
 struct {
@@ -175,6 +183,7 @@ enum sock_counter {
 	CNT_SOCK_CLOSED = 10,      /* accelerated socket reached TCP_CLOSE */
 	CNT_SOCK_EVICTED = 11,     /* PASS socket taken out of the sockhash */
 	CNT_SOCK_DRAINED = 12,     /* of which after reading its peer's redirected data */
+	CNT_FALLBACK_POLICY = 13,  /* NetworkPolicy changed since the connection was established: PASS */
 	CNT_MAX = 16,
 };
 
@@ -291,6 +300,7 @@ static __always_inline int established(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	conn_key(&key, &ck);
+	zero.epoch = cfg->policy_epoch;
 	/* The first end to establish creates the state, the second joins. */
 	bpf_map_update_elem(&sb_sock_conns, &ck, &zero, BPF_NOEXIST);
 	cs = bpf_map_lookup_elem(&sb_sock_conns, &ck);
@@ -498,6 +508,10 @@ static __always_inline bool redirect(struct sk_msg_md *msg, struct conn_state *c
 	cfg = config();
 	if (!cfg || !cfg->enabled) {
 		to_pass(cs, side, mode, CNT_FALLBACK_DISABLED, size);
+		return false;
+	}
+	if (cs->epoch != cfg->policy_epoch) {
+		to_pass(cs, side, mode, CNT_FALLBACK_POLICY, size);
 		return false;
 	}
 	/* Redirected data has no flow control: it queues at the peer however

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,9 +39,11 @@ type accelerationController struct {
 	accel     *sockmap.Accelerator
 	plan      accelerationPlan // what accel's pod map holds
 	collector prometheus.Collector
-	off       bool            // disabled (a leftover from an earlier run, or ours)
-	noBTF     bool            // warned once that the kernel lacks BTF
-	warned    map[string]bool // bad annotation values already logged
+	off       bool // disabled (a leftover from an earlier run, or ours)
+	// policyEpoch is moved by the policy controller (policyChanged).
+	policyEpoch atomic.Uint32
+	noBTF       bool            // warned once that the kernel lacks BTF
+	warned      map[string]bool // bad annotation values already logged
 }
 
 func newAccelerationController(a *Agent, inf *informers) (*accelerationController, error) {
@@ -59,6 +62,14 @@ func newAccelerationController(a *Agent, inf *informers) (*accelerationControlle
 			return o.Annotations[AnnotationTCPAcceleration] != n.Annotations[AnnotationTCPAcceleration]
 		}, kick))
 	return c, err
+}
+
+// policyChanged is told by the policy controller that a change may deny
+// flows that exist: accelerated connections must leave acceleration (their
+// bytes skip tc, where policy is decided).
+func (c *accelerationController) policyChanged() {
+	c.policyEpoch.Add(1)
+	trigger(c.kick)
 }
 
 // run waits for the informers, then keeps acceleration in line until ctx
@@ -120,6 +131,11 @@ func (c *accelerationController) ensure(ctx context.Context, self nodeInfo) erro
 		}
 	}
 	if c.accel != nil {
+		// A NetworkPolicy change that may deny existing flows moves the
+		// epoch: accelerated connections go back through tc.
+		if err := c.accel.SetPolicyEpoch(c.policyEpoch.Load()); err != nil {
+			return err
+		}
 		if slices.Equal(plan.Prefixes, c.plan.Prefixes) && slices.Equal(plan.Excluded, c.plan.Excluded) {
 			return nil
 		}
@@ -143,7 +159,8 @@ func (c *accelerationController) ensure(ctx context.Context, self nodeInfo) erro
 	if err != nil {
 		return fmt.Errorf("TCP acceleration needs a cgroup v2 (--pod-cgroup): %w", err)
 	}
-	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: c.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: plan.Prefixes, Excluded: plan.Excluded})
+	acc, err := sockmap.Enable(ctx, sockmap.Config{BPFRoot: c.cfg.BPFRoot, CgroupPath: cg, PodPrefixes: plan.Prefixes, Excluded: plan.Excluded,
+		PolicyEpoch: c.policyEpoch.Load()})
 	if err != nil {
 		return fmt.Errorf("enable TCP acceleration on cgroup %s: %w", cg, err)
 	}

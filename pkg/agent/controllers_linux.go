@@ -54,6 +54,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if a.policy, err = newPolicyController(a, inf); err != nil {
 			return err
 		}
+		a.policy.mayDeny = accel.policyChanged
 	} else if a.cfg.NetworkPolicy {
 		a.log.Error("NetworkPolicy is NOT enforced: it needs host routing (--host-routing, or the kernel's conntrack kfuncs with --kube-proxy-coexistence)")
 	}

@@ -47,6 +47,9 @@ type policyController struct {
 
 	compiler *policy.Compiler
 	warned   map[string]bool
+	// mayDeny is told when a change may deny flows that exist (the
+	// acceleration controller's policyChanged).
+	mayDeny func()
 
 	mu        sync.Mutex
 	local     map[netip.Addr]policy.Local // from the endpoint loop
@@ -144,6 +147,9 @@ func (c *policyController) pass(ctx context.Context) error {
 		}
 	}
 	changes, err := d.Policy().SyncPolicy(out.State)
+	if changes.MayDeny && c.mayDeny != nil {
+		c.mayDeny()
+	}
 	if err != nil {
 		return err
 	}

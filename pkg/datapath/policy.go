@@ -228,6 +228,10 @@ func (ep PolicyEndpoint) raw() datapathPolEndpoint {
 type PolicyChanges struct {
 	Endpoints, IPCache, Rules int
 	Generation                uint32
+	// MayDeny: something that allowed a flow may have gone (a rule, an
+	// address's identity, a pod newly isolated). Flows that skip tc
+	// (same-node TCP acceleration) must then be judged again.
+	MayDeny bool
 }
 
 // Any reports whether anything was written.
@@ -256,8 +260,12 @@ func (m *PolicyMaps) SyncPolicy(want PolicyState) (PolicyChanges, error) {
 		c.Rules++
 	}
 	for p, id := range want.IPCache {
-		if cur, ok := have.IPCache[p]; ok && cur == id {
+		cur, ok := have.IPCache[p]
+		if ok && cur == id {
 			continue
+		}
+		if ok {
+			c.MayDeny = true // the address's identity changed
 		}
 		if err := m.IPCache.Put(datapathLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: be32(p.Addr())}, id); err != nil {
 			errs = append(errs, fmt.Errorf("put policy address %v: %w", p, err))
@@ -266,8 +274,12 @@ func (m *PolicyMaps) SyncPolicy(want PolicyState) (PolicyChanges, error) {
 		c.IPCache++
 	}
 	for ip, ep := range want.Endpoints {
-		if cur, ok := have.Endpoints[ip]; ok && cur == ep {
+		cur, ok := have.Endpoints[ip]
+		if ok && cur == ep {
 			continue
+		}
+		if ok && (ep.Isolated[Ingress] && !cur.Isolated[Ingress] || ep.Isolated[Egress] && !cur.Isolated[Egress]) {
+			c.MayDeny = true
 		}
 		if err := m.Endpoints.Put(be32(ip), ep.raw()); err != nil {
 			errs = append(errs, fmt.Errorf("put policy endpoint %v: %w", ip, err))
@@ -284,12 +296,14 @@ func (m *PolicyMaps) SyncPolicy(want PolicyState) (PolicyChanges, error) {
 	for p := range have.IPCache {
 		if _, ok := want.IPCache[p]; !ok {
 			c.IPCache++
+			c.MayDeny = true
 			errs = append(errs, ignoreMissing(m.IPCache.Delete(datapathLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: be32(p.Addr())})))
 		}
 	}
 	for k := range have.Rules {
 		if _, ok := want.Rules[k]; !ok {
 			c.Rules++
+			c.MayDeny = true
 			errs = append(errs, ignoreMissing(m.Rules.Delete(k.raw())))
 		}
 	}

@@ -73,6 +73,7 @@ type CheckResult struct {
 	State     []StateCheck
 	Probes    []Probe
 	Shortcuts []ShortcutProbe // same-node TCP acceleration, one per node with two pods
+	Policy    []PolicyProbe   // NetworkPolicy, with a temporary policy (checkpolicy.go)
 }
 
 // Categories of probes, in print order.
@@ -206,6 +207,11 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 	}
 	wg.Wait()
 	res.Probes = probes
+
+	// NetworkPolicy last: its temporary policy must not touch the probes above.
+	if res.Policy, err = checkPolicy(ctx, cs, nodes, pods); err != nil {
+		return nil, err
+	}
 
 	// TCP acceleration: one same-node pod pair per node.
 	exe, err := os.Executable()
@@ -471,6 +477,11 @@ func (r *CheckResult) Failures() int {
 			n++
 		}
 	}
+	for _, p := range r.Policy {
+		if !p.OK {
+			n++
+		}
+	}
 	return n
 }
 
@@ -494,7 +505,14 @@ func (r *CheckResult) Summary() string {
 			aok++
 		}
 	}
-	return fmt.Sprintf("%d/%d probes ok, %d/%d accelerated, %d/%d state checks ok", ok, len(r.Probes), aok, len(r.Shortcuts), sok, len(r.State))
+	pok := 0
+	for _, p := range r.Policy {
+		if p.OK {
+			pok++
+		}
+	}
+	return fmt.Sprintf("%d/%d probes ok, %d/%d accelerated, %d/%d NetworkPolicy verdicts ok, %d/%d state checks ok",
+		ok, len(r.Probes), aok, len(r.Shortcuts), pok, len(r.Policy), sok, len(r.State))
 }
 
 func mark(ok bool) string {
@@ -564,6 +582,7 @@ func (r *CheckResult) Print(out io.Writer, verbose bool) {
 		}
 		tw.Flush()
 	}
+	errs = append(errs, printPolicyProbes(out, r.Policy)...)
 	if len(errs) > 0 {
 		fmt.Fprintln(out, "\nfailures")
 		fmt.Fprintln(out, strings.Join(errs, "\n"))

@@ -103,6 +103,8 @@ type Config struct {
 	// good (request/response traffic never gets there; one-way streams
 	// do). Zero takes DefaultWindow; Unlimited removes the bound.
 	Window uint64
+	// PolicyEpoch: see SetPolicyEpoch.
+	PolicyEpoch uint32
 	// MsgThreshold: a send of at least this many bytes moves its side to
 	// TCP for good. Zero means no threshold (redirecting measured faster
 	// at every send size while the reader keeps up).
@@ -126,7 +128,7 @@ func (c *Config) validate() error {
 
 // settings mirrors struct sock_cfg in bpf/sockops.c.
 func (c *Config) settings(enabled bool) sockopsSockCfg {
-	s := sockopsSockCfg{MsgThreshold: c.MsgThreshold, Window: c.Window}
+	s := sockopsSockCfg{MsgThreshold: c.MsgThreshold, Window: c.Window, PolicyEpoch: c.PolicyEpoch}
 	switch c.Window {
 	case 0:
 		s.Window = DefaultWindow
@@ -204,7 +206,7 @@ func loadObjects(objs *sockopsObjects, pinDir string) error {
 	// Connection state of an older layout is dropped on upgrade: its
 	// sockets then pass through TCP (never redirect again, which keeps
 	// their streams in order) and stay in the sockhash until closed.
-	return bpffs.LoadPinned(spec, objs, pinDir, "sockops", "sb_sock_conns")
+	return bpffs.LoadPinned(spec, objs, pinDir, "sockops", "sb_sock_conns", "sb_sock_cfg")
 }
 
 // attachSkMsg attaches prog as the sk_msg verdict of the sockhash with a
@@ -229,6 +231,20 @@ func attachSkMsg(path string, hash *ebpf.Map, prog *ebpf.Program) (link.Link, er
 		return nil, fmt.Errorf("pin sk_msg link %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// SetPolicyEpoch moves the policy epoch: connections established before
+// leave acceleration (TCP for good) at their next send, so that their
+// bytes cross tc, where a NetworkPolicy change that denies them applies.
+func (a *Accelerator) SetPolicyEpoch(epoch uint32) error {
+	if a.cfg.PolicyEpoch == epoch {
+		return nil
+	}
+	a.cfg.PolicyEpoch = epoch
+	if err := a.objs.SbSockCfg.Put(uint32(0), a.cfg.settings(true)); err != nil {
+		return fmt.Errorf("write sockmap settings: %w", err)
+	}
+	return nil
 }
 
 // SetPods makes the local pod set exactly prefixes minus the excluded

@@ -461,3 +461,34 @@ func TestCleanupLive(t *testing.T) {
 		t.Errorf("after cleanup: host veth saw %d packets, want the 200 messages on the wire", d)
 	}
 }
+
+// TestPolicyEpoch: a connection accelerated before a NetworkPolicy change
+// leaves acceleration at its next send once the epoch moves (its bytes
+// cross the veth again, where policy decides), with its data intact; a
+// connection established after the change is accelerated.
+func TestPolicyEpoch(t *testing.T) {
+	tb := newTestbed(t, map[string]string{"a": "10.244.7.2", "b": "10.244.7.3"})
+	a := tb.enable(Config{}, "a", "b")
+	tb.server("b")
+	conn := tb.startInteractive()
+	msgs, _ := statsDelta(t, tb.root, func() { conn.rounds(t, 50, 1000) })
+	if msgs["redirect"].Count < 100 {
+		t.Fatalf("before the change: %d messages redirected, want 100", msgs["redirect"].Count)
+	}
+	if err := a.SetPolicyEpoch(1); err != nil {
+		t.Fatal(err)
+	}
+	pkts := tb.vethPackets("a")
+	msgs, _ = statsDelta(t, tb.root, func() { conn.rounds(t, 50, 1000) })
+	if msgs["fallback_policy"].Count == 0 || msgs["redirect"].Count != 0 {
+		t.Errorf("after the epoch moved: %d fallback_policy, %d redirected messages; want some, and none", msgs["fallback_policy"].Count, msgs["redirect"].Count)
+	}
+	if d := tb.vethPackets("a") - pkts; d < 100 {
+		t.Errorf("after the epoch moved: %d packets on a's veth, want the connection's bytes there (100 rounds)", d)
+	}
+	fresh := tb.startInteractive()
+	msgs, _ = statsDelta(t, tb.root, func() { fresh.rounds(t, 50, 1000) })
+	if msgs["redirect"].Count < 100 {
+		t.Errorf("a connection established after the change: %d messages redirected, want 100", msgs["redirect"].Count)
+	}
+}

@@ -19,6 +19,8 @@ type sockopsConnState struct {
 	Evict      [2]uint32
 	Unanswered [2]uint64
 	Quiet      [2]uint32
+	Epoch      uint32
+	Pad        uint32
 }
 
 type sockopsCounter struct {
@@ -38,6 +40,8 @@ type sockopsSockCfg struct {
 	Enabled      uint32
 	MsgThreshold uint32
 	Window       uint64
+	PolicyEpoch  uint32
+	Pad          uint32
 }
 
 type sockopsSockCounter uint32
@@ -56,6 +60,7 @@ const (
 	sockopsSockCounterCNT_SOCK_CLOSED        sockopsSockCounter = 10
 	sockopsSockCounterCNT_SOCK_EVICTED       sockopsSockCounter = 11
 	sockopsSockCounterCNT_SOCK_DRAINED       sockopsSockCounter = 12
+	sockopsSockCounterCNT_FALLBACK_POLICY    sockopsSockCounter = 13
 	sockopsSockCounterCNT_MAX                sockopsSockCounter = 16
 )
 
