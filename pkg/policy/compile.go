@@ -211,10 +211,11 @@ func (c *Compiler) Compile(in Input) *Compiled {
 			}
 		})
 	}
+	// The configured prefixes holding a: one lookup per prefix length.
 	containing := func(a netip.Prefix) map[netip.Prefix]bool {
 		in := map[netip.Prefix]bool{}
-		for q := range cidrSet {
-			if q.Bits() <= a.Bits() && q.Contains(a.Addr()) {
+		for bits := 0; bits <= a.Bits(); bits++ {
+			if q := netip.PrefixFrom(a.Addr(), bits).Masked(); cidrSet[q] {
 				in[q] = true
 			}
 		}
@@ -309,8 +310,12 @@ func (c *Compiler) Compile(in Input) *Compiled {
 		}
 		addIdentity("cidr", q, IdentityMeta{Kind: "cidr"}, nil, nil)
 	}
+	byCIDR := map[netip.Prefix][]uint32{} // the identities inside each ipBlock prefix
 	for id, ident := range idents {
 		out.Meta.Identities[id] = ident.meta
+		for q := range ident.cidrs {
+			byCIDR[q] = append(byCIDR[q], id)
+		}
 	}
 	hostIDs := []uint32{}
 	for id, ident := range idents {
@@ -376,7 +381,7 @@ func (c *Compiler) Compile(in Input) *Compiled {
 			}
 		}
 		slices.SortFunc(selected, netip.Addr.Compare)
-		c.compileRules(out, p, num, selected, localPods, idents, nsLabels)
+		c.compileRules(out, p, num, selected, localPods, idents, byCIDR, nsLabels)
 	}
 	return out
 }
@@ -389,7 +394,7 @@ func (out *Compiled) addRule(k datapath.PolicyRuleKey, rule uint32) {
 }
 
 func (c *Compiler) compileRules(out *Compiled, p *networkingv1.NetworkPolicy, num uint32, selected []netip.Addr,
-	localPods map[netip.Addr]*corev1.Pod, idents map[uint32]*identity, nsLabels map[string]labels.Set) {
+	localPods map[netip.Addr]*corev1.Pod, idents map[uint32]*identity, byCIDR map[netip.Prefix][]uint32, nsLabels map[string]labels.Set) {
 	type rule struct {
 		dir   datapath.PolicyDir
 		peers []networkingv1.NetworkPolicyPeer
@@ -415,7 +420,7 @@ func (c *Compiler) compileRules(out *Compiled, p *networkingv1.NetworkPolicy, nu
 		var peerIDs []uint32
 		anyPeer := len(r.peers) == 0
 		for _, peer := range r.peers {
-			ids, text, err := selectPeer(p, peer, idents, nsLabels)
+			ids, text, err := selectPeer(p, peer, idents, byCIDR, nsLabels)
 			if err != nil {
 				out.Warnings = append(out.Warnings, fmt.Sprintf("%s/%s %s rule %d: %v", p.Namespace, p.Name, r.dir, rm.Index, err))
 			}
@@ -501,7 +506,7 @@ func (c *Compiler) compileRules(out *Compiled, p *networkingv1.NetworkPolicy, nu
 
 // selectPeer returns the identities a peer of policy p selects.
 func selectPeer(p *networkingv1.NetworkPolicy, peer networkingv1.NetworkPolicyPeer, idents map[uint32]*identity,
-	nsLabels map[string]labels.Set) ([]uint32, string, error) {
+	byCIDR map[netip.Prefix][]uint32, nsLabels map[string]labels.Set) ([]uint32, string, error) {
 	text := peerText(peer)
 	var ids []uint32
 	if b := peer.IPBlock; b != nil {
@@ -515,10 +520,8 @@ func selectPeer(p *networkingv1.NetworkPolicy, peer networkingv1.NetworkPolicyPe
 				except = append(except, ep.Masked())
 			}
 		}
-		for id, ident := range idents {
-			if !ident.cidrs[cidr.Masked()] {
-				continue
-			}
+		for _, id := range byCIDR[cidr.Masked()] {
+			ident := idents[id]
 			if slices.ContainsFunc(except, func(e netip.Prefix) bool { return ident.cidrs[e] }) {
 				continue
 			}
