@@ -68,3 +68,7 @@ bench-sockmap *ARGS: build
 # eBPF datapath: host routing on/off, masquerade connection rate eBPF vs nftables, kernel conntrack check (kube-proxy coexistence) on/off.
 bench-datapath:
     SINABRO_BENCH=1 go test -count=1 -v -run 'HostRoutingBenchmark|ConnRateBenchmark|KernelCTBenchmark|KernelCTCost' -timeout 20m ./pkg/datapath/ | grep -vE '^(=== |--- |PASS|ok )'
+
+# NetworkPolicy: 0 policies vs 10,000 rules selecting the pods under test (same node, across nodes), A/B in each round; rule update to enforced; agent memory.
+bench-policy: build kube-bins
+    SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchPolicy' -timeout 30m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'

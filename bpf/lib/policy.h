@@ -96,20 +96,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_pol_rules SEC(".maps");
 
+/* One entry per flow for both directions: the lower address (then port)
+ * first, so that a packet and its reply find the same entry with one
+ * lookup; the entry remembers which end opened the flow. */
 struct pol_ct_key {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
+	__be32 addr[2];
+	__be16 port[2];
 	__u8 proto;
 	__u8 pad[3];
 };
 
 struct pol_ct {
-	__u64 last_seen; /* bpf_ktime_get_ns, refreshed at most every TOUCH_NS */
-	__u32 gen[2];    /* per pol_dir: the sb_pol_gen this flow was last allowed in */
-	__u8 flags;      /* CT_* seen in either direction (lib/nat.h) */
-	__u8 pad[7];
+	__u64 last_seen;  /* bpf_ktime_get_ns, refreshed at most every TOUCH_NS */
+	__u32 gen[2];     /* per pol_dir: the sb_pol_gen the flow was last allowed in (0: never judged) */
+	__be32 init_addr; /* the end that opened the flow: its packets are judged, */
+	__be16 init_port; /* the other end's are replies */
+	__u8 flags;       /* CT_* seen in either direction (lib/nat.h) */
+	__u8 pad;
 };
 
 struct {
@@ -177,6 +180,7 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	struct lpm_v4_key ik = {.prefixlen = 32};
 	struct pol_endpoint *ep;
 	struct pol_ct *ct;
+	__be16 ports[2] = {}; /* source, destination */
 	__u32 zero = 0, *gen, *id, *rule;
 	__be32 pod, peer;
 	__u8 flags = CT_SEEN;
@@ -199,32 +203,30 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	if (!gen)
 		return 0;
 
-	k.saddr = ip->saddr;
-	k.daddr = ip->daddr;
 	/* Ports, but not for later fragments (their L4 header is elsewhere). */
 	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) &&
 	    !(ip->frag_off & bpf_htons(IP_OFFSET))) {
-		if (bpf_skb_load_bytes(skb, l4off, &k.sport, 4))
+		if (bpf_skb_load_bytes(skb, l4off, ports, 4))
 			return 0;
 		flags = flow_flags(skb, ip->protocol, l4off);
+	}
+	if (ip->saddr < ip->daddr || (ip->saddr == ip->daddr && ports[0] <= ports[1])) {
+		k.addr[0] = ip->saddr, k.addr[1] = ip->daddr, k.port[0] = ports[0], k.port[1] = ports[1];
+	} else {
+		k.addr[0] = ip->daddr, k.addr[1] = ip->saddr, k.port[0] = ports[1], k.port[1] = ports[0];
 	}
 	now = bpf_ktime_get_ns();
 
 	ct = bpf_map_lookup_elem(&sb_pol_ct, &k);
-	if (ct && (dir == POL_INGRESS ? ct->gen[0] : ct->gen[1]) == *gen) {
-		pol_touch(ct, flags, now);
-		return 0;
-	}
-	if (!ct) {
-		/* A reply of a flow allowed in the other direction. */
-		struct pol_ct_key rev = {
-			.saddr = k.daddr, .daddr = k.saddr, .sport = k.dport, .dport = k.sport, .proto = k.proto,
-		};
-		struct pol_ct *r = bpf_map_lookup_elem(&sb_pol_ct, &rev);
-
-		if (r) {
-			pol_touch(r, flags, now);
+	if (ct) {
+		if (ct->init_addr != ip->saddr || ct->init_port != ports[0]) {
+			/* A reply of a flow allowed the other way. */
+			pol_touch(ct, flags, now);
 			count(skb, prog, REASON_POLICY_REPLY);
+			return 0;
+		}
+		if ((dir == POL_INGRESS ? ct->gen[0] : ct->gen[1]) == *gen) {
+			pol_touch(ct, flags, now);
 			return 0;
 		}
 	}
@@ -238,7 +240,7 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 			/* Judged after kube-proxy's translation; the entry (never
 			 * judged) lets the translated-back replies in. */
 			if (!ct) {
-				struct pol_ct v = {.last_seen = now, .flags = flags};
+				struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = flags};
 
 				bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
 			}
@@ -246,7 +248,7 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 		}
 		rk.dir = dir;
 		rk.proto = k.proto;
-		rk.port = k.dport;
+		rk.port = ports[1];
 		rule = bpf_map_lookup_elem(&sb_pol_rules, &rk);
 		if (!rule) {
 			/* Rules without peers allow every identity. */
@@ -267,7 +269,7 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 			ct->gen[1] = *gen;
 		pol_touch(ct, flags, now);
 	} else {
-		struct pol_ct v = {.last_seen = now, .flags = flags};
+		struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = flags};
 
 		if (dir == POL_INGRESS)
 			v.gen[0] = *gen;

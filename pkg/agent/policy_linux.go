@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jsimonetti/rtnetlink/v2"
@@ -51,6 +52,12 @@ type policyController struct {
 	// acceleration controller's policyChanged).
 	mayDeny func()
 
+	// dirty: an input changed since the last compilation (periodic passes
+	// without one only check the kernel against the last result).
+	dirty atomic.Bool
+	last  *policy.Compiled
+	hosts []netip.Addr
+
 	mu        sync.Mutex
 	local     map[netip.Addr]policy.Local // from the endpoint loop
 	meta      *policy.Meta                // the last compiled, for metrics
@@ -66,7 +73,10 @@ func newPolicyController(a *Agent, inf *informers) (*policyController, error) {
 	pods, nss, pols, svcs := inf.AllPods(), inf.Namespaces(), inf.NetworkPolicies(), inf.Services()
 	c.pods, c.namespaces, c.policies, c.services = pods.GetStore(), nss.GetStore(), pols.GetStore(), svcs.GetStore()
 	c.synced = func() bool { return pods.HasSynced() && nss.HasSynced() && pols.HasSynced() && svcs.HasSynced() }
-	kick := func() { trigger(c.kick) }
+	kick := func() {
+		c.dirty.Store(true)
+		trigger(c.kick)
+	}
 	err := errors.Join(
 		onChange(pods, func(o, n *corev1.Pod) bool {
 			return o.Status.PodIP != n.Status.PodIP || !maps.Equal(o.Labels, n.Labels) || o.Status.Phase != n.Status.Phase
@@ -90,6 +100,7 @@ func (c *policyController) setLocal(local map[netip.Addr]policy.Local) {
 	}
 	c.mu.Unlock()
 	if changed {
+		c.dirty.Store(true)
 		trigger(c.kick)
 	}
 }
@@ -121,7 +132,47 @@ func (c *policyController) pass(ctx context.Context) error {
 		c.fresh = true
 	}
 	start := time.Now()
-	in := policy.Input{Local: c.localPods()}
+	hostIPs, err := c.hostAddrs()
+	if err != nil {
+		return err
+	}
+	if !slices.Equal(hostIPs, c.hosts) {
+		c.hosts = hostIPs
+		c.dirty.Store(true)
+	}
+	out, compiled := c.last, false
+	if c.dirty.Swap(false) || out == nil {
+		out, compiled = c.compile(hostIPs), true
+		c.last = out
+	}
+	changes, err := d.Policy().SyncPolicy(out.State)
+	if changes.MayDeny && c.mayDeny != nil {
+		c.mayDeny()
+	}
+	if err != nil {
+		return err
+	}
+	if compiled {
+		if err := c.writeMeta(&out.Meta); err != nil {
+			c.dirty.Store(true) // written again next pass
+			return err
+		}
+		c.mu.Lock()
+		c.meta = &out.Meta
+		c.mu.Unlock()
+		c.metrics.observe(out, time.Since(start))
+	}
+	if changes.Any() {
+		c.log.Info("NetworkPolicy state updated", "endpoints", len(out.State.Endpoints), "rules", len(out.State.Rules),
+			"identities", len(out.Meta.Identities), "written", fmt.Sprintf("%d endpoints, %d addresses, %d rules", changes.Endpoints, changes.IPCache, changes.Rules),
+			"generation", changes.Generation, "took", time.Since(start).Round(time.Microsecond))
+	}
+	return nil
+}
+
+// compile reads the informers and this node's pods and addresses.
+func (c *policyController) compile(hostIPs []netip.Addr) *policy.Compiled {
+	in := policy.Input{Local: c.localPods(), HostIPs: hostIPs}
 	for _, o := range c.pods.List() {
 		in.Pods = append(in.Pods, o.(*corev1.Pod))
 	}
@@ -134,11 +185,6 @@ func (c *policyController) pass(ctx context.Context) error {
 	for _, o := range c.services.List() {
 		in.ServiceIPs = append(in.ServiceIPs, serviceAddrs(o.(*corev1.Service))...)
 	}
-	hostIPs, err := c.hostAddrs()
-	if err != nil {
-		return err
-	}
-	in.HostIPs = hostIPs
 	out := c.compiler.Compile(in)
 	for _, w := range out.Warnings {
 		if !c.warned[w] {
@@ -146,26 +192,7 @@ func (c *policyController) pass(ctx context.Context) error {
 			c.log.Warn("NetworkPolicy not enforced as written", "problem", w)
 		}
 	}
-	changes, err := d.Policy().SyncPolicy(out.State)
-	if changes.MayDeny && c.mayDeny != nil {
-		c.mayDeny()
-	}
-	if err != nil {
-		return err
-	}
-	if err := c.writeMeta(&out.Meta); err != nil {
-		return err
-	}
-	c.mu.Lock()
-	c.meta = &out.Meta
-	c.mu.Unlock()
-	c.metrics.observe(out, time.Since(start))
-	if changes.Any() {
-		c.log.Info("NetworkPolicy state updated", "endpoints", len(out.State.Endpoints), "rules", len(out.State.Rules),
-			"identities", len(out.Meta.Identities), "written", fmt.Sprintf("%d endpoints, %d addresses, %d rules", changes.Endpoints, changes.IPCache, changes.Rules),
-			"generation", changes.Generation, "took", time.Since(start).Round(time.Microsecond))
-	}
-	return nil
+	return out
 }
 
 func (c *policyController) localPods() map[netip.Addr]policy.Local {

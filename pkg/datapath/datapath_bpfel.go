@@ -103,16 +103,16 @@ type datapathPolCt struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Gen      [2]uint32
+	InitAddr uint32
+	InitPort uint16
 	Flags    uint8
-	Pad      [7]uint8
+	Pad      uint8
 }
 
 type datapathPolCtKey struct {
 	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
-	Sport uint16
-	Dport uint16
+	Addr  [2]uint32
+	Port  [2]uint16
 	Proto uint8
 	Pad   [3]uint8
 }

@@ -1,8 +1,10 @@
 package datapath
 
 import (
+	"context"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/gopacket/gopacket/layers"
 )
@@ -147,6 +149,15 @@ func TestPolicyLookups(t *testing.T) {
 	}
 	if n := counter(t, objs, "pol_to_pod", "drop_policy"); n != 5 {
 		t.Errorf("pol_to_pod drop_policy = %d, want 5", n)
+	}
+	// GC: nothing is idle yet; an hour later, every flow is.
+	kept, expired, err := m.gcPolicy(context.Background(), Monotonic(), Timeouts{})
+	if err != nil || kept == 0 || expired != 0 {
+		t.Errorf("GC now: kept %d, expired %d, err %v; want all kept", kept, expired, err)
+	}
+	kept, expired, err = m.gcPolicy(context.Background(), Monotonic()+7*time.Hour, Timeouts{})
+	if err != nil || kept != 0 || expired == 0 {
+		t.Errorf("GC 7 h later: kept %d, expired %d, err %v; want all expired", kept, expired, err)
 	}
 }
 

@@ -290,7 +290,7 @@ func (n *netpolLab) applyPolicies(t *testing.T, want []networkingv1.NetworkPolic
 }
 
 func (n *netpolLab) meta(node string) (*policy.Meta, error) {
-	b, err := os.ReadFile(filepath.Join(n.cfg.Dir, "nodes", node, "state", "policy.json"))
+	b, err := os.ReadFile(filepath.Join(n.l.dir, "nodes", node, "state", "policy.json"))
 	if err != nil {
 		return nil, err
 	}
