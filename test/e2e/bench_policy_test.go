@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/sinabro-io/sinabro/internal/tcpload"
+	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/kube"
 	"github.com/sinabro-io/sinabro/pkg/lab"
 )
@@ -36,7 +38,7 @@ func TestBenchPolicy(t *testing.T) {
 	needBench(t)
 	// Acceleration off: the benchmark's bytes must cross tc, where policy is.
 	l, _ := newNamedLab(t, labName, 2, 2, lab.KubeProxyNone, "--agent-arg=--tcp-acceleration=false", "--timeout=10m")
-	cs, _, _ := labBasics(t, l)
+	cs, cfg, _ := labBasics(t, l)
 	ctx := context.Background()
 	pods := map[string]labPod{}
 	for _, name := range []string{"node-1-pod-1", "node-1-pod-2", "node-2-pod-1"} {
@@ -121,6 +123,28 @@ func TestBenchPolicy(t *testing.T) {
 			}
 			return true, ""
 		})
+		// Then until both agents are done (a compilation of 10,000 rules
+		// takes a core for a fraction of a second): no generation moved
+		// for 3 s.
+		quietSince, last := time.Now(), [2]uint32{}
+		for time.Since(quietSince) < 3*time.Second {
+			var now [2]uint32
+			for i, node := range []string{"node-1", "node-2"} {
+				m, err := datapath.OpenPolicyMaps(filepath.Join(cfg.BPFRoot, node))
+				if err != nil {
+					t.Fatal(err)
+				}
+				now[i], err = m.Generation()
+				m.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if now != last {
+				quietSince, last = time.Now(), now
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	}
 
 	type figures struct{ conns, reqs float64 }
