@@ -61,7 +61,8 @@ enum reason {
 	REASON_DROP_LB_NO_BACKEND = 27, /* ingress: a Service frontend without (local) backends: answered with ICMP port unreachable */
 	REASON_DROP_POLICY = 28,     /* NetworkPolicy denies it (lib/policy.h; per policy in sb_pol_drops) */
 	REASON_POLICY_ALLOW = 29,    /* a new flow (or one after a policy change) allowed by a NetworkPolicy rule */
-	REASON_POLICY_REPLY = 30,    /* a reply of a flow NetworkPolicy allowed the other way */
+	REASON_POLICY_REPLY = 30,    /* a reply of a flow NetworkPolicy allowed the other way (or an ICMP error about one) */
+	REASON_DROP_POLICY_SPOOF = 31, /* a pod's packet from an address not its own (NetworkPolicy's source check) */
 	REASON_MAX = 32,
 };
 

@@ -108,11 +108,14 @@ struct pol_ct_key {
 
 struct pol_ct {
 	__u64 last_seen;  /* bpf_ktime_get_ns, refreshed at most every TOUCH_NS */
-	__u32 gen[2];     /* per pol_dir: the sb_pol_gen the flow was last allowed in (0: never judged) */
-	__be32 init_addr; /* the end that opened the flow: its packets are judged, */
-	__be16 init_port; /* the other end's are replies */
-	__u8 flags;       /* CT_* seen in either direction (lib/nat.h) */
-	__u8 pad;
+	/* Per pol_dir, at this node: the sb_pol_gen the flow's opening end was
+	 * last allowed in (0: never). A reply passes where the check of its
+	 * direction's mirror (the opening packet's check of the same pod)
+	 * allowed the flow in the current generation. */
+	__u32 gen[2];
+	__be32 init_addr; /* the end that opened the flow */
+	__be16 init_port;
+	__u8 flags[2];    /* CT_* (lib/nat.h) seen from the opening end [0] and the other [1] */
 };
 
 struct {
@@ -130,6 +133,17 @@ struct {
 	__type(value, __u32); /* the policy generation; starts at 1 */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_pol_gen SEC(".maps");
+
+/* Each local pod's host veth → the pod's address: on egress, a pod sends
+ * from its own address only (no spoofing past its policy, or into another
+ * pod's allowances). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* ifindex */
+	__type(value, __be32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sb_pol_veths SEC(".maps");
 
 struct pol_drop_key {
 	__u32 policy; /* deny_policy of the endpoint */
@@ -161,12 +175,101 @@ static __always_inline void pol_count_drop(struct __sk_buff *skb, __u32 policy, 
 	c->bytes += skb->len;
 }
 
-static __always_inline void pol_touch(struct pol_ct *ct, __u8 flags, __u64 now)
+static __always_inline void pol_touch(struct pol_ct *ct, bool opener, __u8 flags, __u64 now)
 {
-	if ((ct->flags | flags) != ct->flags)
-		ct->flags |= flags;
+	if (opener) {
+		/* A new SYN on a closed flow's tuple: a new connection. */
+		if ((flags & CT_SYN) && ((ct->flags[0] | ct->flags[1]) & (CT_FIN | CT_RST)))
+			ct->flags[0] = 0, ct->flags[1] = 0;
+		if ((ct->flags[0] | flags) != ct->flags[0])
+			ct->flags[0] |= flags;
+	} else if ((ct->flags[1] | flags) != ct->flags[1]) {
+		ct->flags[1] |= flags;
+	}
 	if (now - ct->last_seen > TOUCH_NS)
 		ct->last_seen = now;
+}
+
+static __always_inline __u32 pol_gen_of(const struct pol_ct *ct, __u32 slot)
+{
+	return slot == POL_INGRESS ? ct->gen[0] : ct->gen[1];
+}
+
+static __always_inline void pol_set_gen(struct pol_ct *ct, __u32 slot, __u32 gen)
+{
+	if (slot == POL_INGRESS)
+		ct->gen[0] = gen;
+	else
+		ct->gen[1] = gen;
+}
+
+/* pol_rule looks the rule allowing pod's traffic with peer up: the peer's
+ * identity (its longest prefix in the ipcache, 0 without one), then the
+ * rule for it or for every peer. */
+static __always_inline __u32 *pol_rule(__be32 pod, __be32 peer, __u32 dir, __u8 proto, __be16 port, __u32 *identity)
+{
+	struct lpm_v4_key ik = {.prefixlen = 32, .addr = peer};
+	struct pol_rule_key rk = {.prefixlen = POL_RULE_KEY_BITS, .pod = pod, .dir = dir, .proto = proto, .port = port};
+	__u32 *id, *rule;
+
+	id = bpf_map_lookup_elem(&sb_pol_ipcache, &ik);
+	rk.identity = id ? *id : 0;
+	*identity = rk.identity;
+	rule = bpf_map_lookup_elem(&sb_pol_rules, &rk);
+	if (!rule) {
+		/* Rules without peers allow every identity. */
+		rk.identity = POL_ANY_IDENTITY;
+		rule = bpf_map_lookup_elem(&sb_pol_rules, &rk);
+	}
+	return rule;
+}
+
+static __always_inline bool pol_isolated(const struct pol_endpoint *ep, __u32 dir)
+{
+	return ep->flags & (dir == POL_INGRESS ? POL_ISOLATED_INGRESS : POL_ISOLATED_EGRESS);
+}
+
+static __always_inline int pol_deny(struct __sk_buff *skb, const struct pol_endpoint *ep, __u32 dir, __u32 prog)
+{
+	count(skb, prog, REASON_DROP_POLICY);
+	pol_count_drop(skb, dir == POL_INGRESS ? ep->deny_policy[0] : ep->deny_policy[1], dir);
+	return -1;
+}
+
+/* pol_ct_key_of fills the flow's key from one of its packets. */
+static __always_inline void pol_ct_key_of(struct pol_ct_key *k, __be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
+{
+	if (saddr < daddr || (saddr == daddr && sport <= dport)) {
+		k->addr[0] = saddr, k->addr[1] = daddr, k->port[0] = sport, k->port[1] = dport;
+	} else {
+		k->addr[0] = daddr, k->addr[1] = saddr, k->port[0] = dport, k->port[1] = sport;
+	}
+}
+
+static __always_inline bool pol_has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* pol_icmp_error_of_flow: an ICMP error about a flow policy allowed (a
+ * router's "fragmentation needed" for path MTU discovery, a port
+ * unreachable) belongs to that flow. */
+static __always_inline bool pol_icmp_error_of_flow(struct __sk_buff *skb, __u32 l4off)
+{
+	struct pol_ct_key k = {};
+	struct iphdr inner;
+	__be16 ports[2] = {};
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, l4off, &type, 1) || !is_icmp_error(type) ||
+	    bpf_skb_load_bytes(skb, l4off + 8, &inner, sizeof(inner)) || inner.ihl < 5)
+		return false;
+	if (pol_has_ports(inner.protocol) &&
+	    bpf_skb_load_bytes(skb, l4off + 8 + inner.ihl * 4, ports, 4))
+		return false;
+	k.proto = inner.protocol;
+	pol_ct_key_of(&k, inner.saddr, inner.daddr, ports[0], ports[1]);
+	return bpf_map_lookup_elem(&sb_pol_ct, &k) != NULL;
 }
 
 /* policy_check decides whether the IPv4 packet ip (its L4 header at l4off)
@@ -175,107 +278,119 @@ static __always_inline void pol_touch(struct pol_ct *ct, __u8 flags, __u64 now)
  * A subprogram: it is called from several delivery paths. */
 static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip, __u32 l4off, __u32 dir, __u32 prog)
 {
+	bool from_veth = dir & POL_FROM_VETH, defer_service = dir & POL_DEFER_SERVICE, opener = true;
 	struct pol_ct_key k = {.proto = ip->protocol};
-	struct pol_rule_key rk = {.prefixlen = POL_RULE_KEY_BITS};
-	struct lpm_v4_key ik = {.prefixlen = 32};
 	struct pol_endpoint *ep;
 	struct pol_ct *ct;
 	__be16 ports[2] = {}; /* source, destination */
-	__u32 zero = 0, *gen, *id, *rule;
-	__be32 pod, peer;
+	__u32 zero = 0, ifindex = skb->ifindex, identity = 0, *gen, *rule;
+	__be32 pod, peer, *own;
 	__u8 flags = CT_SEEN;
 	__u64 now;
-
-	bool from_veth = dir & POL_FROM_VETH, defer_service = dir & POL_DEFER_SERVICE;
 
 	if (!policy_enabled || !ip)
 		return 0;
 	dir &= 1;
+	if (from_veth) {
+		own = bpf_map_lookup_elem(&sb_pol_veths, &ifindex);
+		if (own && *own != ip->saddr) {
+			count(skb, prog, REASON_DROP_POLICY_SPOOF);
+			return -1;
+		}
+	}
 	pod = dir == POL_INGRESS ? ip->daddr : ip->saddr;
 	peer = dir == POL_INGRESS ? ip->saddr : ip->daddr;
 	ep = bpf_map_lookup_elem(&sb_pol_endpoints, &pod);
 	/* Not a pod of this node, or one the agent has not compiled yet (the
-	 * CNI plugin holds its start until it has). On egress, only packets
-	 * that came out of the pod's own veth. */
-	if (!ep || (from_veth && ep->ifindex != skb->ifindex))
+	 * CNI plugin holds its start until it has). */
+	if (!ep)
 		return 0;
+	if (from_veth && ep->ifindex != ifindex) {
+		/* A local pod's address from elsewhere (another node's packet
+		 * decapsulated by the vxlan device): never the pod's own. */
+		count(skb, prog, REASON_DROP_POLICY_SPOOF);
+		return -1;
+	}
 	gen = bpf_map_lookup_elem(&sb_pol_gen, &zero);
 	if (!gen)
 		return 0;
 
-	/* Ports, but not for later fragments (their L4 header is elsewhere). */
-	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) &&
-	    !(ip->frag_off & bpf_htons(IP_OFFSET))) {
+	/* Ports, but not for later fragments (their L4 header is elsewhere);
+	 * a truncated header is judged as port 0. */
+	if (pol_has_ports(ip->protocol) && !(ip->frag_off & bpf_htons(IP_OFFSET))) {
 		if (bpf_skb_load_bytes(skb, l4off, ports, 4))
-			return 0;
+			ports[0] = 0, ports[1] = 0;
 		flags = flow_flags(skb, ip->protocol, l4off);
 	}
-	if (ip->saddr < ip->daddr || (ip->saddr == ip->daddr && ports[0] <= ports[1])) {
-		k.addr[0] = ip->saddr, k.addr[1] = ip->daddr, k.port[0] = ports[0], k.port[1] = ports[1];
-	} else {
-		k.addr[0] = ip->daddr, k.addr[1] = ip->saddr, k.port[0] = ports[1], k.port[1] = ports[0];
+	if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(IP_OFFSET)) && pol_icmp_error_of_flow(skb, l4off)) {
+		count(skb, prog, REASON_POLICY_REPLY);
+		return 0;
 	}
+	pol_ct_key_of(&k, ip->saddr, ip->daddr, ports[0], ports[1]);
 	now = bpf_ktime_get_ns();
 
 	ct = bpf_map_lookup_elem(&sb_pol_ct, &k);
 	if (ct) {
-		if (ct->init_addr != ip->saddr || ct->init_port != ports[0]) {
-			/* A reply of a flow allowed the other way. */
-			pol_touch(ct, flags, now);
-			count(skb, prog, REASON_POLICY_REPLY);
+		opener = ct->init_addr == ip->saddr && ct->init_port == ports[0];
+		if (opener && pol_gen_of(ct, dir) == *gen) {
+			pol_touch(ct, true, flags, now);
 			return 0;
 		}
-		if ((dir == POL_INGRESS ? ct->gen[0] : ct->gen[1]) == *gen) {
-			pol_touch(ct, flags, now);
-			return 0;
+		if (!opener) {
+			/* A reply: it passes where this pod's check of the opening
+			 * packets (the other direction) allowed the flow. */
+			__u32 mirror = dir == POL_INGRESS ? POL_EGRESS : POL_INGRESS, was = pol_gen_of(ct, mirror);
+
+			if (was == *gen) {
+				pol_touch(ct, false, flags, now);
+				count(skb, prog, REASON_POLICY_REPLY);
+				return 0;
+			}
+			if (was) {
+				/* Allowed before a policy change: judge the opening
+				 * direction again (a Service address kube-proxy
+				 * translates was judged after translation). */
+				if (pol_isolated(ep, mirror) &&
+				    !pol_rule(pod, peer, mirror, k.proto, ports[0], &identity) &&
+				    identity != POL_SERVICE_IDENTITY)
+					return pol_deny(skb, ep, mirror, prog);
+				pol_set_gen(ct, mirror, *gen);
+				pol_touch(ct, false, flags, now);
+				count(skb, prog, REASON_POLICY_REPLY);
+				return 0;
+			}
+			/* Not a reply of anything allowed here: judged on its own,
+			 * below, leaving the flow's entry as it is. */
 		}
 	}
 
-	if (ep->flags & (dir == POL_INGRESS ? POL_ISOLATED_INGRESS : POL_ISOLATED_EGRESS)) {
-		ik.addr = peer;
-		id = bpf_map_lookup_elem(&sb_pol_ipcache, &ik);
-		rk.pod = pod;
-		rk.identity = id ? *id : 0;
-		if (defer_service && rk.identity == POL_SERVICE_IDENTITY) {
-			/* Judged after kube-proxy's translation; the entry (never
-			 * judged) lets the translated-back replies in. */
+	if (pol_isolated(ep, dir)) {
+		rule = pol_rule(pod, peer, dir, k.proto, ports[1], &identity);
+		if (defer_service && identity == POL_SERVICE_IDENTITY) {
+			/* Judged after kube-proxy's translation, on the way out;
+			 * the entry lets the translated-back replies in. */
 			if (!ct) {
-				struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = flags};
+				struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = {flags}};
 
+				pol_set_gen(&v, dir, *gen);
 				bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
+			} else if (opener) {
+				pol_set_gen(ct, dir, *gen);
 			}
 			return 0;
 		}
-		rk.dir = dir;
-		rk.proto = k.proto;
-		rk.port = ports[1];
-		rule = bpf_map_lookup_elem(&sb_pol_rules, &rk);
-		if (!rule) {
-			/* Rules without peers allow every identity. */
-			rk.identity = POL_ANY_IDENTITY;
-			rule = bpf_map_lookup_elem(&sb_pol_rules, &rk);
-		}
-		if (!rule) {
-			count(skb, prog, REASON_DROP_POLICY);
-			pol_count_drop(skb, dir == POL_INGRESS ? ep->deny_policy[0] : ep->deny_policy[1], dir);
-			return -1;
-		}
+		if (!rule)
+			return pol_deny(skb, ep, dir, prog);
 		count(skb, prog, REASON_POLICY_ALLOW);
 	}
-	if (ct) {
-		if (dir == POL_INGRESS)
-			ct->gen[0] = *gen;
-		else
-			ct->gen[1] = *gen;
-		pol_touch(ct, flags, now);
-	} else {
-		struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = flags};
+	if (!ct) {
+		struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = {flags}};
 
-		if (dir == POL_INGRESS)
-			v.gen[0] = *gen;
-		else
-			v.gen[1] = *gen;
+		pol_set_gen(&v, dir, *gen);
 		bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
+	} else if (opener) {
+		pol_set_gen(ct, dir, *gen);
+		pol_touch(ct, true, flags, now);
 	}
 	return 0;
 }

@@ -60,8 +60,8 @@ func discoverEndpoints(c *rtnetlink.Conn) (map[netip.Addr]datapath.Endpoint, map
 		l := &links[i]
 		if l.Flags&unix.IFF_UP != 0 && isHostVeth(l) && len(l.Attributes.Address) == 6 {
 			veths[l.Index] = l.Attributes.Address
-			ns, name := cni.PodFromAlias(*l.Attributes.Alias)
-			pods[l.Index] = policy.Local{Ifindex: int(l.Index), Namespace: ns, Name: name}
+			ns, name, uid := cni.PodFromAlias(*l.Attributes.Alias)
+			pods[l.Index] = policy.Local{Ifindex: int(l.Index), Namespace: ns, Name: name, UID: uid}
 		}
 	}
 	local := map[netip.Addr]policy.Local{}
@@ -314,8 +314,9 @@ func (a *Agent) syncEndpoints() error {
 		a.log.Info("host routing endpoints updated", "endpoints", len(want), "upserted", added, "deleted", removed)
 	}
 	if a.policy != nil {
-		// After the attachments: the policy entry the CNI plugin waits
-		// for means the pod's veth is checked.
+		// After the attachments, and only pods whose veth has them: the
+		// policy entry the CNI plugin waits for means the veth is checked.
+		maps.DeleteFunc(local, func(_ netip.Addr, l policy.Local) bool { return !a.attached[l.Ifindex] })
 		a.policy.setLocal(local)
 	}
 	return errors.Join(errs...)

@@ -59,7 +59,7 @@ type policyController struct {
 	hosts []netip.Addr
 
 	mu        sync.Mutex
-	local     map[netip.Addr]policy.Local // from the endpoint loop
+	local     map[netip.Addr]policy.Local // from the endpoint loop; nil until its first pass
 	meta      *policy.Meta                // the last compiled, for metrics
 	metaBytes []byte                      // what PolicyMetaFile holds
 	fresh     bool                        // drop counters reset for this run's numbering
@@ -93,8 +93,11 @@ func newPolicyController(a *Agent, inf *informers) (*policyController, error) {
 
 // setLocal hands over this node's pods found by the endpoint loop.
 func (c *policyController) setLocal(local map[netip.Addr]policy.Local) {
+	if local == nil {
+		local = map[netip.Addr]policy.Local{}
+	}
 	c.mu.Lock()
-	changed := !maps.Equal(c.local, local)
+	changed := c.local == nil || !maps.Equal(c.local, local)
 	if changed {
 		c.local = local
 	}
@@ -122,6 +125,14 @@ func (c *policyController) pass(ctx context.Context) error {
 	d := c.a.dp
 	if d == nil || !d.Config().Policy {
 		return nil // the node controller has not loaded the datapath yet
+	}
+	c.mu.Lock()
+	known := c.local != nil
+	c.mu.Unlock()
+	if !known {
+		// Until the endpoint loop has listed this node's pods, an empty
+		// list would delete every pod's entry (no policy for anyone).
+		return nil
 	}
 	if !c.fresh {
 		// Policy numbers are this run's: counts kept under an earlier

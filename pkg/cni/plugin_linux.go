@@ -164,8 +164,7 @@ func configure(hostConn, podConn *rtnetlink.Conn, conf *PluginConf, args *cmdArg
 		return nil, fmt.Errorf("find pod interface %s: %v", args.IfName, err)
 	}
 	hostMAC := host.Attributes.Address
-	podNamespace, podName := podArgs(args.Args)
-	if err := setUp(hostConn, host.Index, hostVethAlias(args.ContainerID, args.IfName, podNamespace, podName)); err != nil {
+	if err := setUp(hostConn, host.Index, hostVethAlias(args.ContainerID, args.IfName, podArgs(args.Args))); err != nil {
 		return nil, fmt.Errorf("set up host veth %s: %w", hostName, err)
 	}
 	if err := setUp(podConn, pod.Index, ""); err != nil {

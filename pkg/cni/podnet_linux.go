@@ -41,15 +41,19 @@ func HostVethName(containerID, ifName string) string {
 }
 
 // hostVethAlias names the attachment and, when the runtime passed them
-// (K8S_POD_NAMESPACE, K8S_POD_NAME), the pod: the agent learns a new pod's
-// address from the kernel before the kubelet reports it, and compiles its
-// NetworkPolicy while ADD waits (PodFromAlias). 255 bytes at most.
-func hostVethAlias(containerID, ifName, podNamespace, podName string) string {
+// (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID), the pod: the agent learns
+// a new pod's address from the kernel before the kubelet reports it, and
+// compiles its NetworkPolicy while ADD waits (PodFromAlias). 255 bytes at
+// most: a name too long for it gives way to the pod's UID.
+func hostVethAlias(containerID, ifName string, pod podRef) string {
 	alias := aliasPrefix + containerID + "/" + ifName
-	if podNamespace != "" && podName != "" {
-		if withPod := alias + " pod=" + podNamespace + "/" + podName; len(withPod) <= 255 {
+	if pod.Namespace != "" && pod.Name != "" {
+		if withPod := alias + " pod=" + pod.Namespace + "/" + pod.Name; len(withPod) <= 255 {
 			return withPod
 		}
+	}
+	if pod.UID != "" && len(pod.UID) <= 64 {
+		return alias + " uid=" + pod.UID
 	}
 	return alias
 }

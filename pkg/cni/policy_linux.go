@@ -21,28 +21,37 @@ import (
 // PolicyWait bounds the wait; the runtime retries a failed ADD.
 var PolicyWait = 20 * time.Second
 
-// podArgs reads K8S_POD_NAMESPACE and K8S_POD_NAME from CNI_ARGS.
-func podArgs(cniArgs string) (namespace, name string) {
+// podRef is the pod a runtime names in CNI_ARGS.
+type podRef struct{ Namespace, Name, UID string }
+
+// podArgs reads K8S_POD_NAMESPACE, K8S_POD_NAME and K8S_POD_UID from CNI_ARGS.
+func podArgs(cniArgs string) podRef {
+	var p podRef
 	for _, kv := range strings.Split(cniArgs, ";") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
 		case "K8S_POD_NAMESPACE":
-			namespace = v
+			p.Namespace = v
 		case "K8S_POD_NAME":
-			name = v
+			p.Name = v
+		case "K8S_POD_UID":
+			p.UID = v
 		}
 	}
-	return namespace, name
+	return p
 }
 
-// PodFromAlias returns the pod a host veth's alias names ("" when none).
-func PodFromAlias(alias string) (namespace, name string) {
-	_, pod, ok := strings.Cut(alias, " pod=")
-	if !ok {
-		return "", ""
+// PodFromAlias returns the pod a host veth's alias names: its namespace
+// and name, or its UID ("" when none).
+func PodFromAlias(alias string) (namespace, name, uid string) {
+	if _, pod, ok := strings.Cut(alias, " pod="); ok {
+		namespace, name, _ = strings.Cut(pod, "/")
+		return namespace, name, ""
 	}
-	namespace, name, _ = strings.Cut(pod, "/")
-	return namespace, name
+	if _, u, ok := strings.Cut(alias, " uid="); ok {
+		return "", "", u
+	}
+	return "", "", ""
 }
 
 // waitForPolicy polls the policy map until ip's entry names hostIfindex

@@ -269,7 +269,7 @@ func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelC
 		return err
 	}
 	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct",
-		"sb_pol_endpoints", "sb_pol_ipcache", "sb_pol_rules")
+		"sb_pol_endpoints", "sb_pol_ipcache", "sb_pol_rules", "sb_pol_veths")
 }
 
 // programOptions are the options the programs load with. The programs'

@@ -105,8 +105,7 @@ type datapathPolCt struct {
 	Gen      [2]uint32
 	InitAddr uint32
 	InitPort uint16
-	Flags    uint8
-	Pad      uint8
+	Flags    [2]uint8
 }
 
 type datapathPolCtKey struct {
@@ -184,6 +183,7 @@ const (
 	datapathReasonREASON_DROP_POLICY             datapathReason = 28
 	datapathReasonREASON_POLICY_ALLOW            datapathReason = 29
 	datapathReasonREASON_POLICY_REPLY            datapathReason = 30
+	datapathReasonREASON_DROP_POLICY_SPOOF       datapathReason = 31
 	datapathReasonREASON_MAX                     datapathReason = 32
 )
 
@@ -213,6 +213,7 @@ const (
 	datapathMapSbPolGen         = "sb_pol_gen"
 	datapathMapSbPolIpcache     = "sb_pol_ipcache"
 	datapathMapSbPolRules       = "sb_pol_rules"
+	datapathMapSbPolVeths       = "sb_pol_veths"
 	datapathMapSbRemoteCidrs    = "sb_remote_cidrs"
 	datapathMapSbVtepPeers      = "sb_vtep_peers"
 	datapathProgHostRoute       = "host_route"
@@ -298,6 +299,7 @@ type datapathMapSpecs struct {
 	SbPolGen       *ebpf.MapSpec `ebpf:"sb_pol_gen"`
 	SbPolIpcache   *ebpf.MapSpec `ebpf:"sb_pol_ipcache"`
 	SbPolRules     *ebpf.MapSpec `ebpf:"sb_pol_rules"`
+	SbPolVeths     *ebpf.MapSpec `ebpf:"sb_pol_veths"`
 	SbRemoteCidrs  *ebpf.MapSpec `ebpf:"sb_remote_cidrs"`
 	SbVtepPeers    *ebpf.MapSpec `ebpf:"sb_vtep_peers"`
 }
@@ -353,6 +355,7 @@ type datapathMaps struct {
 	SbPolGen       *ebpf.Map `ebpf:"sb_pol_gen"`
 	SbPolIpcache   *ebpf.Map `ebpf:"sb_pol_ipcache"`
 	SbPolRules     *ebpf.Map `ebpf:"sb_pol_rules"`
+	SbPolVeths     *ebpf.Map `ebpf:"sb_pol_veths"`
 	SbRemoteCidrs  *ebpf.Map `ebpf:"sb_remote_cidrs"`
 	SbVtepPeers    *ebpf.Map `ebpf:"sb_vtep_peers"`
 }
@@ -372,6 +375,7 @@ func (m *datapathMaps) Close() error {
 		m.SbPolGen,
 		m.SbPolIpcache,
 		m.SbPolRules,
+		m.SbPolVeths,
 		m.SbRemoteCidrs,
 		m.SbVtepPeers,
 	)

@@ -118,15 +118,15 @@ func PortPrefixes(from, to uint16) [][2]uint16 {
 // PolicyMaps are the policy's pinned maps, from a Datapath or opened by
 // OpenPolicyMaps.
 type PolicyMaps struct {
-	Endpoints, IPCache, Rules, CT, Gen, Drops *ebpf.Map
-	owned                                     bool
+	Endpoints, IPCache, Rules, CT, Gen, Drops, Veths *ebpf.Map
+	owned                                            bool
 }
 
 // Policy returns the loaded datapath's policy maps (not to be closed).
 func (d *Datapath) Policy() *PolicyMaps {
 	return &PolicyMaps{
 		Endpoints: d.objs.SbPolEndpoints, IPCache: d.objs.SbPolIpcache, Rules: d.objs.SbPolRules,
-		CT: d.objs.SbPolCt, Gen: d.objs.SbPolGen, Drops: d.objs.SbPolDrops,
+		CT: d.objs.SbPolCt, Gen: d.objs.SbPolGen, Drops: d.objs.SbPolDrops, Veths: d.objs.SbPolVeths,
 	}
 }
 
@@ -142,7 +142,7 @@ func OpenPolicyMaps(root string) (*PolicyMaps, error) {
 		to   **ebpf.Map
 	}{
 		{"sb_pol_endpoints", &m.Endpoints}, {"sb_pol_ipcache", &m.IPCache}, {"sb_pol_rules", &m.Rules},
-		{"sb_pol_ct", &m.CT}, {"sb_pol_gen", &m.Gen}, {"sb_pol_drops", &m.Drops},
+		{"sb_pol_ct", &m.CT}, {"sb_pol_gen", &m.Gen}, {"sb_pol_drops", &m.Drops}, {"sb_pol_veths", &m.Veths},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(root), x.name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
@@ -159,7 +159,7 @@ func (m *PolicyMaps) Close() {
 	if !m.owned {
 		return
 	}
-	for _, mp := range []*ebpf.Map{m.Endpoints, m.IPCache, m.Rules, m.CT, m.Gen, m.Drops} {
+	for _, mp := range []*ebpf.Map{m.Endpoints, m.IPCache, m.Rules, m.CT, m.Gen, m.Drops, m.Veths} {
 		if mp != nil {
 			mp.Close()
 		}
@@ -293,6 +293,7 @@ func (m *PolicyMaps) SyncPolicy(want PolicyState) (PolicyChanges, error) {
 			errs = append(errs, ignoreMissing(m.Endpoints.Delete(be32(ip))))
 		}
 	}
+	errs = append(errs, m.syncVeths(want.Endpoints))
 	for p := range have.IPCache {
 		if _, ok := want.IPCache[p]; !ok {
 			c.IPCache++
@@ -322,6 +323,40 @@ func (m *PolicyMaps) SyncPolicy(want PolicyState) (PolicyChanges, error) {
 	}
 	c.Generation = gen
 	return c, errors.Join(errs...)
+}
+
+// syncVeths makes sb_pol_veths map each endpoint's veth to its address
+// (the egress source check).
+func (m *PolicyMaps) syncVeths(eps map[netip.Addr]PolicyEndpoint) error {
+	want := map[uint32]uint32{}
+	for ip, ep := range eps {
+		want[uint32(ep.Ifindex)] = be32(ip)
+	}
+	var (
+		k, v  uint32
+		stale []uint32
+		errs  []error
+	)
+	it := m.Veths.Iterate()
+	for it.Next(&k, &v) {
+		if w, ok := want[k]; !ok {
+			stale = append(stale, k)
+		} else if w == v {
+			delete(want, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read sb_pol_veths: %w", err)
+	}
+	for k, v := range want {
+		if err := m.Veths.Put(k, v); err != nil {
+			errs = append(errs, fmt.Errorf("put policy veth %d: %w", k, err))
+		}
+	}
+	for _, k := range stale {
+		errs = append(errs, ignoreMissing(m.Veths.Delete(k)))
+	}
+	return errors.Join(errs...)
 }
 
 func ignoreMissing(err error) error {
@@ -438,8 +473,9 @@ func (m *PolicyMaps) ResetDrops() error {
 	return nil
 }
 
-// gcPolicy expires idle policy flows: closed TCP after closing, other
-// TCP after established, everything else after the UDP timeout.
+// gcPolicy expires idle policy flows: TCP after RST or FIN both ways after
+// closing, TCP never answered after syn, other TCP after established,
+// everything else after the UDP timeout.
 func (m *PolicyMaps) gcPolicy(ctx context.Context, now time.Duration, t Timeouts) (kept, expired int, err error) {
 	t.setDefaults()
 	var (
@@ -451,10 +487,7 @@ func (m *PolicyMaps) gcPolicy(ctx context.Context, now time.Duration, t Timeouts
 	for it.Next(&k, &v) {
 		timeout := t.UDP
 		if k.Proto == 6 {
-			timeout = t.TCPEstablished
-			if v.Flags&(ctFin|ctRst) != 0 {
-				timeout = t.TCPClosing
-			}
+			timeout = t.timeout(k.Proto, v.Flags[0], v.Flags[1])
 		}
 		if now-time.Duration(v.LastSeen) > timeout {
 			stale = append(stale, k)

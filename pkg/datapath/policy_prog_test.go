@@ -32,7 +32,7 @@ func TestPolicyLookups(t *testing.T) {
 	state := PolicyState{
 		Endpoints: map[netip.Addr]PolicyEndpoint{
 			pod:   {Ifindex: 1, Isolated: [2]bool{true, true}, DenyPolicy: [2]uint32{7, 8}},
-			other: {Ifindex: 1},
+			other: {Ifindex: 2},
 		},
 		IPCache: map[netip.Prefix]uint32{
 			netip.PrefixFrom(friend, 32):            friendID,
@@ -76,7 +76,7 @@ func TestPolicyLookups(t *testing.T) {
 		{"ingress to an unselected pod", true, in, tcp(outside, other, 40006, 9999, "S")},
 		{"egress to the CIDR, UDP", true, out, udp(pod, outside, 40007, 53)},
 		{"egress to friend", false, out, tcp(pod, friend, 40008, 80, "S")},
-		{"egress from an unselected pod", true, out, tcp(other, friend, 40009, 80, "S")},
+		{"another pod's address out of pod's veth (spoofed)", false, out, tcp(other, friend, 40009, 80, "S")},
 		// Replies of allowed flows pass both ways, whatever the rules.
 		{"reply of the allowed ingress flow, out", true, out, tcp(pod, friend, 80, 40000, "SA")},
 		{"reply of the allowed egress flow, in", true, in, udp(outside, pod, 53, 40007)},
@@ -150,6 +150,35 @@ func TestPolicyLookups(t *testing.T) {
 	if n := counter(t, objs, "pol_to_pod", "drop_policy"); n != 5 {
 		t.Errorf("pol_to_pod drop_policy = %d, want 5", n)
 	}
+	// An ICMP error about an allowed flow (path MTU discovery) reaches
+	// the isolated pod; one about no known flow does not.
+	router := netip.MustParseAddr("192.0.2.1")
+	allowed := udp(pod, outside, 40007, 53)
+	icmpErr := func(quoted []byte) []byte {
+		return pkt{proto: layers.IPProtocolICMPv4, src: router, dst: pod, icmpType: 3, inner: quote(quoted, 8)}.bytes(t)
+	}
+	if !in(icmpErr(allowed)) {
+		t.Error("ICMP error about an allowed flow dropped")
+	}
+	if in(icmpErr(udp(pod, outside, 40099, 53))) {
+		t.Error("ICMP error about no known flow passed an ingress-isolated pod")
+	}
+	// A reply of a flow allowed before a change is judged again: without
+	// the egress rule to the CIDR, the reply of pod's UDP flow stops.
+	if !in(udp(outside, pod, 53, 40007)) {
+		t.Fatal("reply of the allowed egress flow dropped before the change")
+	}
+	delete(state.Rules, PolicyRuleKey{Pod: pod, Identity: cidrID, Dir: Egress})
+	if _, err := m.SyncPolicy(state); err != nil {
+		t.Fatal(err)
+	}
+	if in(udp(outside, pod, 53, 40007)) {
+		t.Error("reply of a flow whose egress rule was removed still passes")
+	}
+	if n := counter(t, objs, "host_route", "drop_policy_spoof"); n != 1 {
+		t.Errorf("host_route drop_policy_spoof = %d, want 1", n)
+	}
+
 	// GC: nothing is idle yet; an hour later, every flow is.
 	kept, expired, err := m.gcPolicy(context.Background(), Monotonic(), Timeouts{})
 	if err != nil || kept == 0 || expired != 0 {

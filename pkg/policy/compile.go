@@ -40,6 +40,7 @@ type Local struct {
 	Ifindex   int
 	Namespace string
 	Name      string
+	UID       string // instead of the name, when the name was too long for the alias
 }
 
 // Input is what a compilation reads.
@@ -239,7 +240,13 @@ func (c *Compiler) Compile(in Input) *Compiled {
 	for ip, l := range in.Local {
 		key := l.Namespace + "/" + l.Name
 		pi, ok := byName[key]
-		if l.Name == "" {
+		if l.Name == "" && l.UID != "" {
+			for k, cand := range byName {
+				if string(cand.pod.UID) == l.UID {
+					key, pi, ok = k, cand, true
+				}
+			}
+		} else if l.Name == "" {
 			// A veth without the pod's name (an older plugin): by address.
 			for k, cand := range byName {
 				if cand.ip == ip {
