@@ -18,6 +18,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -117,6 +118,40 @@ func TestTCPAcceleration(t *testing.T) {
 		}
 		if d := after.Sockets["skipped"].Count - before.Sockets["skipped"].Count; d < 2 {
 			t.Errorf("sock_ops skipped %d sockets, want the 2 client sockets (not between local pods)", d)
+		}
+	})
+
+	t.Run("a NetworkPolicy change takes connections off acceleration", func(t *testing.T) {
+		// A policy that newly isolates the server (allowing the client)
+		// may deny existing flows: the agent moves the sockmap's policy
+		// epoch, and the accelerated connection goes on over TCP, through
+		// tc where policy is decided, without losing a byte.
+		cmd, out := a.clientCmd(t, client, server.ip, "pingpong-for:5:1024:b")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(1500 * time.Millisecond)
+		before := a.stats(t)
+		pol := &networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Name: "isolate-server", Namespace: "default"},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"lab.sinabro.io/pod": server.name}},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{
+					PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"lab.sinabro.io/pod": client.name}},
+				}}}},
+			},
+		}
+		if _, err := a.cs.NetworkPolicies("default").Create(context.Background(), pol, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		defer a.cs.NetworkPolicies("default").Delete(context.Background(), pol.Name, metav1.DeleteOptions{})
+		cmd.Wait()
+		if r := parseResult(t, out.String()); !r.OK {
+			t.Errorf("connection across the policy change: %s", r.Err)
+		}
+		after := a.stats(t)
+		if d := after.Message("fallback_policy").Count - before.Message("fallback_policy").Count; d == 0 {
+			t.Error("the policy change did not take the accelerated connection off acceleration (no fallback_policy)")
 		}
 	})
 
