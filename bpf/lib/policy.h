@@ -179,8 +179,10 @@ static __always_inline void pol_touch(struct pol_ct *ct, bool opener, __u8 flags
 {
 	if (opener) {
 		/* A new SYN on a closed flow's tuple: a new connection. */
-		if ((flags & CT_SYN) && ((ct->flags[0] | ct->flags[1]) & (CT_FIN | CT_RST)))
+		if ((flags & CT_SYN) && ((ct->flags[0] | ct->flags[1]) & (CT_FIN | CT_RST))) {
 			ct->flags[0] = 0, ct->flags[1] = 0;
+			ct->last_seen = now;
+		}
 		if ((ct->flags[0] | flags) != ct->flags[0])
 			ct->flags[0] |= flags;
 	} else if ((ct->flags[1] | flags) != ct->flags[1]) {

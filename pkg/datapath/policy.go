@@ -478,6 +478,13 @@ func (m *PolicyMaps) ResetDrops() error {
 // everything else after the UDP timeout.
 func (m *PolicyMaps) gcPolicy(ctx context.Context, now time.Duration, t Timeouts) (kept, expired int, err error) {
 	t.setDefaults()
+	idle := func(k datapathPolCtKey, v datapathPolCt) bool {
+		timeout := t.UDP
+		if k.Proto == 6 {
+			timeout = t.timeout(k.Proto, v.Flags[0], v.Flags[1])
+		}
+		return now-time.Duration(v.LastSeen) > timeout
+	}
 	var (
 		k     datapathPolCtKey
 		v     datapathPolCt
@@ -485,11 +492,7 @@ func (m *PolicyMaps) gcPolicy(ctx context.Context, now time.Duration, t Timeouts
 	)
 	it := m.CT.Iterate()
 	for it.Next(&k, &v) {
-		timeout := t.UDP
-		if k.Proto == 6 {
-			timeout = t.timeout(k.Proto, v.Flags[0], v.Flags[1])
-		}
-		if now-time.Duration(v.LastSeen) > timeout {
+		if idle(k, v) {
 			stale = append(stale, k)
 			continue
 		}
@@ -501,6 +504,13 @@ func (m *PolicyMaps) gcPolicy(ctx context.Context, now time.Duration, t Timeouts
 	for _, k := range stale {
 		if ctx.Err() != nil {
 			break
+		}
+		// Read again: a new connection may have taken the tuple since
+		// the dump (ports are reused at a high connection rate), and
+		// deleting its entry would make its replies strangers.
+		if err := m.CT.Lookup(k, &v); err != nil || !idle(k, v) {
+			kept++
+			continue
 		}
 		if err := m.CT.Delete(k); err == nil {
 			expired++
