@@ -498,6 +498,13 @@ func (n *netpolLab) failClosed(t *testing.T) {
 			t.Errorf("%s/%s → new pod %s right after it started: allowed=%v err=%v, want denied", from.Namespace, from.Name, name, ok, err)
 		}
 	}
+	// The drops are counted under the policy that isolates the pod.
+	key := `sinabro_policy_drops_total{direction="ingress",namespace="np-a",policy="deny-new"}`
+	if n := agentMetrics(t, netpoloracle.Node1)[key]; n == 0 {
+		t.Errorf("%s = 0 on node-1 after denied probes", key)
+	} else {
+		t.Logf("%s %.0f", key, n)
+	}
 }
 
 // TestNetworkPolicyThroughServices: a pod's egress policy applies to the
