@@ -368,22 +368,14 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 
 	if (pol_isolated(ep, dir)) {
 		rule = pol_rule(pod, peer, dir, k.proto, ports[1], &identity);
-		if (defer_service && identity == POL_SERVICE_IDENTITY) {
-			/* Judged after kube-proxy's translation, on the way out;
-			 * the entry lets the translated-back replies in. */
-			if (!ct) {
-				struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = {flags}};
-
-				pol_set_gen(&v, dir, *gen);
-				bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
-			} else if (opener) {
-				pol_set_gen(ct, dir, *gen);
-			}
-			return 0;
+		/* A Service address kube-proxy translates is judged after the
+		 * translation, on the way out; the entry recorded here lets the
+		 * translated-back replies in. */
+		if (!(defer_service && identity == POL_SERVICE_IDENTITY)) {
+			if (!rule)
+				return pol_deny(skb, ep, dir, prog);
+			count(skb, prog, REASON_POLICY_ALLOW);
 		}
-		if (!rule)
-			return pol_deny(skb, ep, dir, prog);
-		count(skb, prog, REASON_POLICY_ALLOW);
 	}
 	if (!ct) {
 		struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = {flags}};
