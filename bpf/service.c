@@ -24,6 +24,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "lib/svc_revnat.h"
+#include "lib/flow.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -255,6 +256,25 @@ static __always_inline struct svc_backend *pick_backend(void *ctx, struct svc_fr
 	return out;
 }
 
+/* flow_service reports a socket's Service translation (FLOW_SERVICE). */
+static __always_inline void flow_service(struct bpf_sock_addr *ctx, const struct svc_backend *from,
+					 const struct svc_backend *to, __u64 cookie)
+{
+	struct flow_event *ev = flow_reserve(FLOW_CLASS_FLOW, FLOW_SERVICE);
+
+	if (!ev)
+		return;
+	ev->proto = ctx->protocol;
+	ev->cookie = cookie;
+	ev->daddr = from->addr;
+	ev->dport = from->port;
+	ev->xdaddr = to->addr;
+	ev->xdport = to->port;
+	/* No source: connect() binds the socket after this program (the
+	 * FLOW_NEW event of the connection's first packet names the pod). */
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /* translate rewrites the destination of ctx when it names a frontend.
  * It returns 0 to refuse the call (no backend), 1 otherwise. */
 static __always_inline int translate(struct bpf_sock_addr *ctx, __u32 reason)
@@ -280,6 +300,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u32 reason)
 	bpf_map_update_elem(&sb_svc_revnat, &rk, &orig, BPF_ANY);
 	ctx->user_ip4 = b.addr;
 	ctx->user_port = b.port;
+	flow_service(ctx, &orig, &b, rk.cookie);
 	count(reason);
 	stat(fe->id, false);
 	return 1;

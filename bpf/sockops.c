@@ -26,6 +26,7 @@
  * recvmsg does, and each sockhash the socket is in).
  */
 #include "lib/sockops.h"
+#include "lib/flow.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -137,6 +138,9 @@ struct conn_state {
 	/* sock_cfg's policy_epoch when the connection was established. */
 	__u32 epoch;
 	__u32 pad;
+	/* Bytes both sides redirected: reported when the connection closes
+	 * (FLOW_ACCEL_END), since they never cross tc. */
+	__u64 redirected;
 };
 
 struct {
@@ -421,6 +425,24 @@ static __always_inline void maybe_evict(struct conn_state *cs, __u32 side, struc
 		count(CNT_SOCK_EVICTED, 0);
 }
 
+/* accel_end reports an accelerated connection's close (the first of its
+ * sockets to close; the second finds its state gone). */
+static __always_inline void accel_end(struct bpf_sock_ops *skops, const struct sock_key *key, __u64 bytes)
+{
+	struct flow_event *ev = flow_reserve(FLOW_CLASS_FLOW, FLOW_ACCEL_END);
+
+	if (!ev)
+		return;
+	ev->proto = IPPROTO_TCP;
+	ev->saddr = key->sip;
+	ev->daddr = key->dip;
+	ev->sport = key->sport;
+	ev->dport = key->dport;
+	ev->bytes = bytes;
+	ev->cookie = bpf_get_socket_cookie(skops);
+	bpf_ringbuf_submit(ev, 0);
+}
+
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
@@ -442,6 +464,9 @@ int sock_ops(struct bpf_sock_ops *skops)
 		 * sent their FIN by now: neither sends again. */
 		sock_ops_key(skops, &key);
 		conn_key(&key, &ck);
+		cs = bpf_map_lookup_elem(&sb_sock_conns, &ck);
+		if (cs && cs->redirected)
+			accel_end(skops, &key, cs->redirected);
 		bpf_map_delete_elem(&sb_sock_conns, &ck);
 		count(CNT_SOCK_CLOSED, 0);
 		return 1;
@@ -547,6 +572,7 @@ static __always_inline bool redirect(struct sk_msg_md *msg, struct conn_state *c
 		return false;
 	}
 	cs->unanswered[side] += size;
+	__sync_fetch_and_add(&cs->redirected, size);
 	count(CNT_REDIRECT, size);
 	return true;
 }

@@ -5,6 +5,7 @@
 #include "uapi.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "flow.h"
 
 /* Node configuration, set by the loader before the programs are loaded
  * (read-only data: the verifier sees them as constants). */
@@ -91,7 +92,7 @@ static __always_inline bool is_icmp_error(__u8 type)
 	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
-static __always_inline void count(struct __sk_buff *skb, __u32 prog, __u32 reason)
+static __always_inline void count_only(struct __sk_buff *skb, __u32 prog, __u32 reason)
 {
 	__u32 key = prog * REASON_MAX + reason;
 	struct counter *c = bpf_map_lookup_elem(&sb_counters, &key);
@@ -100,6 +101,112 @@ static __always_inline void count(struct __sk_buff *skb, __u32 prog, __u32 reaso
 		c->packets++;
 		c->bytes += skb->len;
 	}
+}
+
+/* Reasons that drop the packet, and those naming where it went (the path
+ * of a FLOW_NEW event). Constant masks: count() with a constant reason
+ * compiles to one of the branches below or to none. */
+#define REASON_BIT(r) (1ULL << (r))
+#define DROP_REASONS                                                                                          \
+	(REASON_BIT(REASON_DROP_MALFORMED) | REASON_BIT(REASON_DROP_FRAGMENT) | REASON_BIT(REASON_DROP_UNSUPPORTED) | \
+	 REASON_BIT(REASON_DROP_NO_PORT) | REASON_BIT(REASON_DROP_CT_FULL) | REASON_BIT(REASON_DROP_REWRITE) |     \
+	 REASON_BIT(REASON_DROP_VXLAN_UNKNOWN_PEER) | REASON_BIT(REASON_DROP_LB_NO_BACKEND) |                     \
+	 REASON_BIT(REASON_DROP_POLICY) | REASON_BIT(REASON_DROP_POLICY_SPOOF))
+#define PATH_REASONS                                                                                            \
+	(REASON_BIT(REASON_REDIRECT_LOCAL) | REASON_BIT(REASON_REDIRECT_NEIGH) | REASON_BIT(REASON_PASS_STACK) |      \
+	 REASON_BIT(REASON_REDIRECT_TUNNEL) | REASON_BIT(REASON_ENCAP) | REASON_BIT(REASON_PASS_KERNEL_NAT))
+
+/* flow_drop_inline sends a FLOW_DROP event for the packet in skb (its
+ * IPv4 header at ETH_HLEN, when it has one); policy, when set, is the
+ * policy denying it in direction dir. */
+static __always_inline void flow_drop_inline(struct __sk_buff *skb, __u32 prog, __u32 reason, __u32 policy, __u32 dir)
+{
+	struct flow_event *ev, *pending = flow_pending();
+	__u8 vihl = 0;
+	__be16 frag = 0;
+
+	/* The drop is the packet's report, whatever it opened. */
+	if (pending) {
+		__u32 zero = 0;
+		struct flow_state *st = bpf_map_lookup_elem(&sb_flow_state, &zero);
+
+		if (st)
+			st->has_pending = 0;
+	}
+	ev = flow_reserve(FLOW_CLASS_DROP, FLOW_DROP);
+	if (!ev)
+		return;
+	ev->prog = prog;
+	ev->reason = reason;
+	ev->ifindex = skb->ifindex;
+	ev->bytes = skb->len;
+	if (policy) {
+		ev->rule[dir & 1] = policy;
+		ev->verdict[dir & 1] = VERDICT_DENIED;
+	}
+	/* Read in pieces straight into the event: host_route's stack is
+	 * nearly full. */
+	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) || (vihl >> 4) != 4 ||
+	    (vihl & 0xf) < 5 || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 2) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + 9, &ev->proto, 1) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + 12, &ev->saddr, 8)) {
+		bpf_ringbuf_submit(ev, 0);
+		return;
+	}
+	if ((ev->proto == IPPROTO_TCP || ev->proto == IPPROTO_UDP || ev->proto == IPPROTO_SCTP) &&
+	    !(frag & bpf_htons(IP_OFFSET)) &&
+	    bpf_skb_load_bytes(skb, ETH_HLEN + (vihl & 0xf) * 4, &ev->sport, 4))
+		ev->sport = 0, ev->dport = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* flow_drop is flow_drop_inline as a subprogram, for count(): drops are
+ * counted in many places. (policy_check, itself a subprogram, inlines
+ * it: three frames deep, host_route's stack would overflow.) */
+static __noinline void flow_drop(struct __sk_buff *skb, __u32 prog, __u32 reason, __u32 policy, __u32 dir)
+{
+	flow_drop_inline(skb, prog, reason, policy, dir);
+}
+
+/* flow_path records where the packet holding a FLOW_NEW event went. */
+static __always_inline void flow_path(__u32 reason, __be32 node)
+{
+	struct flow_event *pending = flow_pending();
+
+	if (pending) {
+		pending->reason = reason;
+		if (node)
+			pending->node = node;
+	}
+}
+
+/* count counts a packet under its program and reason, and reports drops
+ * and paths to flow telemetry. */
+static __always_inline void count(struct __sk_buff *skb, __u32 prog, __u32 reason)
+{
+	count_only(skb, prog, reason);
+	if (reason < 64 && (REASON_BIT(reason) & DROP_REASONS))
+		flow_drop(skb, prog, reason, 0, 0);
+	else if (reason < 64 && (REASON_BIT(reason) & PATH_REASONS))
+		flow_path(reason, 0);
+}
+
+/* flow_translate sends a FLOW_TRANSLATE event: a NAT entry was created
+ * (reason snat_new or lb_new) for the flow o, translated to x. */
+static __always_inline void flow_translate(__u32 prog, __u32 reason, __u8 proto, __be32 osaddr, __be32 odaddr,
+					   __be16 osport, __be16 odport, __be32 xsaddr, __be32 xdaddr, __be16 xsport,
+					   __be16 xdport)
+{
+	struct flow_event *ev = flow_reserve(FLOW_CLASS_FLOW, FLOW_TRANSLATE);
+
+	if (!ev)
+		return;
+	ev->prog = prog;
+	ev->reason = reason;
+	ev->proto = proto;
+	ev->saddr = osaddr, ev->daddr = odaddr, ev->sport = osport, ev->dport = odport;
+	ev->xsaddr = xsaddr, ev->xdaddr = xdaddr, ev->xsport = xsport, ev->xdport = xdport;
+	bpf_ringbuf_submit(ev, 0);
 }
 
 #endif

@@ -125,6 +125,7 @@ static __always_inline int route_remote(struct __sk_buff *skb, const struct iphd
 		return TCX_DROP;
 	}
 	count(skb, prog, REASON_REDIRECT_TUNNEL);
+	flow_path(REASON_REDIRECT_TUNNEL, rc->vtep_ip);
 	ret = vxlan_encap(skb, ip->tos, rc->vtep_ip, rc->dst_mac, rc->src_mac);
 	if (ret == 0) {
 		count(skb, prog, REASON_ENCAP);
@@ -250,8 +251,7 @@ static __always_inline bool may_route_out(struct __sk_buff *skb, const struct ip
 /* Replies of Service backends to clients outside (lib/lb.h). */
 static __always_inline int lb_reply_local(struct __sk_buff *skb, struct iphdr *ip);
 
-SEC("tc")
-int host_route(struct __sk_buff *skb)
+static __always_inline int do_host_route(struct __sk_buff *skb)
 {
 	struct iphdr ip;
 	enum kct kct;
@@ -301,8 +301,7 @@ int host_route(struct __sk_buff *skb)
  * in host_route passes on its conntrack entry, one kube-proxy translated is
  * judged here on its backend. Packets host routing redirects never pass
  * here. */
-SEC("tc")
-int pol_to_pod(struct __sk_buff *skb)
+static __always_inline int do_pol_to_pod(struct __sk_buff *skb)
 {
 	struct iphdr ip;
 
@@ -313,6 +312,20 @@ int pol_to_pod(struct __sk_buff *skb)
 	    policy_check(skb, &ip, ETH_HLEN + ip.ihl * 4, POL_INGRESS, PROG_POL_TO_POD))
 		return TCX_DROP;
 	return TCX_NEXT;
+}
+
+/* Every program returns through flow_end, which sends the FLOW_NEW event
+ * the packet opened (lib/flow.h). */
+SEC("tc")
+int host_route(struct __sk_buff *skb)
+{
+	return flow_end(do_host_route(skb));
+}
+
+SEC("tc")
+int pol_to_pod(struct __sk_buff *skb)
+{
+	return flow_end(do_pol_to_pod(skb));
 }
 
 #endif

@@ -343,6 +343,8 @@ static __always_inline int lb_ingress(struct __sk_buff *skb, struct iphdr *ip)
 			return TCX_DROP;
 		}
 		count(skb, PROG_MASQ_INGRESS, REASON_LB_NEW);
+		flow_translate(PROG_MASQ_INGRESS, REASON_LB_NEW, ip->protocol, ip->saddr, ip->daddr, ports[0], ports[1],
+			       fv.from_addr, fv.to_addr, fv.from_port, fv.to_port);
 	}
 	if (rewrite(skb, ip->protocol, l4off, 16, ip->daddr, fv.to_addr, 2, ports[1], fv.to_port) ||
 	    rewrite(skb, ip->protocol, l4off, 12, ip->saddr, fv.from_addr, 0, ports[0], fv.from_port) ||

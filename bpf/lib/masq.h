@@ -279,8 +279,7 @@ static __always_inline int nat_icmp_error(struct __sk_buff *skb, __u32 l4off, __
 	return 0;
 }
 
-SEC("tc")
-int masq_egress(struct __sk_buff *skb)
+static __always_inline int do_masq_egress(struct __sk_buff *skb)
 {
 	struct iphdr ip;
 	struct l4 l4 = {};
@@ -387,6 +386,8 @@ int masq_egress(struct __sk_buff *skb)
 			return TCX_DROP;
 		}
 		count(skb, PROG_MASQ_EGRESS, REASON_SNAT_NEW);
+		flow_translate(PROG_MASQ_EGRESS, REASON_SNAT_NEW, ip.protocol, ip.saddr, ip.daddr, l4.sport, l4.dport,
+			       node_ip, ip.daddr, nat_port, l4.dport);
 	}
 
 	if (rewrite(skb, ip.protocol, l4off, 12, ip.saddr, node_ip, ip.protocol == IPPROTO_ICMP ? 4 : 0,
@@ -398,8 +399,7 @@ int masq_egress(struct __sk_buff *skb)
 	return TCX_NEXT;
 }
 
-SEC("tc")
-int masq_ingress(struct __sk_buff *skb)
+static __always_inline int do_masq_ingress(struct __sk_buff *skb)
 {
 	struct iphdr ip;
 	struct l4 l4 = {};
@@ -518,6 +518,18 @@ int masq_ingress(struct __sk_buff *skb)
 			return r;
 	}
 	return TCX_NEXT;
+}
+
+SEC("tc")
+int masq_egress(struct __sk_buff *skb)
+{
+	return flow_end(do_masq_egress(skb));
+}
+
+SEC("tc")
+int masq_ingress(struct __sk_buff *skb)
+{
+	return flow_end(do_masq_ingress(skb));
 }
 
 #endif

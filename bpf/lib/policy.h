@@ -233,9 +233,48 @@ static __always_inline bool pol_isolated(const struct pol_endpoint *ep, __u32 di
 
 static __always_inline int pol_deny(struct __sk_buff *skb, const struct pol_endpoint *ep, __u32 dir, __u32 prog)
 {
-	count(skb, prog, REASON_DROP_POLICY);
-	pol_count_drop(skb, dir == POL_INGRESS ? ep->deny_policy[0] : ep->deny_policy[1], dir);
+	__u32 policy = dir == POL_INGRESS ? ep->deny_policy[0] : ep->deny_policy[1];
+
+	count_only(skb, prog, REASON_DROP_POLICY);
+	flow_drop_inline(skb, prog, REASON_DROP_POLICY, policy, dir);
+	pol_count_drop(skb, policy, dir);
 	return -1;
+}
+
+/* pol_flow_verdict records a direction's verdict in the FLOW_NEW event of
+ * this packet: the one this check opens, or one an earlier check of the
+ * same packet opened (the egress of a pod of this node, then the ingress
+ * of another). */
+static __always_inline void pol_flow_verdict(__u32 dir, __u8 verdict, __u32 rule)
+{
+	struct flow_event *ev = flow_pending();
+
+	if (ev) {
+		ev->verdict[dir & 1] = verdict;
+		ev->rule[dir & 1] = rule;
+	}
+}
+
+/* pol_flow_new holds a FLOW_NEW event for the packet opening a flow, sent
+ * when the program is done with it (flow_end). */
+static __always_inline void pol_flow_new(struct __sk_buff *skb, const struct iphdr *ip, const __be16 *ports, __u32 prog)
+{
+	const struct flow_cfg *cfg;
+	struct flow_state *st = flow_begin(&cfg);
+
+	if (!st)
+		return;
+	__builtin_memset(&st->pending, 0, sizeof(st->pending));
+	st->pending.ts = bpf_ktime_get_ns();
+	st->pending.type = FLOW_NEW;
+	st->pending.prog = prog;
+	st->pending.proto = ip->protocol;
+	st->pending.saddr = ip->saddr;
+	st->pending.daddr = ip->daddr;
+	st->pending.sport = ports[0];
+	st->pending.dport = ports[1];
+	st->pending.ifindex = skb->ifindex;
+	st->has_pending = 1;
 }
 
 /* pol_ct_key_of fills the flow's key from one of its packets. */
@@ -285,7 +324,8 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	struct pol_endpoint *ep;
 	struct pol_ct *ct;
 	__be16 ports[2] = {}; /* source, destination */
-	__u32 zero = 0, ifindex = skb->ifindex, identity = 0, *gen, *rule;
+	__u32 zero = 0, ifindex = skb->ifindex, identity = 0, rule_id = 0, *gen, *rule;
+	__u8 verdict;
 	__be32 pod, peer, *own;
 	__u8 flags = CT_SEEN;
 	__u64 now;
@@ -296,7 +336,8 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	if (from_veth) {
 		own = bpf_map_lookup_elem(&sb_pol_veths, &ifindex);
 		if (own && *own != ip->saddr) {
-			count(skb, prog, REASON_DROP_POLICY_SPOOF);
+			count_only(skb, prog, REASON_DROP_POLICY_SPOOF);
+			flow_drop_inline(skb, prog, REASON_DROP_POLICY_SPOOF, 0, 0);
 			return -1;
 		}
 	}
@@ -310,7 +351,8 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 	if (from_veth && ep->ifindex != ifindex) {
 		/* A local pod's address from elsewhere (another node's packet
 		 * decapsulated by the vxlan device): never the pod's own. */
-		count(skb, prog, REASON_DROP_POLICY_SPOOF);
+		count_only(skb, prog, REASON_DROP_POLICY_SPOOF);
+		flow_drop_inline(skb, prog, REASON_DROP_POLICY_SPOOF, 0, 0);
 		return -1;
 	}
 	gen = bpf_map_lookup_elem(&sb_pol_gen, &zero);
@@ -366,23 +408,31 @@ static __noinline int policy_check(struct __sk_buff *skb, const struct iphdr *ip
 		}
 	}
 
+	verdict = VERDICT_OPEN;
 	if (pol_isolated(ep, dir)) {
 		rule = pol_rule(pod, peer, dir, k.proto, ports[1], &identity);
 		/* A Service address kube-proxy translates is judged after the
 		 * translation, on the way out; the entry recorded here lets the
 		 * translated-back replies in. */
-		if (!(defer_service && identity == POL_SERVICE_IDENTITY)) {
+		if (defer_service && identity == POL_SERVICE_IDENTITY) {
+			verdict = VERDICT_DEFERRED;
+		} else {
 			if (!rule)
 				return pol_deny(skb, ep, dir, prog);
 			count(skb, prog, REASON_POLICY_ALLOW);
+			verdict = VERDICT_ALLOWED;
+			rule_id = *rule;
 		}
 	}
 	if (!ct) {
 		struct pol_ct v = {.last_seen = now, .init_addr = ip->saddr, .init_port = ports[0], .flags = {flags}};
 
 		pol_set_gen(&v, dir, *gen);
-		bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST);
+		if (bpf_map_update_elem(&sb_pol_ct, &k, &v, BPF_NOEXIST) == 0)
+			pol_flow_new(skb, ip, ports, prog);
+		pol_flow_verdict(dir, verdict, rule_id);
 	} else if (opener) {
+		pol_flow_verdict(dir, verdict, rule_id);
 		pol_set_gen(ct, dir, *gen);
 		pol_touch(ct, true, flags, now);
 	}

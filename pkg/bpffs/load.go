@@ -26,6 +26,46 @@ func LoadPinned(spec *ebpf.CollectionSpec, objs any, pinDir, what string, rebuil
 
 // LoadPinnedWith is LoadPinned with program options (the CO-RE targets).
 func LoadPinnedWith(spec *ebpf.CollectionSpec, objs any, pinDir, what string, progs ebpf.ProgramOptions, rebuildable ...string) error {
+	return LoadPinnedShared(spec, objs, pinDir, "", what, progs, rebuildable...)
+}
+
+// SharedPrefix names the maps several objects share (flow telemetry's
+// ring buffer and its settings, bpf/lib/flow.h): with a sharedDir, they
+// are pinned there, created by whichever object loads first, and adopted
+// by the others.
+const SharedPrefix = "sb_flow_"
+
+// SharedDir is where the maps shared between objects are pinned under an
+// agent's bpffs root.
+func SharedDir(root string) string { return filepath.Join(root, "shared") }
+
+// LoadPinnedShared is LoadPinnedWith with the maps named SharedPrefix*
+// pinned in sharedDir instead of pinDir ("" treats them as any other).
+func LoadPinnedShared(spec *ebpf.CollectionSpec, objs any, pinDir, sharedDir, what string, progs ebpf.ProgramOptions, rebuildable ...string) error {
+	var shared map[string]*ebpf.Map
+	if pinDir != "" && sharedDir != "" {
+		if err := os.MkdirAll(sharedDir, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", sharedDir, err)
+		}
+		shared = map[string]*ebpf.Map{}
+		defer func() {
+			for _, m := range shared {
+				m.Close() // the collection holds clones
+			}
+		}()
+		for name, ms := range spec.Maps {
+			if !strings.HasPrefix(name, SharedPrefix) {
+				continue
+			}
+			ms = ms.Copy()
+			ms.Pinning = ebpf.PinByName
+			m, err := ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: sharedDir})
+			if err != nil {
+				return fmt.Errorf("create or adopt shared map %s in %s (remove it to start afresh): %w", name, sharedDir, err)
+			}
+			shared[name] = m
+		}
+	}
 	if pinDir == "" {
 		for _, m := range spec.Maps {
 			m.Pinning = ebpf.PinNone
@@ -49,7 +89,7 @@ func LoadPinnedWith(spec *ebpf.CollectionSpec, objs any, pinDir, what string, pr
 			}
 		}
 	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, Programs: progs}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, Programs: progs, MapReplacements: shared}
 	if err := spec.LoadAndAssign(objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {

@@ -161,6 +161,15 @@ type Datapath struct {
 func mapsDir(root string) string  { return filepath.Join(root, "maps") }
 func linksDir(root string) string { return filepath.Join(root, "links") }
 
+// sharedDir holds the maps shared with the other objects (flow telemetry),
+// for a pinDir under an agent's root; none for unpinned loads (tests).
+func sharedDir(pinDir string) string {
+	if pinDir == "" {
+		return ""
+	}
+	return bpffs.SharedDir(filepath.Dir(pinDir))
+}
+
 // Load loads the datapath programs, creates or adopts the pinned maps under
 // cfg.BPFRoot and attaches (or atomically re-points) the uplink's programs
 // with tcx or classic tc (cfg.Attach). It must run in the network namespace
@@ -268,7 +277,7 @@ func loadObjectsCT(objs *datapathObjects, cfg Config, pinDir string, kct kernelC
 	if err != nil {
 		return err
 	}
-	return bpffs.LoadPinnedWith(spec, objs, pinDir, "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct",
+	return bpffs.LoadPinnedShared(spec, objs, pinDir, sharedDir(pinDir), "datapath", progs, "sb_remote_cidrs", "sb_masq_cidrs", "sb_endpoints", "sb_vtep_peers", "sb_lb_ct",
 		"sb_pol_endpoints", "sb_pol_ipcache", "sb_pol_rules", "sb_pol_veths")
 }
 
@@ -345,7 +354,7 @@ func Cleanup(root string) error {
 			errs = append(errs, fmt.Errorf("remove tc filters of %s: %w", root, err))
 		}
 	}
-	for _, dir := range []string{linksDir(root), mapsDir(root)} {
+	for _, dir := range []string{linksDir(root), mapsDir(root), bpffs.SharedDir(root)} {
 		if err := os.RemoveAll(dir); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}

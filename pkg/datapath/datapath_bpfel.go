@@ -48,6 +48,49 @@ type datapathEndpoint struct {
 	HostMac [6]uint8
 }
 
+type datapathFlowCfg struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Rate    [2]uint32
+	Pad     uint32
+}
+
+type datapathFlowState struct {
+	_          structs.HostLayout
+	Window     uint64
+	Sent       [2]uint32
+	Suppressed [2]uint32
+	Sampled    [2]uint64
+	Lost       uint64
+	HasPending uint32
+	Pad        uint32
+	Pending    struct {
+		_          structs.HostLayout
+		Ts         uint64
+		Bytes      uint64
+		Cookie     uint64
+		Saddr      uint32
+		Daddr      uint32
+		Xsaddr     uint32
+		Xdaddr     uint32
+		Node       uint32
+		Rule       [2]uint32
+		Ifindex    uint32
+		Suppressed uint32
+		Sport      uint16
+		Dport      uint16
+		Xsport     uint16
+		Xdport     uint16
+		Type       uint8
+		Prog       uint8
+		Reason     uint8
+		Proto      uint8
+		Verdict    [2]uint8
+		Pad        [2]uint8
+		_          [4]byte
+	}
+}
+
 type datapathLbBackend struct {
 	_    structs.HostLayout
 	Addr uint32
@@ -203,6 +246,9 @@ const (
 	datapathMapSbCounters       = "sb_counters"
 	datapathMapSbCt             = "sb_ct"
 	datapathMapSbEndpoints      = "sb_endpoints"
+	datapathMapSbFlowCfg        = "sb_flow_cfg"
+	datapathMapSbFlowEvents     = "sb_flow_events"
+	datapathMapSbFlowState      = "sb_flow_state"
 	datapathMapSbLbActive       = "sb_lb_active"
 	datapathMapSbLbCt           = "sb_lb_ct"
 	datapathMapSbLbServices     = "sb_lb_services"
@@ -289,6 +335,9 @@ type datapathMapSpecs struct {
 	SbCounters     *ebpf.MapSpec `ebpf:"sb_counters"`
 	SbCt           *ebpf.MapSpec `ebpf:"sb_ct"`
 	SbEndpoints    *ebpf.MapSpec `ebpf:"sb_endpoints"`
+	SbFlowCfg      *ebpf.MapSpec `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.MapSpec `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.MapSpec `ebpf:"sb_flow_state"`
 	SbLbActive     *ebpf.MapSpec `ebpf:"sb_lb_active"`
 	SbLbCt         *ebpf.MapSpec `ebpf:"sb_lb_ct"`
 	SbLbServices   *ebpf.MapSpec `ebpf:"sb_lb_services"`
@@ -345,6 +394,9 @@ type datapathMaps struct {
 	SbCounters     *ebpf.Map `ebpf:"sb_counters"`
 	SbCt           *ebpf.Map `ebpf:"sb_ct"`
 	SbEndpoints    *ebpf.Map `ebpf:"sb_endpoints"`
+	SbFlowCfg      *ebpf.Map `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.Map `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.Map `ebpf:"sb_flow_state"`
 	SbLbActive     *ebpf.Map `ebpf:"sb_lb_active"`
 	SbLbCt         *ebpf.Map `ebpf:"sb_lb_ct"`
 	SbLbServices   *ebpf.Map `ebpf:"sb_lb_services"`
@@ -365,6 +417,9 @@ func (m *datapathMaps) Close() error {
 		m.SbCounters,
 		m.SbCt,
 		m.SbEndpoints,
+		m.SbFlowCfg,
+		m.SbFlowEvents,
+		m.SbFlowState,
 		m.SbLbActive,
 		m.SbLbCt,
 		m.SbLbServices,

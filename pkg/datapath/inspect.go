@@ -57,6 +57,8 @@ func describeMap(m *ebpf.Map, name, path string) (MapInfo, error) {
 	case ebpf.Array, ebpf.PerCPUArray:
 		info.Entries = int(m.MaxEntries()) // arrays are always full
 		return info, nil
+	case ebpf.RingBuf:
+		return info, nil // a stream: no entries to count
 	}
 	key := make([]byte, m.KeySize())
 	next := make([]byte, m.KeySize())

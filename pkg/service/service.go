@@ -146,7 +146,7 @@ func Enable(ctx context.Context, cfg Config) (*LoadBalancer, error) {
 	lb := &LoadBalancer{cfg: cfg, state: map[Frontend]programmed{}, nextID: 1, nextSet: 1}
 	// Node addresses are written again right after; everything else is
 	// adopted (frontends keep answering while the agent restarts).
-	if err := bpffs.LoadPinned(spec, &lb.objs, mapsDir(cfg.BPFRoot), "service", "sb_svc_node_addrs"); err != nil {
+	if err := bpffs.LoadPinnedShared(spec, &lb.objs, mapsDir(cfg.BPFRoot), bpffs.SharedDir(cfg.BPFRoot), "service", ebpf.ProgramOptions{}, "sb_svc_node_addrs"); err != nil {
 		return nil, err
 	}
 	if err := lb.adopt(); err != nil {

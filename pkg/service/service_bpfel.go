@@ -13,6 +13,49 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type serviceFlowCfg struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Rate    [2]uint32
+	Pad     uint32
+}
+
+type serviceFlowState struct {
+	_          structs.HostLayout
+	Window     uint64
+	Sent       [2]uint32
+	Suppressed [2]uint32
+	Sampled    [2]uint64
+	Lost       uint64
+	HasPending uint32
+	Pad        uint32
+	Pending    struct {
+		_          structs.HostLayout
+		Ts         uint64
+		Bytes      uint64
+		Cookie     uint64
+		Saddr      uint32
+		Daddr      uint32
+		Xsaddr     uint32
+		Xdaddr     uint32
+		Node       uint32
+		Rule       [2]uint32
+		Ifindex    uint32
+		Suppressed uint32
+		Sport      uint16
+		Dport      uint16
+		Xsport     uint16
+		Xdport     uint16
+		Type       uint8
+		Prog       uint8
+		Reason     uint8
+		Proto      uint8
+		Verdict    [2]uint8
+		Pad        [2]uint8
+		_          [4]byte
+	}
+}
+
 type serviceSvcAffinity struct {
 	_       structs.HostLayout
 	Seen    uint64
@@ -105,6 +148,9 @@ type serviceSvcStat struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	serviceMapSbFlowCfg        = "sb_flow_cfg"
+	serviceMapSbFlowEvents     = "sb_flow_events"
+	serviceMapSbFlowState      = "sb_flow_state"
 	serviceMapSbSvcAffinity    = "sb_svc_affinity"
 	serviceMapSbSvcBackends    = "sb_svc_backends"
 	serviceMapSbSvcCounters    = "sb_svc_counters"
@@ -174,6 +220,9 @@ type serviceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type serviceMapSpecs struct {
+	SbFlowCfg      *ebpf.MapSpec `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.MapSpec `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.MapSpec `ebpf:"sb_flow_state"`
 	SbSvcAffinity  *ebpf.MapSpec `ebpf:"sb_svc_affinity"`
 	SbSvcBackends  *ebpf.MapSpec `ebpf:"sb_svc_backends"`
 	SbSvcCounters  *ebpf.MapSpec `ebpf:"sb_svc_counters"`
@@ -213,6 +262,9 @@ func (o *serviceObjects) Close() error {
 //
 // It can be passed to loadServiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type serviceMaps struct {
+	SbFlowCfg      *ebpf.Map `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.Map `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.Map `ebpf:"sb_flow_state"`
 	SbSvcAffinity  *ebpf.Map `ebpf:"sb_svc_affinity"`
 	SbSvcBackends  *ebpf.Map `ebpf:"sb_svc_backends"`
 	SbSvcCounters  *ebpf.Map `ebpf:"sb_svc_counters"`
@@ -225,6 +277,9 @@ type serviceMaps struct {
 
 func (m *serviceMaps) Close() error {
 	return _ServiceClose(
+		m.SbFlowCfg,
+		m.SbFlowEvents,
+		m.SbFlowState,
 		m.SbSvcAffinity,
 		m.SbSvcBackends,
 		m.SbSvcCounters,

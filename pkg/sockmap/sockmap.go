@@ -173,7 +173,7 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 		return nil, err
 	}
 	a := &Accelerator{cfg: cfg}
-	if err := loadObjects(&a.objs, mapsDir(cfg.BPFRoot)); err != nil {
+	if err := loadObjects(&a.objs, mapsDir(cfg.BPFRoot), bpffs.SharedDir(cfg.BPFRoot)); err != nil {
 		return nil, err
 	}
 	if err := a.SetPods(cfg.PodPrefixes, cfg.Excluded); err != nil {
@@ -198,7 +198,7 @@ func Enable(ctx context.Context, cfg Config) (*Accelerator, error) {
 	return a, nil
 }
 
-func loadObjects(objs *sockopsObjects, pinDir string) error {
+func loadObjects(objs *sockopsObjects, pinDir, sharedDir string) error {
 	spec, err := loadSockops()
 	if err != nil {
 		return fmt.Errorf("load sockops spec: %w", err)
@@ -206,7 +206,7 @@ func loadObjects(objs *sockopsObjects, pinDir string) error {
 	// Connection state of an older layout is dropped on upgrade: its
 	// sockets then pass through TCP (never redirect again, which keeps
 	// their streams in order) and stay in the sockhash until closed.
-	return bpffs.LoadPinned(spec, objs, pinDir, "sockops", "sb_sock_conns", "sb_sock_cfg")
+	return bpffs.LoadPinnedShared(spec, objs, pinDir, sharedDir, "sockops", ebpf.ProgramOptions{}, "sb_sock_conns", "sb_sock_cfg")
 }
 
 // attachSkMsg attaches prog as the sk_msg verdict of the sockhash with a

@@ -21,12 +21,56 @@ type sockopsConnState struct {
 	Quiet      [2]uint32
 	Epoch      uint32
 	Pad        uint32
+	Redirected uint64
 }
 
 type sockopsCounter struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type sockopsFlowCfg struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Rate    [2]uint32
+	Pad     uint32
+}
+
+type sockopsFlowState struct {
+	_          structs.HostLayout
+	Window     uint64
+	Sent       [2]uint32
+	Suppressed [2]uint32
+	Sampled    [2]uint64
+	Lost       uint64
+	HasPending uint32
+	Pad        uint32
+	Pending    struct {
+		_          structs.HostLayout
+		Ts         uint64
+		Bytes      uint64
+		Cookie     uint64
+		Saddr      uint32
+		Daddr      uint32
+		Xsaddr     uint32
+		Xdaddr     uint32
+		Node       uint32
+		Rule       [2]uint32
+		Ifindex    uint32
+		Suppressed uint32
+		Sport      uint16
+		Dport      uint16
+		Xsport     uint16
+		Xdport     uint16
+		Type       uint8
+		Prog       uint8
+		Reason     uint8
+		Proto      uint8
+		Verdict    [2]uint8
+		Pad        [2]uint8
+		_          [4]byte
+	}
 }
 
 type sockopsPodKey struct {
@@ -76,6 +120,9 @@ type sockopsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockopsMapSbFlowCfg         = "sb_flow_cfg"
+	sockopsMapSbFlowEvents      = "sb_flow_events"
+	sockopsMapSbFlowState       = "sb_flow_state"
 	sockopsMapSbSockCfg         = "sb_sock_cfg"
 	sockopsMapSbSockConns       = "sb_sock_conns"
 	sockopsMapSbSockCounters    = "sb_sock_counters"
@@ -136,6 +183,9 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
+	SbFlowCfg      *ebpf.MapSpec `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.MapSpec `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.MapSpec `ebpf:"sb_flow_state"`
 	SbSockCfg      *ebpf.MapSpec `ebpf:"sb_sock_cfg"`
 	SbSockConns    *ebpf.MapSpec `ebpf:"sb_sock_conns"`
 	SbSockCounters *ebpf.MapSpec `ebpf:"sb_sock_counters"`
@@ -170,6 +220,9 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
+	SbFlowCfg      *ebpf.Map `ebpf:"sb_flow_cfg"`
+	SbFlowEvents   *ebpf.Map `ebpf:"sb_flow_events"`
+	SbFlowState    *ebpf.Map `ebpf:"sb_flow_state"`
 	SbSockCfg      *ebpf.Map `ebpf:"sb_sock_cfg"`
 	SbSockConns    *ebpf.Map `ebpf:"sb_sock_conns"`
 	SbSockCounters *ebpf.Map `ebpf:"sb_sock_counters"`
@@ -179,6 +232,9 @@ type sockopsMaps struct {
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.SbFlowCfg,
+		m.SbFlowEvents,
+		m.SbFlowState,
 		m.SbSockCfg,
 		m.SbSockConns,
 		m.SbSockCounters,
