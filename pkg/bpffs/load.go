@@ -39,32 +39,45 @@ const SharedPrefix = "sb_flow_"
 // agent's bpffs root.
 func SharedDir(root string) string { return filepath.Join(root, "shared") }
 
+// OpenShared creates, or adopts where pinned, spec's maps named
+// SharedPrefix* in dir.
+func OpenShared(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", dir, err)
+	}
+	shared := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		if !strings.HasPrefix(name, SharedPrefix) {
+			continue
+		}
+		ms = ms.Copy()
+		ms.Pinning = ebpf.PinByName
+		m, err := ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: dir})
+		if err != nil {
+			for _, m := range shared {
+				m.Close()
+			}
+			return nil, fmt.Errorf("create or adopt shared map %s in %s (remove it to start afresh): %w", name, dir, err)
+		}
+		shared[name] = m
+	}
+	return shared, nil
+}
+
 // LoadPinnedShared is LoadPinnedWith with the maps named SharedPrefix*
 // pinned in sharedDir instead of pinDir ("" treats them as any other).
 func LoadPinnedShared(spec *ebpf.CollectionSpec, objs any, pinDir, sharedDir, what string, progs ebpf.ProgramOptions, rebuildable ...string) error {
 	var shared map[string]*ebpf.Map
 	if pinDir != "" && sharedDir != "" {
-		if err := os.MkdirAll(sharedDir, 0o700); err != nil {
-			return fmt.Errorf("create %s: %w", sharedDir, err)
+		var err error
+		if shared, err = OpenShared(spec, sharedDir); err != nil {
+			return err
 		}
-		shared = map[string]*ebpf.Map{}
 		defer func() {
 			for _, m := range shared {
 				m.Close() // the collection holds clones
 			}
 		}()
-		for name, ms := range spec.Maps {
-			if !strings.HasPrefix(name, SharedPrefix) {
-				continue
-			}
-			ms = ms.Copy()
-			ms.Pinning = ebpf.PinByName
-			m, err := ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: sharedDir})
-			if err != nil {
-				return fmt.Errorf("create or adopt shared map %s in %s (remove it to start afresh): %w", name, sharedDir, err)
-			}
-			shared[name] = m
-		}
 	}
 	if pinDir == "" {
 		for _, m := range spec.Maps {

@@ -161,6 +161,32 @@ type Datapath struct {
 func mapsDir(root string) string  { return filepath.Join(root, "maps") }
 func linksDir(root string) string { return filepath.Join(root, "links") }
 
+// FlowMaps creates, or adopts, the flow telemetry maps the datapath shares
+// with the other objects (bpf/lib/flow.h) under root: sb_flow_events,
+// sb_flow_cfg, sb_flow_state.
+func FlowMaps(root string) (map[string]*ebpf.Map, error) {
+	spec, err := loadDatapath()
+	if err != nil {
+		return nil, fmt.Errorf("load datapath spec: %w", err)
+	}
+	return bpffs.OpenShared(spec, bpffs.SharedDir(root))
+}
+
+// FlowNames are the names flow events carry as numbers (from the object's
+// BTF, as the counters' metrics).
+func FlowNames() (map[uint32]string, map[uint32]string, error) {
+	spec, err := loadDatapath()
+	if err != nil {
+		return nil, nil, fmt.Errorf("load datapath spec: %w", err)
+	}
+	progs, err := bpffs.EnumNames(spec, "prog_id", "PROG_", uint64(programSlots))
+	if err != nil {
+		return nil, nil, err
+	}
+	reasons, err := bpffs.EnumNames(spec, "reason", "REASON_", uint64(reasonSlots))
+	return progs, reasons, err
+}
+
 // sharedDir holds the maps shared with the other objects (flow telemetry),
 // for a pinDir under an agent's root; none for unpinned loads (tests).
 func sharedDir(pinDir string) string {
