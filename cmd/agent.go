@@ -16,6 +16,7 @@ import (
 	"github.com/sinabro-io/sinabro/pkg/agent"
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
+	"github.com/sinabro-io/sinabro/pkg/flows"
 	"github.com/sinabro-io/sinabro/pkg/version"
 )
 
@@ -34,7 +35,9 @@ func newAgentCmd() *cobra.Command {
 			HostRouting:          true,
 			KubeProxyCoexistence: true,
 			NetworkPolicy:        true,
-			ResyncInterval:       agent.DefaultResyncInterval,
+			Flows: agent.FlowConfig{Enabled: true, FlowRate: flows.DefaultFlowRate, DropRate: flows.DefaultDropRate,
+				Buffer: 8192, Socket: flows.DefaultSocket},
+			ResyncInterval: agent.DefaultResyncInterval,
 		}
 		kubeconfig   string
 		clusterCIDRs []string
@@ -162,6 +165,11 @@ established connections survive a restart. --cleanup removes it.`,
 	f.BoolVar(&cfg.KubeProxyCoexistence, "kube-proxy-coexistence", cfg.KubeProxyCoexistence, "leave flows that netfilter translated (kube-proxy's Services, hostPort DNAT) to the kernel stack, asking the kernel's conntrack per TCP/UDP packet; where the kernel cannot be asked, host routing is turned off. false only where nothing on the node translates pod traffic")
 	f.BoolVar(&cfg.TCPAcceleration, "tcp-acceleration", cfg.TCPAcceleration, `redirect TCP between all of this node's pods at the socket layer (sock_ops + sk_msg), except those annotated sinabro.io/tcp-acceleration: "false" (pod or namespace); when false, only between pods that opt in with "true", and the programs are detached live while none does`)
 	f.StringVar(&cfg.PodCgroup, "pod-cgroup", "", "cgroup v2 directory holding this node's pods, for TCP acceleration (default: the cgroup v2 root)")
+	f.BoolVar(&cfg.Flows.Enabled, "flow-telemetry", cfg.Flows.Enabled, "report flows and drops as events from the eBPF datapath, read with `sinabro observe` on the node (--observe-socket) and counted on /metrics")
+	f.Uint32Var(&cfg.Flows.FlowRate, "flow-rate", cfg.Flows.FlowRate, "flow events (new flows, translations) the datapath sends at most per second and CPU; the rest are counted as sampled out (0: no limit)")
+	f.Uint32Var(&cfg.Flows.DropRate, "flow-drop-rate", cfg.Flows.DropRate, "drop events the datapath sends at most per second and CPU, apart from flows: a drop flood never pushes flows out (0: no limit)")
+	f.IntVar(&cfg.Flows.Buffer, "flow-buffer", cfg.Flows.Buffer, "flows the agent keeps in memory for `sinabro observe --last`")
+	f.StringVar(&cfg.Flows.Socket, "observe-socket", cfg.Flows.Socket, "unix socket (0600) where `sinabro observe` reads this agent's flows")
 	f.BoolVar(&cfg.NetworkPolicy, "network-policy", cfg.NetworkPolicy, "enforce Kubernetes NetworkPolicy in the eBPF datapath (needs --host-routing); the CNI plugin's ADD then waits until a new pod's policy state is in the datapath (fail closed)")
 	f.StringVar(&cfg.KubeProxyReplacement, "kube-proxy-replacement", agent.KPRAuto, `Service load balancing in eBPF at the socket (connect/sendmsg): "auto" serves Services unless kube-proxy's rules are found in the node's network namespace (rechecked every 10 s), "true" serves them anyway, "false" leaves them to kube-proxy`)
 	f.StringVar(&cfg.ServiceCgroup, "service-cgroup", "", "cgroup v2 directory whose processes (and their children) reach Services through the socket load balancer (default: the cgroup v2 root, every pod and host process)")

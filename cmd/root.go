@@ -52,6 +52,7 @@ and a local multi-node lab.`,
 		newUninstallCmd(),
 		newAgentCmd(),
 		newDebugCmd(),
+		newObserveCmd(),
 		newLabCmd(),
 	)
 	return root

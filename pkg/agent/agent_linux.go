@@ -117,6 +117,8 @@ type Config struct {
 	// sockets to a removed Service backend are found and terminated.
 	NetnsDir       string
 	ResyncInterval time.Duration
+	// Flows is flow telemetry (`sinabro observe`, pkg/flows).
+	Flows FlowConfig
 	// TCAttach is how the datapath's programs attach to interfaces:
 	// datapath.AttachAuto (tcx where the kernel has it, else classic tc),
 	// AttachTCX or AttachClassic.

@@ -25,6 +25,8 @@ import (
 //	policy        the datapath's NetworkPolicy maps,           Pods (all nodes), Namespaces,
 //	              policy.json (pkg/policy)                     NetworkPolicies, this node's pods
 //	                                                           (from endpoints), addresses
+//	flows         flow telemetry: its settings, the flow       Pods (all nodes), Nodes, Services,
+//	              buffer and the observe socket (pkg/flows)    the datapath's ring buffer
 //
 // Each has its own trigger and loop and fails alone: a Service error
 // never delays the overlay, and the reverse. A new feature adds a
@@ -59,6 +61,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Error("NetworkPolicy is NOT enforced: it needs host routing (--host-routing, or the kernel's conntrack kfuncs with --kube-proxy-coexistence)")
 	}
 
+	var flowsCtl *flowsController
+	if a.cfg.BPFRoot != "" {
+		if flowsCtl, err = newFlowsController(a, inf); err != nil {
+			return err
+		}
+	}
+
 	recorder, stopEvents := a.cluster.EventRecorder("sinabro-agent")
 	a.recorder = recorder
 	defer stopEvents()
@@ -82,6 +91,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return services.run(ctx) })
 	if a.policy != nil {
 		g.Go(func() error { return a.policy.run(ctx) })
+	}
+	if flowsCtl != nil {
+		g.Go(func() error { return flowsCtl.run(ctx) })
 	}
 	g.Go(func() error {
 		a.log.Info("waiting for the node informer to sync")

@@ -23,13 +23,6 @@ type Settings struct {
 	FlowRate, DropRate uint32
 }
 
-// Defaults: enough for a busy node's new connections; a drop flood is
-// summarised (each event says how many were left out before it).
-const (
-	DefaultFlowRate = 20000
-	DefaultDropRate = 1000
-)
-
 // Configure writes the settings into the pinned sb_flow_cfg map: the
 // agent at start, the benchmark between rounds.
 func Configure(cfg *ebpf.Map, s Settings) error {

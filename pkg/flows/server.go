@@ -18,8 +18,16 @@ import (
 // reads them: a unix socket, 0600 (root only), never a network listener.
 const DefaultSocket = "/var/run/sinabro/observe.sock"
 
+// Defaults: enough for a busy node's new connections; a drop flood is
+// summarised (each event says how many were left out before it).
+const (
+	DefaultFlowRate = 20000
+	DefaultDropRate = 1000
+)
+
 // Request is what a client asks for, as one JSON line: the last Last
-// flows matching Filter, then (Follow) every new one until it hangs up.
+// flows matching Filter (0: all the buffer holds, negative: none), then
+// (Follow) every new one until it hangs up.
 type Request struct {
 	Last   int    `json:"last"`
 	Follow bool   `json:"follow"`
@@ -93,9 +101,11 @@ func serveConn(ctx context.Context, c net.Conn, buf *Buffer, log *slog.Logger) {
 			}
 		}()
 	}
-	for _, f := range buf.Last(req.Last, req.Filter) {
-		if err := enc.Encode(Message{Flow: &f}); err != nil {
-			return
+	if req.Last >= 0 { // negative: only what follows
+		for _, f := range buf.Last(req.Last, req.Filter) {
+			if err := enc.Encode(Message{Flow: &f}); err != nil {
+				return
+			}
 		}
 	}
 	if !req.Follow {

@@ -11,6 +11,7 @@ package lab
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -142,6 +143,25 @@ func (l Layout) NodeCNIConf(name string) string {
 // InternalKubeconfig is the admin kubeconfig pointing at the apiserver's
 // underlay address, for tools run inside the lab's namespaces.
 func (l Layout) InternalKubeconfig() string { return l.path("admin-underlay.kubeconfig") }
+
+// ObserveSocket is where a stand-in node's agent serves its flows.
+func (l Layout) ObserveSocket(node string) string {
+	return filepath.Join(l.Node(node), "state", "observe.sock")
+}
+
+// ObserveSockets names the flow socket of every node's agent, for `lab
+// observe`. Real nodes run the agent in a pod: its socket is in the
+// container (kubectl exec into it and run sinabro observe).
+func (c *Config) ObserveSockets() (map[string]string, error) {
+	if c.Runtime == RuntimeContainerd {
+		return nil, errors.New("lab observe reads the agents of stand-in nodes; on real nodes run `sinabro observe` in an agent pod (kubectl -n kube-system exec ds/sinabro -c agent -- sinabro observe)")
+	}
+	out := map[string]string{}
+	for _, n := range c.Nodes {
+		out[n] = c.layout().ObserveSocket(n)
+	}
+	return out, nil
+}
 
 // LoadConfig reads lab.json from dir.
 func LoadConfig(dir string) (*Config, error) {

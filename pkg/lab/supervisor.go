@@ -413,6 +413,7 @@ func (s *supervisor) agentSpec(name, kubeconfig string) procSpec {
 			"--kubeconfig", kubeconfig,
 			"--cni-conf-dir", l.NodeCNIConf(name),
 			"--state-dir", filepath.Join(l.Node(name), "state"),
+			"--observe-socket", l.ObserveSocket(name),
 			"--bpf-root", s.cfg.nodeBPFRoot(name),
 			"--health-addr", agentHealthAddr,
 			"--cluster-cidr", s.cfg.ClusterCIDR,
