@@ -274,6 +274,9 @@ static __always_inline void pol_flow_new(struct __sk_buff *skb, const struct iph
 	st->pending.sport = ports[0];
 	st->pending.dport = ports[1];
 	st->pending.ifindex = skb->ifindex;
+	/* Where it goes, unless host routing says otherwise: the stack (the
+	 * path of what pol_to_pod and masq_egress see). */
+	st->pending.reason = REASON_PASS_STACK;
 	st->has_pending = 1;
 }
 

@@ -155,6 +155,11 @@ func (c *policyController) pass(ctx context.Context) error {
 	if c.dirty.Swap(false) || out == nil {
 		out, compiled = c.compile(hostIPs), true
 		c.last = out
+		// Named before written: flow events of the new state find their
+		// policies (numbers are stable, so the old state's still do).
+		c.mu.Lock()
+		c.meta = &out.Meta
+		c.mu.Unlock()
 	}
 	changes, err := d.Policy().SyncPolicy(out.State)
 	if changes.MayDeny && c.mayDeny != nil {
@@ -168,9 +173,6 @@ func (c *policyController) pass(ctx context.Context) error {
 			c.dirty.Store(true) // written again next pass
 			return err
 		}
-		c.mu.Lock()
-		c.meta = &out.Meta
-		c.mu.Unlock()
 		c.metrics.observe(out, time.Since(start))
 	}
 	if changes.Any() {

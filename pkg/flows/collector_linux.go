@@ -153,8 +153,13 @@ func (c *Collector) count(f *Flow) {
 	localEnd := func(e *Endpoint) bool { return e.Pod != "" && c.local(e.Namespace, e.Pod) }
 	switch f.Type {
 	case "drop":
+		// The pod whose policy dropped it, else the first of ours.
+		ends := []*Endpoint{&f.Source, &f.Destination}
+		if f.Ingress != nil && f.Ingress.Verdict == "denied" {
+			ends = []*Endpoint{&f.Destination}
+		}
 		ns, pod := "", ""
-		for _, e := range []*Endpoint{&f.Source, &f.Destination} {
+		for _, e := range ends {
 			if localEnd(e) {
 				ns, pod = e.Namespace, e.Pod
 				break
