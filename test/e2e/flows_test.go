@@ -157,28 +157,43 @@ func TestFlowTelemetry(t *testing.T) {
 		}
 	})
 
-	// A flood of drops on node-1 (node-2-pod-2 → node-1-pod-2, whose
-	// ingress a policy denies) while node-2-pod-1 opens connections to
+	// A flood of drops on node-1 (node-2-pod-2 → a pod of node-1 whose
+	// ingress a policy denies, outside the lab's namespace so that `lab
+	// check` does not probe it) while node-2-pod-1 opens connections to
 	// node-1-pod-1 and `lab check` runs: node-1 must report every one of
 	// those connections, and the drops within their budget.
 	t.Run("drop flood", func(t *testing.T) {
-		target, client, flooder := pods["node-1-pod-2"], pods["node-2-pod-1"], pods["node-2-pod-2"]
-		server := pods["node-1-pod-1"]
-		deny := &networkingv1.NetworkPolicy{
-			ObjectMeta: metav1.ObjectMeta{Name: "flood-deny", Namespace: "default"},
-			Spec: networkingv1.NetworkPolicySpec{
-				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"lab.sinabro.io/pod": target.Name}},
-				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
-			},
-		}
-		if _, err := cs.NetworkPolicies("default").Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+		client, flooder, server := pods["node-2-pod-1"], pods["node-2-pod-2"], pods["node-1-pod-1"]
+		if _, err := cs.Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "flood"}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		defer cs.NetworkPolicies("default").Delete(ctx, deny.Name, metav1.DeleteOptions{})
+		sink := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "sink", Namespace: "flood"},
+			Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "serve", Image: "sinabro-lab/serve"}}},
+		}
+		if _, err := cs.Pods("flood").Create(ctx, sink, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 60*time.Second, "pod flood/sink running", func() (bool, string) {
+			var err error
+			if sink, err = cs.Pods("flood").Get(ctx, "sink", metav1.GetOptions{}); err != nil {
+				return false, err.Error()
+			}
+			return sink.Status.Phase == corev1.PodRunning && sink.Status.PodIP != "", string(sink.Status.Phase)
+		})
+		target := sink
+		deny := &networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Name: "deny-all", Namespace: "flood"},
+			Spec:       networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}},
+		}
+		if _, err := cs.NetworkPolicies("flood").Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
 		time.Sleep(2 * time.Second) // enforced well before
 		before := agentMetrics(t, "node-1")
 
 		stop := make(chan struct{})
+		floodStart := time.Now()
 		var sent atomic.Int64
 		var wg sync.WaitGroup
 		wg.Add(1)
@@ -226,6 +241,7 @@ func TestFlowTelemetry(t *testing.T) {
 			t.Errorf("connections during the flood: %v", err)
 		}
 		checkOut, checkErr := l.sinabro("check")
+		time.Sleep(time.Until(floodStart.Add(5 * time.Second))) // a flood of 5 s at least
 		close(stop)
 		wg.Wait()
 		if checkErr != nil {
@@ -256,7 +272,7 @@ func TestFlowTelemetry(t *testing.T) {
 		if missing > 0 {
 			t.Errorf("%d of %d connections made during the flood missing from node-1's flows", missing, len(ports))
 		}
-		if n := len(observe(t, l, "--last", "0", "--node", "node-1", "--drop-reason", "drop_policy", "--pod", "default/"+target.Name)); n == 0 {
+		if n := len(observe(t, l, "--last", "0", "--node", "node-1", "--drop-reason", "drop_policy", "--pod", "flood/"+target.Name)); n == 0 {
 			t.Error("the flood's drops are not shown")
 		}
 	})
