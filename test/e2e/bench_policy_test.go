@@ -40,46 +40,8 @@ func TestBenchPolicy(t *testing.T) {
 	l, _ := newNamedLab(t, labName, 2, 2, lab.KubeProxyNone, "--agent-arg=--tcp-acceleration=false", "--timeout=10m")
 	cs, cfg, _ := labBasics(t, l)
 	ctx := context.Background()
-	pods := map[string]labPod{}
-	for _, name := range []string{"node-1-pod-1", "node-1-pod-2", "node-2-pod-1"} {
-		p, err := cs.Pods("default").Get(ctx, name, metav1.GetOptions{})
-		if err != nil || p.Status.PodIP == "" {
-			t.Fatalf("pod %s: %v", name, err)
-		}
-		pods[name] = labPod{name: name, node: p.Spec.NodeName, ip: p.Status.PodIP, netns: lab.PodNetnsOf(labName, string(p.UID))}
-	}
+	pods, run := startBenchWorkload(t, l)
 	server := pods["node-1-pod-2"]
-	for _, name := range []string{"node-1-pod-1", "node-2-pod-1"} {
-		out, err := exec.Command("ip", "netns", "exec", pods[name].netns, "sysctl", "-qw",
-			"net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10000 60999").CombinedOutput()
-		if err != nil {
-			t.Fatalf("sysctl in %s: %v: %s", name, err, out)
-		}
-	}
-	srv := exec.Command("ip", "netns", "exec", server.netns, os.Args[0])
-	srv.Env = append(os.Environ(), helperEnv+"=server", "SINABRO_E2E_ADDR="+server.ip)
-	out, err := srv.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	if line, _ := bufio.NewReader(out).ReadString('\n'); strings.TrimSpace(line) != "ready" {
-		t.Fatalf("workload server: %q", line)
-	}
-	run := func(client labPod, scenario string) tcpload.Result {
-		cmd := exec.Command("ip", "netns", "exec", client.netns, os.Args[0])
-		cmd.Env = append(os.Environ(), helperEnv+"=client", "SINABRO_E2E_ADDR="+server.ip, "SINABRO_E2E_SCENARIO="+scenario)
-		b, _ := cmd.CombinedOutput()
-		r := parseResult(t, string(b))
-		if !r.OK {
-			t.Fatalf("%s from %s: %s", scenario, client.name, r.Err)
-		}
-		return r
-	}
-	paths := []struct{ name, client string }{{"same node", "node-1-pod-1"}, {"across nodes", "node-2-pod-1"}}
 
 	rules := benchPolicies(100, 100)
 	apply := func(on bool) {
@@ -147,24 +109,8 @@ func TestBenchPolicy(t *testing.T) {
 		}
 	}
 
-	type figures struct{ conns, reqs float64 }
-	const rounds, secs = 5, 2
-	results := map[string]map[bool][]figures{}
-	for r := range rounds {
-		for _, on := range []bool{r%2 == 1, r%2 == 0} { // who goes first alternates
-			apply(on)
-			for _, p := range paths {
-				client := pods[p.client]
-				run(client, "many:20") // warm: neighbours, conntrack
-				c := run(client, fmt.Sprintf("parallel:2:many-for:%d", secs))
-				q := run(client, fmt.Sprintf("parallel:2:pingpong-for:%d:100:b", secs))
-				if results[p.name] == nil {
-					results[p.name] = map[bool][]figures{}
-				}
-				results[p.name][on] = append(results[p.name][on], figures{float64(c.Conns) / secs, float64(q.Sent) / 100 / secs})
-			}
-		}
-	}
+	const rounds = 5
+	results := benchAB(rounds, apply, pods, run)
 	// With the rules in place (the last round ends with them on or off).
 	apply(true)
 	rss := agentRSS(t, l)
@@ -172,19 +118,7 @@ func TestBenchPolicy(t *testing.T) {
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "NetworkPolicy benchmark: 0 policies vs 10,000 rules selecting the pods under test, %d rounds interleaved (median)\n\n", rounds)
-	fmt.Fprintln(&b, "| path | conn/s, 0 policies | conn/s, 10,000 rules | ratio | req/s, 0 policies | req/s, 10,000 rules | ratio |")
-	fmt.Fprintln(&b, "|---|---|---|---|---|---|---|")
-	for _, p := range paths {
-		var c0, c1, q0, q1 []float64
-		for _, f := range results[p.name][false] {
-			c0, q0 = append(c0, f.conns), append(q0, f.reqs)
-		}
-		for _, f := range results[p.name][true] {
-			c1, q1 = append(c1, f.conns), append(q1, f.reqs)
-		}
-		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.3f | %.0f | %.0f | %.3f |\n", p.name, median(c0), median(c1), median(c1)/median(c0),
-			median(q0), median(q1), median(q1)/median(q0))
-	}
+	benchABTable(&b, results, "0 policies", "10,000 rules")
 	fmt.Fprintf(&b, "\n1,000 rule changes (10 policies rewritten) to the last one enforced on the other node: %s\n", update.Round(time.Millisecond))
 	fmt.Fprintf(&b, "agent RSS with 10,000 rules (MiB): %s\n", rss)
 	t.Log("\n" + b.String())
@@ -270,3 +204,98 @@ func benchPolicyUpdate(t *testing.T, cs *kube.Client, rules []*networkingv1.Netw
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// benchPaths are the A/B benchmarks' paths: a client pod on the server's
+// node, and one on the other node.
+var benchPaths = []struct{ name, client string }{{"same node", "node-1-pod-1"}, {"across nodes", "node-2-pod-1"}}
+
+// startBenchWorkload starts the workload server in node-1-pod-2 of a 2-node
+// lab and returns the pods and a function running a client scenario.
+func startBenchWorkload(t *testing.T, l *testLab) (map[string]labPod, func(labPod, string) tcpload.Result) {
+	t.Helper()
+	cs, _, _ := labBasics(t, l)
+	ctx := context.Background()
+	pods := map[string]labPod{}
+	for _, name := range []string{"node-1-pod-1", "node-1-pod-2", "node-2-pod-1"} {
+		p, err := cs.Pods("default").Get(ctx, name, metav1.GetOptions{})
+		if err != nil || p.Status.PodIP == "" {
+			t.Fatalf("pod %s: %v", name, err)
+		}
+		pods[name] = labPod{name: name, node: p.Spec.NodeName, ip: p.Status.PodIP, netns: lab.PodNetnsOf(labName, string(p.UID))}
+	}
+	server := pods["node-1-pod-2"]
+	for _, name := range []string{"node-1-pod-1", "node-2-pod-1"} {
+		out, err := exec.Command("ip", "netns", "exec", pods[name].netns, "sysctl", "-qw",
+			"net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10000 60999").CombinedOutput()
+		if err != nil {
+			t.Fatalf("sysctl in %s: %v: %s", name, err, out)
+		}
+	}
+	srv := exec.Command("ip", "netns", "exec", server.netns, os.Args[0])
+	srv.Env = append(os.Environ(), helperEnv+"=server", "SINABRO_E2E_ADDR="+server.ip)
+	out, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	if line, _ := bufio.NewReader(out).ReadString('\n'); strings.TrimSpace(line) != "ready" {
+		t.Fatalf("workload server: %q", line)
+	}
+	run := func(client labPod, scenario string) tcpload.Result {
+		cmd := exec.Command("ip", "netns", "exec", client.netns, os.Args[0])
+		cmd.Env = append(os.Environ(), helperEnv+"=client", "SINABRO_E2E_ADDR="+server.ip, "SINABRO_E2E_SCENARIO="+scenario)
+		b, _ := cmd.CombinedOutput()
+		r := parseResult(t, string(b))
+		if !r.OK {
+			t.Fatalf("%s from %s: %s", scenario, client.name, r.Err)
+		}
+		return r
+	}
+	return pods, run
+}
+
+// benchFigures are one measurement: connections and requests per second.
+type benchFigures struct{ conns, reqs float64 }
+
+// benchAB measures each path with the setting off and on (apply), rounds
+// times, who goes first alternating: path → on → figures.
+func benchAB(rounds int, apply func(on bool), pods map[string]labPod, run func(labPod, string) tcpload.Result) map[string]map[bool][]benchFigures {
+	const secs = 2
+	results := map[string]map[bool][]benchFigures{}
+	for r := range rounds {
+		for _, on := range []bool{r%2 == 1, r%2 == 0} {
+			apply(on)
+			for _, p := range benchPaths {
+				client := pods[p.client]
+				run(client, "many:20") // warm: neighbours, conntrack
+				c := run(client, fmt.Sprintf("parallel:2:many-for:%d", secs))
+				q := run(client, fmt.Sprintf("parallel:2:pingpong-for:%d:100:b", secs))
+				if results[p.name] == nil {
+					results[p.name] = map[bool][]benchFigures{}
+				}
+				results[p.name][on] = append(results[p.name][on], benchFigures{float64(c.Conns) / secs, float64(q.Sent) / 100 / secs})
+			}
+		}
+	}
+	return results
+}
+
+// benchABTable writes benchAB's medians as a Markdown table.
+func benchABTable(b *strings.Builder, results map[string]map[bool][]benchFigures, off, on string) {
+	fmt.Fprintf(b, "| path | conn/s, %s | conn/s, %s | ratio | req/s, %s | req/s, %s | ratio |\n", off, on, off, on)
+	fmt.Fprintln(b, "|---|---|---|---|---|---|---|")
+	for _, p := range benchPaths {
+		var c0, c1, q0, q1 []float64
+		for _, f := range results[p.name][false] {
+			c0, q0 = append(c0, f.conns), append(q0, f.reqs)
+		}
+		for _, f := range results[p.name][true] {
+			c1, q1 = append(c1, f.conns), append(q1, f.reqs)
+		}
+		fmt.Fprintf(b, "| %s | %.0f | %.0f | %.3f | %.0f | %.0f | %.3f |\n", p.name, median(c0), median(c1), median(c1)/median(c0),
+			median(q0), median(q1), median(q1)/median(q0))
+	}
+}
