@@ -72,3 +72,7 @@ bench-datapath:
 # NetworkPolicy: 0 policies vs 10,000 rules selecting the pods under test (same node, across nodes), A/B in each round; rule update to enforced; agent memory.
 bench-policy: build kube-bins
     SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchPolicy' -timeout 30m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
+
+# Flow telemetry off vs on (same node, across nodes), A/B in each round.
+bench-flows: build kube-bins
+    SINABRO_BENCH=1 SINABRO_KUBE_BIN_DIR="$(scripts/build-kube.sh | tail -n1)" go test -count=1 -v -run 'TestBenchFlows' -timeout 30m ./test/e2e/ | grep -vE '^(=== |--- |PASS|ok )'
