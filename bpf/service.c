@@ -272,7 +272,7 @@ static __always_inline void flow_service(struct bpf_sock_addr *ctx, const struct
 	ev->xdport = to->port;
 	/* No source: connect() binds the socket after this program (the
 	 * FLOW_NEW event of the connection's first packet names the pod). */
-	bpf_ringbuf_submit(ev, 0);
+	flow_submit(ev);
 }
 
 /* translate rewrites the destination of ctx when it names a frontend.

@@ -440,7 +440,7 @@ static __always_inline void accel_end(struct bpf_sock_ops *skops, const struct s
 	ev->dport = key->dport;
 	ev->bytes = bytes;
 	ev->cookie = bpf_get_socket_cookie(skops);
-	bpf_ringbuf_submit(ev, 0);
+	flow_submit(ev);
 }
 
 SEC("sockops")

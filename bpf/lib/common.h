@@ -150,14 +150,14 @@ static __always_inline void flow_drop_inline(struct __sk_buff *skb, __u32 prog, 
 	    (vihl & 0xf) < 5 || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 2) ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + 9, &ev->proto, 1) ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + 12, &ev->saddr, 8)) {
-		bpf_ringbuf_submit(ev, 0);
+		flow_submit(ev);
 		return;
 	}
 	if ((ev->proto == IPPROTO_TCP || ev->proto == IPPROTO_UDP || ev->proto == IPPROTO_SCTP) &&
 	    !(frag & bpf_htons(IP_OFFSET)) &&
 	    bpf_skb_load_bytes(skb, ETH_HLEN + (vihl & 0xf) * 4, &ev->sport, 4))
 		ev->sport = 0, ev->dport = 0;
-	bpf_ringbuf_submit(ev, 0);
+	flow_submit(ev);
 }
 
 /* flow_drop is flow_drop_inline as a subprogram, for count(): drops are
@@ -206,7 +206,7 @@ static __always_inline void flow_translate(__u32 prog, __u32 reason, __u8 proto,
 	ev->proto = proto;
 	ev->saddr = osaddr, ev->daddr = odaddr, ev->sport = osport, ev->dport = odport;
 	ev->xsaddr = xsaddr, ev->xdaddr = xdaddr, ev->xsport = xsport, ev->xdport = xdport;
-	bpf_ringbuf_submit(ev, 0);
+	flow_submit(ev);
 }
 
 #endif

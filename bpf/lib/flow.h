@@ -115,6 +115,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sb_flow_state SEC(".maps");
 
+#define FLOW_RB_AVAIL_DATA 0
+#define FLOW_RB_NO_WAKEUP (1ULL << 0)
+#define FLOW_RB_FORCE_WAKEUP (1ULL << 1)
+/* Wake the agent once this much waits in the ring (it also reads every
+ * 100 ms): a wakeup per event would cost a context switch each. */
+#define FLOW_WAKEUP_BYTES (64 * 1024)
+
+static __always_inline __u64 flow_wakeup(void)
+{
+	return bpf_ringbuf_query(&sb_flow_events, FLOW_RB_AVAIL_DATA) >= FLOW_WAKEUP_BYTES ? FLOW_RB_FORCE_WAKEUP
+											 : FLOW_RB_NO_WAKEUP;
+}
+
+/* flow_submit sends an event flow_reserve returned. */
+static __always_inline void flow_submit(struct flow_event *ev)
+{
+	bpf_ringbuf_submit(ev, flow_wakeup());
+}
+
 /* flow_begin returns this CPU's state when events are on, else NULL. */
 static __always_inline struct flow_state *flow_begin(const struct flow_cfg **cfg)
 {
@@ -196,7 +215,7 @@ static __always_inline int flow_end(int ret)
 	if (!cfg || !cfg->enabled || !flow_admit(st, cfg, FLOW_CLASS_FLOW, &suppressed))
 		return ret;
 	st->pending.suppressed = suppressed;
-	if (bpf_ringbuf_output(&sb_flow_events, &st->pending, sizeof(st->pending), 0))
+	if (bpf_ringbuf_output(&sb_flow_events, &st->pending, sizeof(st->pending), flow_wakeup()))
 		st->lost++;
 	return ret;
 }

@@ -129,10 +129,17 @@ func (c *Collector) Run(ctx context.Context) error {
 		<-ctx.Done()
 		c.reader.Close()
 	}()
+	var rec ringbuf.Record
 	for {
-		rec, err := c.reader.Read()
+		// The datapath wakes the reader only once a batch waits (see
+		// flow_wakeup in bpf/lib/flow.h): read what is there every 100 ms.
+		c.reader.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		err := c.reader.ReadInto(&rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue
+		}
 		if err != nil {
-			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
+			if errors.Is(err, os.ErrClosed) || errors.Is(err, ringbuf.ErrClosed) || ctx.Err() != nil {
 				return nil
 			}
 			return fmt.Errorf("read flow events: %w", err)
