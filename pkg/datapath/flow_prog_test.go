@@ -4,9 +4,12 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"sort"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/gopacket/gopacket/layers"
@@ -135,5 +138,111 @@ func TestFlowEvents(t *testing.T) {
 	}
 	if cs.SampledDrops < 7 || cs.SampledFlows != 0 || cs.Lost != 0 {
 		t.Errorf("counters = %+v, want at least 7 drops sampled out, no flow sampled out, none lost", cs)
+	}
+}
+
+// TestFlowEventsCost measures what flow telemetry costs the datapath, per
+// packet, through BPF_PROG_RUN on pol_to_pod (NetworkPolicy on, the pod
+// isolated): a packet of an established flow (no event either way) and a
+// flow's first packet (a FLOW_NEW event when on), with telemetry off and
+// on alternating over rounds, a reader draining the ring as the agent
+// does. Only with SINABRO_BENCH=1:
+//
+//	SINABRO_BENCH=1 go test -run FlowEventsCost -v ./pkg/datapath
+func TestFlowEventsCost(t *testing.T) {
+	if os.Getenv("SINABRO_BENCH") == "" {
+		t.Skip("benchmark: set SINABRO_BENCH=1 to run")
+	}
+	cfg := testConfig()
+	cfg.Policy = true
+	objs := newTestObjects(t, cfg)
+	d := &Datapath{cfg: cfg, objs: *objs}
+	pod := netip.MustParseAddr("10.244.1.5")
+	friends := netip.MustParsePrefix("10.244.2.0/24")
+	if _, err := d.Policy().SyncPolicy(PolicyState{
+		Endpoints: map[netip.Addr]PolicyEndpoint{pod: {Ifindex: 1, Isolated: [2]bool{true, false}, DenyPolicy: [2]uint32{7, 0}}},
+		IPCache:   map[netip.Prefix]uint32{friends: 20},
+		Rules:     map[PolicyRuleKey]uint32{{Pod: pod, Identity: 20, Dir: Ingress, Proto: 6, Port: 80, PortBits: 16}: 101},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := ringbuf.NewReader(objs.SbFlowEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events atomic.Int64
+	go func() {
+		var rec ringbuf.Record
+		for {
+			r.SetDeadline(time.Now().Add(100 * time.Millisecond))
+			err := r.ReadInto(&rec)
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			events.Add(1)
+		}
+	}()
+	defer r.Close()
+	set := func(on bool) {
+		// No rate limit: all runs are on one CPU, far past its budget.
+		if err := flows.Configure(objs.SbFlowCfg, flows.Settings{Enabled: on}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tcp := func(src netip.Addr, sport uint16, flags string) []byte {
+		return pkt{proto: layers.IPProtocolTCP, src: src, dst: pod, sport: sport, dport: 80, tcpFlags: flags}.bytes(t)
+	}
+	established := tcp(netip.MustParseAddr("10.244.2.1"), 40000, "A")
+	run(t, objs.PolToPod, tcp(netip.MustParseAddr("10.244.2.1"), 40000, "S"))
+
+	const rounds, newFlows = 7, 4000
+	results := map[bool][2][]float64{} // on → [established ns, new flow ns]
+	src := 2
+	for round := range rounds {
+		for _, on := range []bool{round%2 == 1, round%2 == 0} {
+			set(on)
+			_, per, err := objs.PolToPod.Benchmark(established, 200000, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// First packets: a fresh source address per measurement, a
+			// fresh port per packet (the BPF_PROG_RUN syscall is in both).
+			frames := make([][]byte, newFlows)
+			for i := range frames {
+				frames[i] = tcp(netip.AddrFrom4([4]byte{10, 244, 2, byte(src)}), uint16(1024+i), "S")
+			}
+			src++
+			start := time.Now()
+			for _, f := range frames {
+				if _, err := objs.PolToPod.Run(&ebpf.RunOptions{Data: f}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			took := time.Since(start)
+			res := results[on]
+			res[0] = append(res[0], float64(per.Nanoseconds()))
+			res[1] = append(res[1], float64(took.Nanoseconds())/newFlows)
+			results[on] = res
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	med := func(xs []float64) float64 {
+		s := append([]float64{}, xs...)
+		sort.Float64s(s)
+		return s[len(s)/2]
+	}
+	t.Logf("flow telemetry in pol_to_pod, %d rounds interleaved (median ns per packet):", rounds)
+	t.Logf("| packet | off | on | on − off |")
+	t.Logf("|---|---|---|---|")
+	for i, name := range []string{"established flow (no event)", "first packet (a FLOW_NEW event when on; incl. the run syscall)"} {
+		off, on := med(results[false][i]), med(results[true][i])
+		t.Logf("| %s | %.0f | %.0f | %+.0f |", name, off, on, on-off)
+	}
+	t.Logf("events read: %d (want %d)", events.Load(), rounds*newFlows)
+	if got := events.Load(); got < int64(rounds*newFlows) {
+		t.Errorf("events read %d, want %d: some lost", got, rounds*newFlows)
 	}
 }
