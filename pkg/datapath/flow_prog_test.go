@@ -93,7 +93,7 @@ func TestFlowEvents(t *testing.T) {
 	if err := flows.Configure(objs.SbFlowCfg, flows.Settings{Enabled: true, FlowRate: 100, DropRate: 3}); err != nil {
 		t.Fatal(err)
 	}
-	run(t, objs.PolToPod, tcp(friend, pod, 42000, 80, "S"))  // new, allowed by rule 101
+	run(t, objs.PolToPod, tcp(friend, pod, 42000, 80, "S"))   // new, allowed by rule 101
 	run(t, objs.HostRoute, tcp(pod, friend, 80, 42000, "SA")) // its reply: nothing
 	run(t, objs.PolToPod, tcp(friend, pod, 42000, 80, "A"))   // established: nothing
 	run(t, objs.HostRoute, tcp(pod, friend, 42001, 80, "S"))  // egress denied by policy 8
