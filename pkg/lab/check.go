@@ -25,6 +25,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sinabro-io/sinabro/pkg/cgroup"
+	"github.com/sinabro-io/sinabro/pkg/flows"
 	"github.com/sinabro-io/sinabro/pkg/netns"
 )
 
@@ -105,6 +106,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 		return nil, err
 	}
 	res := &CheckResult{}
+	began := time.Now()
 	nodeList, err := cs.Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
@@ -228,6 +230,9 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 			cfg.probeShortcut(ctx, exe, &sp)
 			res.Shortcuts = append(res.Shortcuts, sp)
 		}
+	}
+	if !cfg.realNodes() {
+		res.State = append(res.State, flowChecks(ctx, cfg, began, len(res.Policy) > 0)...)
 	}
 	return res, nil
 }
@@ -592,4 +597,49 @@ func (r *CheckResult) Print(out io.Writer, verbose bool) {
 
 func fmtLatency(d time.Duration) string {
 	return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000)
+}
+
+// flowChecks: every node's agent reports the flows the probes above just
+// made (`sinabro lab observe`), and the NetworkPolicy check's denials as
+// drops. Stand-in nodes only: real nodes' agents serve inside their pods.
+func flowChecks(ctx context.Context, cfg *Config, since time.Time, denials bool) []StateCheck {
+	sockets, err := cfg.ObserveSockets()
+	if err != nil {
+		return nil
+	}
+	var out []StateCheck
+	var drops int
+	for _, node := range cfg.Nodes {
+		var flowsSeen, nodeDrops int
+		deadline := time.Now().Add(3 * time.Second) // the agent reads every 100 ms
+		for {
+			flowsSeen, nodeDrops = 0, 0
+			err = flows.Observe(ctx, sockets[node], flows.Request{}, func(f flows.Flow) error {
+				if f.Time.Before(since) {
+					return nil
+				}
+				switch {
+				case f.Type == "new":
+					flowsSeen++
+				case f.DropReason == "drop_policy":
+					nodeDrops++
+				}
+				return nil
+			})
+			if (err == nil && flowsSeen > 0) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		drops += nodeDrops
+		c := StateCheck{What: "node " + node + " flow telemetry", OK: err == nil && flowsSeen > 0, Detail: fmt.Sprintf("%d new flows observed since the check began", flowsSeen)}
+		if err != nil {
+			c.Detail = err.Error()
+		}
+		out = append(out, c)
+	}
+	if denials {
+		out = append(out, StateCheck{What: "NetworkPolicy denials observed as drops", OK: drops > 0, Detail: fmt.Sprintf("%d drop_policy events", drops)})
+	}
+	return out
 }
