@@ -64,6 +64,28 @@ func OpenShared(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, er
 	return shared, nil
 }
 
+// RemoveSharedIfAlone removes the shared maps' pins once nothing else is
+// left under root: each component's Cleanup calls it after removing its
+// own pins, so the last one out takes them.
+func RemoveSharedIfAlone(root string) error {
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("list %s: %w", root, err)
+	}
+	for _, e := range entries {
+		if e.Name() != filepath.Base(SharedDir(root)) {
+			return nil
+		}
+	}
+	if err := os.RemoveAll(SharedDir(root)); err != nil {
+		return fmt.Errorf("remove %s: %w", SharedDir(root), err)
+	}
+	return nil
+}
+
 // LoadPinnedShared is LoadPinnedWith with the maps named SharedPrefix*
 // pinned in sharedDir instead of pinDir ("" treats them as any other).
 func LoadPinnedShared(spec *ebpf.CollectionSpec, objs any, pinDir, sharedDir, what string, progs ebpf.ProgramOptions, rebuildable ...string) error {

@@ -380,11 +380,12 @@ func Cleanup(root string) error {
 			errs = append(errs, fmt.Errorf("remove tc filters of %s: %w", root, err))
 		}
 	}
-	for _, dir := range []string{linksDir(root), mapsDir(root), bpffs.SharedDir(root)} {
+	for _, dir := range []string{linksDir(root), mapsDir(root)} {
 		if err := os.RemoveAll(dir); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}
 	}
+	errs = append(errs, bpffs.RemoveSharedIfAlone(root))
 	// The root may hold pins of other components: leave it then.
 	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
 		errs = append(errs, fmt.Errorf("remove %s: %w", root, err))

@@ -434,7 +434,7 @@ func Cleanup(root string) error {
 	if rerr := os.RemoveAll(dir(root)); rerr != nil {
 		err = errors.Join(err, fmt.Errorf("remove %s: %w", dir(root), rerr))
 	}
-	return err
+	return errors.Join(err, bpffs.RemoveSharedIfAlone(root))
 }
 
 // Map encodings: addresses and ports are kept in network byte order, as

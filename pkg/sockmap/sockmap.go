@@ -375,5 +375,6 @@ func Cleanup(root string) error {
 	if err := os.RemoveAll(dir(root)); err != nil {
 		errs = append(errs, fmt.Errorf("remove %s: %w", dir(root), err))
 	}
+	errs = append(errs, bpffs.RemoveSharedIfAlone(root))
 	return errors.Join(errs...)
 }
