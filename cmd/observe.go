@@ -3,13 +3,13 @@ package cmd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"sort"
 	"sync"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/sinabro-io/sinabro/pkg/flows"
 	"github.com/sinabro-io/sinabro/pkg/lab"
@@ -64,38 +64,74 @@ func (o *observeOptions) printer(w io.Writer) func(flows.Flow) error {
 
 // observe reads the flows of the agents at sockets (node → path): the
 // last ones of all nodes merged in time order, then, following, each new
-// one as it comes.
-func (o *observeOptions) observe(ctx context.Context, w io.Writer, sockets map[string]string) error {
+// one as it comes. A node whose agent cannot be reached is reported and
+// left out; all of them unreachable is an error.
+func (o *observeOptions) observe(ctx context.Context, w, errw io.Writer, sockets map[string]string) error {
 	print := o.printer(w)
 	if len(sockets) == 1 {
 		for _, s := range sockets {
 			return flows.Observe(ctx, s, o.req, print)
 		}
 	}
-	// Several nodes: their backlogs first, merged, then the streams.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Following: subscribe first, holding what comes until the backlog is
+	// shown, so nothing falls between the two.
+	live := make(chan flows.Flow, 65536)
+	var followers sync.WaitGroup
+	var reached sync.Map
+	if o.req.Follow {
+		follow := o.req
+		follow.Last = -1 // nothing from the buffer: the backlog below has it
+		for node, s := range sockets {
+			followers.Add(1)
+			go func() {
+				defer followers.Done()
+				err := flows.Observe(ctx, s, follow, func(f flows.Flow) error {
+					live <- f
+					return nil
+				})
+				if err != nil && ctx.Err() == nil {
+					fmt.Fprintf(errw, "node %s: %v\n", node, err)
+				}
+			}()
+		}
+	}
 	var mu sync.Mutex
 	var backlog []flows.Flow
 	last := o.req
 	last.Follow = false
-	g, gctx := errgroup.WithContext(ctx)
-	for _, s := range sockets {
-		g.Go(func() error {
-			return flows.Observe(gctx, s, last, func(f flows.Flow) error {
+	var wg sync.WaitGroup
+	for node, s := range sockets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := flows.Observe(ctx, s, last, func(f flows.Flow) error {
 				mu.Lock()
 				defer mu.Unlock()
 				backlog = append(backlog, f)
 				return nil
 			})
-		})
+			if err != nil {
+				fmt.Fprintf(errw, "node %s: %v\n", node, err)
+				return
+			}
+			reached.Store(node, true)
+		}()
 	}
-	if err := g.Wait(); err != nil {
-		return err
+	wg.Wait()
+	n := 0
+	reached.Range(func(any, any) bool { n++; return true })
+	if n == 0 {
+		return errors.New("no node's agent could be reached")
 	}
 	sort.SliceStable(backlog, func(i, j int) bool { return backlog[i].Time.Before(backlog[j].Time) })
 	if o.req.Last > 0 && len(backlog) > o.req.Last {
 		backlog = backlog[len(backlog)-o.req.Last:]
 	}
+	shown := map[string]bool{}
 	for _, f := range backlog {
+		shown[flowKey(f)] = true
 		if err := print(f); err != nil {
 			return err
 		}
@@ -103,13 +139,27 @@ func (o *observeOptions) observe(ctx context.Context, w io.Writer, sockets map[s
 	if !o.req.Follow {
 		return nil
 	}
-	follow := o.req
-	follow.Last = -1 // nothing from the buffer: it was shown
-	g, gctx = errgroup.WithContext(ctx)
-	for _, s := range sockets {
-		g.Go(func() error { return flows.Observe(gctx, s, follow, print) })
+	done := make(chan struct{})
+	go func() { followers.Wait(); close(done) }()
+	for {
+		select {
+		case f := <-live:
+			if shown[flowKey(f)] { // arrived while the backlog was read
+				delete(shown, flowKey(f))
+				continue
+			}
+			if err := print(f); err != nil {
+				return err
+			}
+		case <-done:
+			return nil
+		}
 	}
-	return g.Wait()
+}
+
+// flowKey tells a flow from the others of the same agent.
+func flowKey(f flows.Flow) string {
+	return fmt.Sprintf("%s %d %s %s %s", f.Node, f.Time.UnixNano(), f.Type, f.Source.String(), f.Destination.String())
 }
 
 func newObserveCmd() *cobra.Command {
@@ -136,7 +186,7 @@ In the lab, sinabro lab observe reads every node.`,
 			}
 			ctx, cancel := signalContext()
 			defer cancel()
-			return o.observe(ctx, cmd.OutOrStdout(), map[string]string{"": socket})
+			return o.observe(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), map[string]string{"": socket})
 		},
 	}
 	c.Flags().StringVar(&socket, "socket", flows.DefaultSocket, "the agent's flow socket (its --observe-socket)")
@@ -171,7 +221,7 @@ func newLabObserveCmd(dir *string) *cobra.Command {
 			}
 			ctx, cancel := signalContext()
 			defer cancel()
-			return o.observe(ctx, cmd.OutOrStdout(), sockets)
+			return o.observe(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), sockets)
 		},
 	}
 	o.flags(c)

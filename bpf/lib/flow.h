@@ -2,8 +2,8 @@
 /*
  * Flow telemetry: events for `sinabro observe`, sent through one BPF ring
  * buffer that the datapath, the socket load balancer and the sockmap
- * objects share (the agent pins the three maps below once, in
- * <bpf root>/flows, and hands them to every loader).
+ * objects share (pinned once in <bpf root>/shared, and handed to every
+ * loader: pkg/bpffs LoadPinnedShared).
  *
  * What is reported, and when:
  *  - FLOW_NEW: the first packet of a flow of a pod of this node (the one

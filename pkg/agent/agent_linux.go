@@ -29,11 +29,13 @@ import (
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	corelisters "k8s.io/client-go/listers/core/v1"
 
+	"github.com/sinabro-io/sinabro/pkg/bpffs"
 	"github.com/sinabro-io/sinabro/pkg/cni"
 	"github.com/sinabro-io/sinabro/pkg/datapath"
 	"github.com/sinabro-io/sinabro/pkg/hostnet"
@@ -669,6 +671,11 @@ func Cleanup(ctx context.Context, device, bpfRoot string) error {
 		}
 		if err := service.Cleanup(bpfRoot); err != nil {
 			dpErr = errors.Join(dpErr, fmt.Errorf("remove Service load balancing under %s: %w", bpfRoot, err))
+		}
+		dpErr = errors.Join(dpErr, bpffs.RemoveSharedIfAlone(bpfRoot))
+		// The root itself, now empty (the datapath's Cleanup left it).
+		if err := os.Remove(bpfRoot); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
+			dpErr = errors.Join(dpErr, err)
 		}
 	}
 	return errors.Join(dpErr, ovl.Cleanup(device), masquerade.NewNFTables(0).Remove(ctx))

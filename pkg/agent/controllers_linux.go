@@ -62,7 +62,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	var flowsCtl *flowsController
-	if a.cfg.BPFRoot != "" {
+	if a.cfg.BPFRoot != "" && a.cfg.Flows.Enabled {
 		if flowsCtl, err = newFlowsController(a, inf); err != nil {
 			return err
 		}
@@ -94,6 +94,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if flowsCtl != nil {
 		g.Go(func() error { return flowsCtl.run(ctx) })
+	} else if a.cfg.BPFRoot != "" {
+		g.Go(func() error { a.flowsOff(); return nil })
 	}
 	g.Go(func() error {
 		a.log.Info("waiting for the node informer to sync")

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 
+	"github.com/cilium/ebpf"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -35,12 +37,14 @@ type flowsController struct {
 	pods     cache.SharedIndexInformer // every pod: both ends get names
 	nodes    cache.SharedIndexInformer
 	services cache.SharedIndexInformer
-	coll     *flows.Collector
+	coll     atomic.Pointer[flows.Collector] // set once run has it
 }
 
 const (
-	indexPodIP     = "sinabro-pod-ip"
-	indexServiceIP = "sinabro-service-ip"
+	indexPodIP       = "sinabro-pod-ip"
+	indexServiceIP   = "sinabro-service-ip"
+	indexNodePort    = "sinabro-nodeport" // "TCP/30080"
+	indexNodeAddress = "sinabro-node-address"
 )
 
 func newFlowsController(a *Agent, inf *informers) (*flowsController, error) {
@@ -69,16 +73,46 @@ func newFlowsController(a *Agent, inf *informers) (*flowsController, error) {
 			out = append(out, in.IP)
 		}
 		return out, nil
+	}, indexNodePort: func(obj any) ([]string, error) {
+		s, ok := obj.(*corev1.Service)
+		if !ok {
+			return nil, nil
+		}
+		var out []string
+		for _, p := range s.Spec.Ports {
+			if p.NodePort != 0 {
+				out = append(out, fmt.Sprintf("%s/%d", p.Protocol, p.NodePort))
+			}
+		}
+		return out, nil
 	}}); err != nil {
 		return nil, fmt.Errorf("index services by address: %w", err)
+	}
+	if err := c.nodes.AddIndexers(cache.Indexers{indexNodeAddress: func(obj any) ([]string, error) {
+		n, ok := obj.(*corev1.Node)
+		if !ok {
+			return nil, nil
+		}
+		var out []string
+		for _, a := range n.Status.Addresses {
+			out = append(out, a.Address)
+		}
+		if v := n.Annotations[AnnotationVTEPIP]; v != "" {
+			out = append(out, v)
+		}
+		return out, nil
+	}}); err != nil {
+		return nil, fmt.Errorf("index nodes by address: %w", err)
 	}
 	// A deleted pod's series leave /metrics with it.
 	if _, err := c.pods.AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: func(obj any) {
 		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 			obj = t.Obj
 		}
-		if p, ok := obj.(*corev1.Pod); ok && c.coll != nil {
-			c.coll.ForgetPod(p.Namespace, p.Name)
+		if p, ok := obj.(*corev1.Pod); ok {
+			if coll := c.coll.Load(); coll != nil {
+				coll.ForgetPod(p.Namespace, p.Name)
+			}
 		}
 	}}); err != nil {
 		return nil, fmt.Errorf("add event handler: %w", err)
@@ -104,12 +138,8 @@ func (c *flowsController) run(ctx context.Context) error {
 			m.Close()
 		}
 	}()
-	if err := flows.Configure(maps["sb_flow_cfg"], flows.Settings{Enabled: cfg.Enabled, FlowRate: cfg.FlowRate, DropRate: cfg.DropRate}); err != nil {
+	if err := flows.Configure(maps["sb_flow_cfg"], flows.Settings{Enabled: true, FlowRate: cfg.FlowRate, DropRate: cfg.DropRate}); err != nil {
 		log.Error("flow telemetry unavailable", "err", err)
-		return nil
-	}
-	if !cfg.Enabled {
-		log.Info("flow telemetry is off (--flow-telemetry=false)")
 		return nil
 	}
 	progs, reasons, err := datapath.FlowNames()
@@ -123,9 +153,9 @@ func (c *flowsController) run(ctx context.Context) error {
 		log.Error("flow telemetry unavailable", "err", err)
 		return nil
 	}
-	c.coll = coll
+	c.coll.Store(coll)
 	if err := c.a.metrics.registry.Register(coll); err != nil {
-		return fmt.Errorf("register flow metrics: %w", err)
+		log.Warn("flow metrics not on /metrics", "err", err)
 	}
 	go func() {
 		if err := flows.Serve(ctx, cfg.Socket, buf, log); err != nil {
@@ -158,19 +188,10 @@ func (c *flowsController) Pod(ip netip.Addr) (string, string) {
 }
 
 func (c *flowsController) Node(ip netip.Addr) string {
-	s := ip.String()
-	for _, obj := range c.nodes.GetStore().List() {
-		n, ok := obj.(*corev1.Node)
-		if !ok {
-			continue
-		}
-		if n.Annotations[AnnotationVTEPIP] == s {
+	objs, _ := c.nodes.GetIndexer().ByIndex(indexNodeAddress, ip.String())
+	for _, obj := range objs {
+		if n, ok := obj.(*corev1.Node); ok {
 			return n.Name
-		}
-		for _, a := range n.Status.Addresses {
-			if a.Address == s {
-				return n.Name
-			}
 		}
 	}
 	return ""
@@ -224,17 +245,33 @@ func (c *flowsController) Service(ip netip.Addr, port uint16, protocol string) s
 		}
 	}
 	if c.Node(ip) != "" { // a NodePort
-		for _, obj := range c.services.GetStore().List() {
-			s, ok := obj.(*corev1.Service)
-			if !ok {
-				continue
-			}
-			for _, p := range s.Spec.Ports {
-				if p.NodePort != 0 && uint16(p.NodePort) == port && string(p.Protocol) == protocol {
-					return s.Namespace + "/" + s.Name
-				}
+		objs, _ := c.services.GetIndexer().ByIndex(indexNodePort, fmt.Sprintf("%s/%d", protocol, port))
+		for _, obj := range objs {
+			if s, ok := obj.(*corev1.Service); ok {
+				return s.Namespace + "/" + s.Name
 			}
 		}
 	}
 	return ""
+}
+
+// flowsOff switches the datapath's events off (--flow-telemetry=false):
+// the pinned settings of an earlier run may have them on.
+func (a *Agent) flowsOff() {
+	err := bpffs.Ensure(a.cfg.BPFRoot)
+	var maps map[string]*ebpf.Map
+	if err == nil {
+		maps, err = datapath.FlowMaps(a.cfg.BPFRoot)
+	}
+	if err == nil {
+		err = flows.Configure(maps["sb_flow_cfg"], flows.Settings{})
+		for _, m := range maps {
+			m.Close()
+		}
+	}
+	if err != nil {
+		a.log.Warn("switch flow telemetry off", "err", err)
+		return
+	}
+	a.log.Info("flow telemetry is off (--flow-telemetry=false)")
 }

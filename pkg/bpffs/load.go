@@ -50,18 +50,43 @@ func OpenShared(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, er
 		if !strings.HasPrefix(name, SharedPrefix) {
 			continue
 		}
-		ms = ms.Copy()
-		ms.Pinning = ebpf.PinByName
-		m, err := ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: dir})
+		m, err := openShared(ms, dir)
 		if err != nil {
 			for _, m := range shared {
 				m.Close()
 			}
-			return nil, fmt.Errorf("create or adopt shared map %s in %s (remove it to start afresh): %w", name, dir, err)
+			return nil, fmt.Errorf("create or adopt shared map %s in %s: %w", name, dir, err)
 		}
 		shared[name] = m
 	}
 	return shared, nil
+}
+
+// openShared adopts the map pinned as ms.Name in dir or creates and pins
+// it. The shared maps hold nothing worth keeping over an upgrade (events,
+// settings the agent writes again, counters): one of another layout is
+// replaced. Loaders race to create them (the agent's controllers start
+// together): the loser adopts the winner's pin.
+func openShared(ms *ebpf.MapSpec, dir string) (*ebpf.Map, error) {
+	ms = ms.Copy()
+	ms.Pinning = ebpf.PinByName
+	var err error
+	for range 3 {
+		var m *ebpf.Map
+		if m, err = ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: dir}); err == nil {
+			return m, nil
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			if rerr := os.Remove(filepath.Join(dir, ms.Name)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				return nil, fmt.Errorf("replace a shared map of an older layout: %w", rerr)
+			}
+			continue
+		}
+		if !errors.Is(err, os.ErrExist) {
+			return nil, err
+		}
+	}
+	return nil, err
 }
 
 // RemoveSharedIfAlone removes the shared maps' pins once nothing else is

@@ -385,7 +385,9 @@ func Cleanup(root string) error {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}
 	}
-	errs = append(errs, bpffs.RemoveSharedIfAlone(root))
+	// The shared maps (flow telemetry) stay: the agent's other components
+	// and its flows controller may use them (the agent's Cleanup removes
+	// them with the last component).
 	// The root may hold pins of other components: leave it then.
 	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
 		errs = append(errs, fmt.Errorf("remove %s: %w", root, err))

@@ -160,10 +160,12 @@ func (c *Collector) count(f *Flow) {
 	localEnd := func(e *Endpoint) bool { return e.Pod != "" && c.local(e.Namespace, e.Pod) }
 	switch f.Type {
 	case "drop":
-		// The pod whose policy dropped it, else the first of ours.
+		// The pod whose policy dropped it (the receiver for an ingress
+		// denial, unless it is a reply judged again after a policy
+		// change: then the pod sent it), else the first of ours.
 		ends := []*Endpoint{&f.Source, &f.Destination}
 		if f.Ingress != nil && f.Ingress.Verdict == "denied" {
-			ends = []*Endpoint{&f.Destination}
+			ends = []*Endpoint{&f.Destination, &f.Source}
 		}
 		ns, pod := "", ""
 		for _, e := range ends {

@@ -34,29 +34,18 @@ type Request struct {
 	Filter Filter `json:"filter"`
 }
 
-// Message is one JSON line of the answer: a flow, or how many flows a
-// follower too slow to read lost.
+// Message is one JSON line of the answer: a flow or an error. (A follower
+// too slow to read loses flows; the agent logs how many.)
 type Message struct {
-	Flow *Flow  `json:"flow,omitempty"`
-	Lost uint64 `json:"lost,omitempty"`
+	Flow *Flow `json:"flow,omitempty"`
 	// Error ends an answer to a bad request.
 	Error string `json:"error,omitempty"`
 }
 
 // Serve answers requests on a unix socket at path until ctx ends.
 func Serve(ctx context.Context, path string, buf *Buffer, log *slog.Logger) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("observe socket: %w", err)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove stale observe socket: %w", err)
-	}
-	l, err := net.Listen("unix", path)
+	l, err := listen(path)
 	if err != nil {
-		return fmt.Errorf("observe socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
 		return fmt.Errorf("observe socket: %w", err)
 	}
 	go func() {
@@ -75,6 +64,35 @@ func Serve(ctx context.Context, path string, buf *Buffer, log *slog.Logger) erro
 		}
 		go serveConn(ctx, c, buf, log)
 	}
+}
+
+// listen binds the socket in a private directory (0700) next to path,
+// makes it 0600, then moves it into place: nobody else can connect at any
+// moment, whatever the umask and the parent directory's mode.
+func listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	private, err := os.MkdirTemp(filepath.Dir(path), ".observe-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(private)
+	tmp := filepath.Join(private, "sock")
+	l, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil { // replaces a stale socket
+		l.Close()
+		return nil, err
+	}
+	return l, nil
 }
 
 func serveConn(ctx context.Context, c net.Conn, buf *Buffer, log *slog.Logger) {
