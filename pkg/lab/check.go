@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -231,7 +232,7 @@ func Check(ctx context.Context, o CheckOptions) (*CheckResult, error) {
 			res.Shortcuts = append(res.Shortcuts, sp)
 		}
 	}
-	if !cfg.realNodes() {
+	if !cfg.realNodes() && !slices.Contains(cfg.AgentArgs, "--flow-telemetry=false") {
 		res.State = append(res.State, flowChecks(ctx, cfg, began, len(res.Policy) > 0)...)
 	}
 	return res, nil
@@ -600,7 +601,8 @@ func fmtLatency(d time.Duration) string {
 }
 
 // flowChecks: every node's agent reports the flows the probes above just
-// made (`sinabro lab observe`), and the NetworkPolicy check's denials as
+// made (`sinabro lab observe`; new flows need NetworkPolicy on, the other
+// events are enough without), and the NetworkPolicy check's denials as
 // drops. Stand-in nodes only: real nodes' agents serve inside their pods.
 func flowChecks(ctx context.Context, cfg *Config, since time.Time, denials bool) []StateCheck {
 	sockets, err := cfg.ObserveSockets()
@@ -610,14 +612,15 @@ func flowChecks(ctx context.Context, cfg *Config, since time.Time, denials bool)
 	var out []StateCheck
 	var drops int
 	for _, node := range cfg.Nodes {
-		var flowsSeen, nodeDrops int
+		var flowsSeen, events, nodeDrops int
 		deadline := time.Now().Add(3 * time.Second) // the agent reads every 100 ms
 		for {
-			flowsSeen, nodeDrops = 0, 0
+			flowsSeen, events, nodeDrops = 0, 0, 0
 			err = flows.Observe(ctx, sockets[node], flows.Request{}, func(f flows.Flow) error {
 				if f.Time.Before(since) {
 					return nil
 				}
+				events++
 				switch {
 				case f.Type == "new":
 					flowsSeen++
@@ -632,7 +635,8 @@ func flowChecks(ctx context.Context, cfg *Config, since time.Time, denials bool)
 			time.Sleep(200 * time.Millisecond)
 		}
 		drops += nodeDrops
-		c := StateCheck{What: "node " + node + " flow telemetry", OK: err == nil && flowsSeen > 0, Detail: fmt.Sprintf("%d new flows observed since the check began", flowsSeen)}
+		c := StateCheck{What: "node " + node + " flow telemetry", OK: err == nil && events > 0,
+			Detail: fmt.Sprintf("%d events, %d of them new flows, observed since the check began", events, flowsSeen)}
 		if err != nil {
 			c.Detail = err.Error()
 		}
