@@ -195,7 +195,7 @@ func (a *Agent) ensureDatapath(ctx context.Context, self nodeInfo, under, dev ov
 	if !a.datapathWanted() {
 		if !a.dpRemoved && a.cfg.BPFRoot != "" {
 			a.dpRemoved = true
-			if err := datapath.Cleanup(a.cfg.BPFRoot); err != nil {
+			if err := datapath.CleanupKeepingShared(a.cfg.BPFRoot); err != nil {
 				a.log.Warn("remove the eBPF datapath of an earlier run", "bpf_root", a.cfg.BPFRoot, "err", err)
 			} else {
 				a.log.Info("eBPF datapath not in use; removed any left by an earlier run", "bpf_root", a.cfg.BPFRoot)

@@ -344,10 +344,19 @@ func (d *Datapath) Config() Config { return d.cfg }
 
 // Cleanup detaches and removes everything the datapath pinned under root:
 // links and classic tc filters first (so no program runs on half-removed
-// maps), then maps, then the directories. Classic tc filters are found in
-// the calling thread's network namespace: call it where Load ran. A
-// missing root is not an error.
-func Cleanup(root string) error {
+// maps), then maps, then the directories, and the maps shared with the
+// other components once none of theirs is left. Classic tc filters are
+// found in the calling thread's network namespace: call it where Load ran.
+// A missing root is not an error.
+func Cleanup(root string) error { return cleanup(root, true) }
+
+// CleanupKeepingShared is Cleanup leaving the maps shared with the other
+// components (flow telemetry), for an agent that keeps running without
+// the datapath: its socket load balancer, TCP acceleration and flows
+// controller still use them.
+func CleanupKeepingShared(root string) error { return cleanup(root, false) }
+
+func cleanup(root string, shared bool) error {
 	var errs []error
 	entries, err := os.ReadDir(linksDir(root))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -385,9 +394,9 @@ func Cleanup(root string) error {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}
 	}
-	// The shared maps (flow telemetry) stay: the agent's other components
-	// and its flows controller may use them (the agent's Cleanup removes
-	// them with the last component).
+	if shared {
+		errs = append(errs, bpffs.RemoveSharedIfAlone(root))
+	}
 	// The root may hold pins of other components: leave it then.
 	if err := os.Remove(root); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
 		errs = append(errs, fmt.Errorf("remove %s: %w", root, err))
