@@ -121,18 +121,11 @@ static __always_inline void count_only(struct __sk_buff *skb, __u32 prog, __u32 
  * policy denying it in direction dir. */
 static __always_inline void flow_drop_inline(struct __sk_buff *skb, __u32 prog, __u32 reason, __u32 policy, __u32 dir)
 {
-	struct flow_event *ev, *pending = flow_pending();
+	struct flow_event *ev;
 	__u8 vihl = 0;
 	__be16 frag = 0;
 
-	/* The drop is the packet's report, whatever it opened. */
-	if (pending) {
-		__u32 zero = 0;
-		struct flow_state *st = bpf_map_lookup_elem(&sb_flow_state, &zero);
-
-		if (st)
-			st->has_pending = 0;
-	}
+	flow_forget_pending(); /* the drop is the packet's report, whatever it opened */
 	ev = flow_reserve(FLOW_CLASS_DROP, FLOW_DROP);
 	if (!ev)
 		return;

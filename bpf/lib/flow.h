@@ -205,6 +205,16 @@ static __always_inline struct flow_event *flow_pending(void)
 	return st && st->has_pending ? &st->pending : NULL;
 }
 
+/* flow_forget_pending drops the FLOW_NEW event held for this packet. */
+static __always_inline void flow_forget_pending(void)
+{
+	__u32 zero = 0;
+	struct flow_state *st = bpf_map_lookup_elem(&sb_flow_state, &zero);
+
+	if (st)
+		st->has_pending = 0;
+}
+
 /* flow_end sends the FLOW_NEW event held for the packet a program is
  * done with (every datapath program returns through it). */
 static __always_inline int flow_end(int ret)

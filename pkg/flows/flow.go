@@ -153,22 +153,13 @@ func Build(r Raw, node string, boot time.Time, names Names, n Namer) Flow {
 	if r.Type == TypeTranslate || r.Type == TypeService {
 		xs, xd := endpoint(r.XSrc, r.XSPort, n), endpoint(r.XDst, r.XDPort, n)
 		f.TranslatedSource, f.TranslatedDestination = &xs, &xd
-		if r.Type == TypeService || r.Reason == lbNewReason(names) {
+		if r.Type == TypeService || f.Reason == "lb_new" {
 			f.Service = n.Service(r.Dst, r.DPort, f.Protocol)
 		}
 	}
 	f.Ingress = policyVerdict(r.Verdict[0], r.Rule[0], n)
 	f.Egress = policyVerdict(r.Verdict[1], r.Rule[1], n)
 	return f
-}
-
-func lbNewReason(names Names) uint8 {
-	for v, s := range names.Reasons {
-		if s == "lb_new" {
-			return uint8(v)
-		}
-	}
-	return 0xff
 }
 
 func endpoint(ip netip.Addr, port uint16, n Namer) Endpoint {
