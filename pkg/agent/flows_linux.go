@@ -120,7 +120,7 @@ func newFlowsController(a *Agent, inf *informers) (*flowsController, error) {
 	return c, nil
 }
 
-// run opens the shared maps, turns events on (or off) and reads them
+// run opens the shared maps, turns events on and reads them
 // until ctx ends. It fails alone: without telemetry the datapath runs on.
 func (c *flowsController) run(ctx context.Context) error {
 	cfg, log := c.a.cfg.Flows, c.a.log.With("controller", "flows")
